@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 
 # Imports only: no JAX computation (and no backend) may start before prepare_devices.
 from jdmt.embeddings import OptimizerKind, ShardingType
-from jdmt.mesh import MeshError, parse_mesh_spec, prepare_devices
+from jdmt.mesh import MeshError, initialize_distributed, parse_mesh_spec, prepare_devices
 from jdmt.models import MODELS
 from jdmt.train.loop import DATA_SOURCES as DATA
 from jdmt.train.loop import DENSE_OPTIMIZERS, TrainConfig
@@ -153,6 +154,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a jax.profiler trace of steps 2-4 (after the compiled first "
                    "one) here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    mp = p.add_argument_group(
+        "multiple processes",
+        "one process per host (the mesh's H): start the same command on every host with "
+        "its own --process-id; on CPU each process emulates L devices and the processes "
+        "talk through gloo")
+    mp.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                    help="address of process 0's coordination service (all processes give "
+                    "the same one)")
+    mp.add_argument("--num-processes", type=_positive_int, default=1,
+                    help="number of processes; must equal H of --mesh when above 1")
+    mp.add_argument("--process-id", type=_nonneg_int, default=None,
+                    help="this process's index in [0, --num-processes); process h owns mesh "
+                    "row h")
+    mp.add_argument("--peer-timeout", type=_positive_int, default=30,
+                    help="seconds without a heartbeat after which a peer counts as dead and "
+                    "the run stops with an error")
     return p
 
 
@@ -160,17 +177,74 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.2f} MiB ({n:,.0f} B)"
 
 
+def _start_processes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Join the multi-process run the flags describe (`jax.distributed`)."""
+    hosts, local = parse_mesh_spec(args.mesh)
+    n = args.num_processes
+    if args.coordinator is None:
+        parser.error(f"--num-processes {n} needs --coordinator HOST:PORT")
+    if args.process_id is None:
+        parser.error("--coordinator needs --process-id")
+    if args.process_id >= n:
+        parser.error(f"--process-id {args.process_id} is not in [0, {n}) (--num-processes {n})")
+    if n != hosts:
+        parser.error(
+            f"--num-processes {n} must equal the mesh's host count: --mesh {args.mesh} has "
+            f"{hosts} hosts (one process per host)"
+        )
+    initialize_distributed(
+        args.coordinator, n, args.process_id, local_devices=local,
+        heartbeat_timeout_s=args.peer_timeout,
+    )
+
+
+def _train(config: TrainConfig, mesh) -> dict | None:
+    """Run training; on a known failure print one line naming it and return None.
+
+    With several processes a failed collective usually means a peer died: the
+    process then exits at once (`os._exit`) instead of waiting in
+    `jax.distributed`'s shutdown barrier for the dead peer.
+    """
+    import jax
+
+    from jdmt.data import BadBatchError
+    from jdmt.embeddings import OutOfRangeIdError
+    from jdmt.train.loop import train_and_evaluate
+
+    where = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
+    try:
+        return train_and_evaluate(config, mesh)
+    except (BadBatchError, OutOfRangeIdError, FloatingPointError, OSError, ValueError) as e:
+        print(f"train.py: error: {where}{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        if jax.process_count() > 1:
+            os._exit(1)
+        return None
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        first = str(e).strip().splitlines()[0][:300]
+        print(
+            f"train.py: error: {where}a collective failed, probably because a peer process "
+            f"died or was killed: {first}",
+            file=sys.stderr, flush=True,
+        )
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    # Before any JAX computation: on a CPU machine this creates the H*L devices.
+    # Before any JAX computation: on a CPU machine this creates the H*L devices
+    # (or, with several processes, each process's L devices).
     try:
-        prepare_devices(args.mesh)
+        if args.num_processes > 1 or args.coordinator is not None:
+            _start_processes(parser, args)
+        else:
+            prepare_devices(args.mesh)
     except MeshError as e:
         parser.error(f"--mesh: {e}")
 
     from jdmt.mesh import make_mesh
-    from jdmt.train.loop import train_and_evaluate
 
     try:
         config = TrainConfig(
@@ -209,8 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     except (MeshError, ValueError) as e:
         parser.error(str(e))
 
-    summary = train_and_evaluate(config, mesh)
+    summary = _train(config, mesh)
+    if summary is None:
+        return 1
+    import jax
 
+    if jax.process_index() != 0:  # process 0 reports for the run
+        return 0
     s = summary
     print(
         f"mesh {s['mesh'][0]}x{s['mesh'][1]}, {s['sharding']}, {s['steps']} steps of "
