@@ -153,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-dir", metavar="DIR", default=None,
                    help="write a jax.profiler trace of steps 2-4 (after the compiled first "
                    "one) here")
+    p.add_argument("--checkpoint-dir", metavar="DIR", default=None,
+                   help="write orbax checkpoints here (asynchronously): dense parameters, "
+                   "tables, all optimizer state, step and data position; a new run refuses a "
+                   "directory that already holds checkpoints unless --resume is given")
+    p.add_argument("--checkpoint-every", type=_nonneg_int, default=d.checkpoint_every,
+                   help="steps between checkpoints (0: only after the last step)")
+    p.add_argument("--keep-checkpoints", type=_positive_int, default=d.keep_checkpoints,
+                   help="how many of the newest checkpoints to keep")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --checkpoint-dir (any mesh or "
+                   "sharding; same model and features); starts at step 0 if there is none")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     mp = p.add_argument_group(
         "multiple processes",
@@ -272,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             metrics_dir=args.metrics_dir,
             profile_dir=args.profile_dir,
+            checkpoint_dir=args.checkpoint_dir,
+            checkpoint_every=args.checkpoint_every,
+            keep_checkpoints=args.keep_checkpoints,
+            resume=args.resume,
         )
         mesh = make_mesh(args.mesh)
         n = mesh.devices.size

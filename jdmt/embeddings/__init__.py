@@ -6,6 +6,8 @@ from jdmt.embeddings.collection import (
     Routed,
     ShardedEmbeddings,
     TableState,
+    build_groups,
+    dense_from_buffers,
 )
 from jdmt.embeddings.types import (
     OptimizerKind,
@@ -26,6 +28,8 @@ __all__ = [
     "ShardingType",
     "SparseOptimizer",
     "TableState",
+    "build_groups",
+    "dense_from_buffers",
     "check_plan",
     "plan_sharding",
 ]

@@ -115,6 +115,77 @@ def _family(t: ShardingType) -> str:
     }[t]
 
 
+def build_groups(
+    features: FeatureSet, plan: Mapping[str, Placement], num_devices: int
+) -> dict[str, Group]:
+    """The fused groups of a plan: tables of one sharding family, kind, width
+    and length cap share one buffer per device. Depends only on the features,
+    the plan and the device count (not on a mesh), so the layout of a saved
+    state can be rebuilt anywhere (`dense_from_buffers`)."""
+    n = num_devices
+    plan = {f.name: plan[f.name] for f in features.sparse}
+    buckets: dict[tuple, list] = {}
+    shards = {}
+    for t, fn in ((ShardingType.TABLE_WISE, table_wise_shards), (ShardingType.COLUMN_WISE, column_wise_shards)):
+        sub = {k: p for k, p in plan.items() if p.type is t}
+        shards.update(fn(features, sub))
+    for f in features.sparse:
+        p = plan[f.name]
+        fam = _family(p.type)
+        width = f.dim // len(p.devices) if p.type is ShardingType.COLUMN_WISE else f.dim
+        key = (fam, f.kind.value, width, f.max_len)
+        buckets.setdefault(key, []).append(f.name)
+    groups: dict[str, Group] = {}
+    for (fam, kind, width, ln), names in buckets.items():
+        name = f"{fam}_{kind}_d{width}_l{ln}"
+        idx = [features.index(x) for x in names]
+        if fam == "tw":
+            group_shards = [s for x in names for s in shards[x]]
+            groups[name] = TableWiseGroup(name, features, group_shards, width, n)
+        elif fam == "rw":
+            groups[name] = RowWiseGroup(name, features, idx, width, n)
+        else:
+            groups[name] = DataParallelGroup(name, features, idx, width, n)
+    return groups
+
+
+def dense_from_buffers(
+    features: FeatureSet,
+    groups: Mapping[str, Group],
+    num_devices: int,
+    buffers: Mapping[str, tuple[np.ndarray, np.ndarray | None]],
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """Full per-table arrays from host copies of the fused group buffers.
+
+    Args:
+      buffers: `{group: (weights f32[global_rows, width], accumulators or
+        None)}`, the global arrays of a state laid out by `groups`.
+    Returns:
+      `({name: f32[rows, dim]}, {name: accumulators} or None)`: row-wise
+      accumulators are f32[rows], element-wise ones f32[rows, dim].
+    """
+    names = [f.name for f in features.sparse]
+    tables = {i: np.zeros((f.rows, f.dim), np.float32) for i, f in enumerate(features.sparse)}
+    accs = None
+    for name, g in groups.items():
+        for k, (arr, out) in enumerate(zip(buffers[name], (tables, accs))):
+            if arr is None:
+                continue
+            arr = np.asarray(arr, np.float32)
+            if k == 1 and out is None:
+                per_row = arr.ndim == 1
+                accs = out = {
+                    i: np.zeros((f.rows,) if per_row else (f.rows, f.dim), np.float32)
+                    for i, f in enumerate(features.sparse)
+                }
+            parts = [arr] if g.replicated else np.split(arr, num_devices)
+            g.scatter_into(parts, out)
+    return (
+        {names[i]: t for i, t in tables.items()},
+        None if accs is None else {names[i]: a for i, a in accs.items()},
+    )
+
+
 class ShardedEmbeddings:
     """All embedding tables of a model, sharded over a `('host','local')` mesh.
 
@@ -164,35 +235,7 @@ class ShardedEmbeddings:
             plan = plan_sharding(features, self.num_devices, sharding)
         check_plan(features, plan, self.num_devices)
         self.plan = {f.name: plan[f.name] for f in features.sparse}
-        self.groups: dict[str, Group] = self._build_groups()
-
-    # ---- construction ---------------------------------------------------------------------
-
-    def _build_groups(self) -> dict[str, Group]:
-        n = self.num_devices
-        buckets: dict[tuple, list] = {}
-        shards = {}
-        for t, fn in ((ShardingType.TABLE_WISE, table_wise_shards), (ShardingType.COLUMN_WISE, column_wise_shards)):
-            sub = {k: p for k, p in self.plan.items() if p.type is t}
-            shards.update(fn(self.features, sub))
-        for f in self.features.sparse:
-            p = self.plan[f.name]
-            fam = _family(p.type)
-            width = f.dim // len(p.devices) if p.type is ShardingType.COLUMN_WISE else f.dim
-            key = (fam, f.kind.value, width, f.max_len)
-            buckets.setdefault(key, []).append(f.name)
-        groups: dict[str, Group] = {}
-        for (fam, kind, width, ln), names in buckets.items():
-            name = f"{fam}_{kind}_d{width}_l{ln}"
-            idx = [self.features.index(x) for x in names]
-            if fam == "tw":
-                group_shards = [s for x in names for s in shards[x]]
-                groups[name] = TableWiseGroup(name, self.features, group_shards, width, n)
-            elif fam == "rw":
-                groups[name] = RowWiseGroup(name, self.features, idx, width, n)
-            else:
-                groups[name] = DataParallelGroup(name, self.features, idx, width, n)
-        return groups
+        self.groups: dict[str, Group] = build_groups(features, self.plan, self.num_devices)
 
     def _specs(self, leaf_spec: Callable[[Group], P]):
         return {name: leaf_spec(g) for name, g in self.groups.items()}
@@ -292,27 +335,11 @@ class ShardedEmbeddings:
 
     def to_dense(self, state: Mapping[str, TableState]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
         """Full host copies of all tables and accumulators (tests, exports)."""
-        tables = {i: np.zeros((f.rows, f.dim), np.float32) for i, f in enumerate(self.features.sparse)}
-        acc_kind = optimizers.accumulator_shape(self.optimizer, 1, 1)
-        accs = None
-        if acc_kind is not None:
-            accs = {
-                i: np.zeros((f.rows,) if len(acc_kind) == 1 else (f.rows, f.dim), np.float32)
-                for i, f in enumerate(self.features.sparse)
-            }
-        for name, g in self.groups.items():
-            st = state[name]
-            for arr, out in ((st.weights, tables), (st.accum, accs)):
-                if arr is None:
-                    continue
-                full = _host_array(arr)
-                parts = [full] if g.replicated else np.split(full, self.num_devices)
-                g.scatter_into(parts, out)
-        names = [f.name for f in self.features.sparse]
-        return (
-            {names[i]: t for i, t in tables.items()},
-            None if accs is None else {names[i]: a for i, a in accs.items()},
-        )
+        host = {
+            name: (_host_array(st.weights), None if st.accum is None else _host_array(st.accum))
+            for name, st in state.items()
+        }
+        return dense_from_buffers(self.features, self.groups, self.num_devices, host)
 
     # ---- the four stages ----------------------------------------------------------------
 

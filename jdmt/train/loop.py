@@ -23,7 +23,7 @@ import statistics
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -47,13 +47,22 @@ from jdmt.data import (
 from jdmt.embeddings import (
     OptimizerKind,
     OutOfRangeIdError,
+    Placement,
     ShardedEmbeddings,
     ShardingType,
     SparseOptimizer,
     TableState,
+    build_groups,
+    dense_from_buffers,
 )
 from jdmt.mesh import DEVICES, make_mesh, mesh_shape, parse_mesh_spec
 from jdmt.models import DCN, DLRM, MODELS, init_dcn, init_dlrm
+from jdmt.train.checkpoint import (
+    CheckpointError,
+    Checkpointer,
+    features_json,
+    layout_differences,
+)
 from jdmt.train.metrics_log import MetricsLog, NullMetricsLog
 
 __all__ = [
@@ -114,6 +123,15 @@ class TrainConfig:
         JSON object per event) here; process 0 only. None: no metrics files.
       profile_dir: write a `jax.profiler` trace of a few steps after the
         first one (steps 2-4, 1-based, or fewer in a shorter run) here.
+      checkpoint_dir: write orbax checkpoints (asynchronously) here: every
+        `checkpoint_every` steps and after the last step. Without `resume`
+        the directory must not hold checkpoints yet.
+      checkpoint_every: steps between checkpoints (0: only the last step).
+      resume: continue from the newest checkpoint in `checkpoint_dir` (on any
+        mesh and sharding; the model and features must match). Every later
+        step's loss equals the uninterrupted run's bit for bit (on CPU, same
+        mesh). Without a checkpoint there, training starts from step 0.
+      keep_checkpoints: how many of the newest checkpoints to keep.
     """
 
     mesh: str = "2x4"
@@ -143,6 +161,10 @@ class TrainConfig:
     progress: bool = True
     metrics_dir: str | None = None
     profile_dir: str | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    keep_checkpoints: int = 3
 
     def __post_init__(self):
         parse_mesh_spec(self.mesh)  # MeshError (a ValueError) names a bad spec
@@ -172,8 +194,13 @@ class TrainConfig:
                 "embedding_initial_accumulator must be >= 0, got "
                 f"{self.embedding_initial_accumulator}"
             )
-        if self.eval_every < 0:
-            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        for name in ("eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.resume and self.checkpoint_dir is None:
+            raise ValueError("resume needs a checkpoint_dir")
         for name in ("lr", "embedding_lr"):
             v = float(getattr(self, name))
             if not (v > 0 and np.isfinite(v)):
@@ -381,6 +408,76 @@ class Trainer:
             self.emb.state_shardings(),
         )
 
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def layout(self) -> dict[str, Any]:
+        """What a checkpoint's state depends on (saved in its meta).
+
+        `features`, `model` and the optimizer kinds must match to restore;
+        `mesh` and `plan` may differ (the tables are then re-laid out).
+        """
+        cfg = self.config
+        return {
+            "features": features_json(self.features),
+            "model": {
+                "name": cfg.model,
+                "embedding_dim": cfg.embedding_dim,
+                "bottom_mlp": list(cfg.bottom_mlp),
+                "top_mlp": list(cfg.top_mlp),
+            },
+            "embedding_optimizer": self.emb.optimizer.kind.value,
+            "dense_optimizer": cfg.optimizer,
+            "mesh": [self.hosts, self.local],
+            "plan": {name: p.to_json() for name, p in self.emb.plan.items()},
+        }
+
+    def restore(self, ckpt: Checkpointer, step: int) -> tuple[TrainState, dict]:
+        """The state of checkpoint `step` on this trainer's mesh and plan, and its meta.
+
+        Raises:
+          CheckpointError: the checkpoint's model, features or optimizers
+            differ from this run's (the message names what differs).
+        """
+        meta = ckpt.meta(step)
+        saved, here = meta["layout"], self.layout()
+        problems = layout_differences(saved, here)
+        if problems:
+            raise CheckpointError(
+                f"checkpoint {step} in {ckpt.directory} does not fit this run: " + "; ".join(problems)
+            )
+        like = self.abstract_state()
+        if saved["mesh"] == here["mesh"] and saved["plan"] == here["plan"]:
+            return ckpt.restore(step, like), meta
+        # Another mesh or plan: rebuild the saved layout, cut the tables out on the host.
+        old_plan = {n: Placement(p["type"], p["devices"]) for n, p in saved["plan"].items()}
+        old_n = int(np.prod(saved["mesh"]))
+        old_groups = build_groups(self.features, old_plan, old_n)
+        has_acc = any(t.accum is not None for t in like.tables.values())
+        old_tables = {name: TableState(0, 0 if has_acc else None) for name in old_groups}
+        host = ckpt.restore_host(step, TrainState(like.params, like.opt_state, old_tables))
+        buffers = {name: (t.weights, t.accum) for name, t in host.tables.items()}
+        tables, accums = dense_from_buffers(self.features, old_groups, old_n, buffers)
+        put = lambda x, a: jax.device_put(np.asarray(x, a.dtype), a.sharding)  # noqa: E731
+        params = jax.tree.map(put, host.params, like.params)
+        opt_state = jax.tree.map(put, host.opt_state, like.opt_state)
+        return TrainState(params, opt_state, self.emb.from_dense(tables, accums)), meta
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and shardings of the state (no computation)."""
+        nf, nd = len(self.features.sparse), self.features.num_dense
+
+        def dense_init():
+            params = self._init_params(self.model, self.config.seed, nd, nf)
+            return params, self.tx.init(params)
+
+        params, opt_state = jax.eval_shape(dense_init)
+        with_sharding = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated)  # noqa: E731
+        return TrainState(
+            jax.tree.map(with_sharding, params),
+            jax.tree.map(with_sharding, opt_state),
+            self.emb.state_shapes(),
+        )
+
     # ---- the step ------------------------------------------------------------------------
 
     def loss_and_grads(self, params, tables, batch: Batch):
@@ -480,94 +577,90 @@ class Trainer:
             return NullMetricsLog()
         return MetricsLog(d)
 
+    def _open_checkpoints(self) -> tuple[Checkpointer | None, int | None]:
+        """The run's Checkpointer and the step to resume from (None: a fresh start).
+
+        Raises:
+          CheckpointError: the directory already holds checkpoints and
+            `resume` is off (they are never overwritten by a new run).
+        """
+        cfg = self.config
+        if cfg.checkpoint_dir is None:
+            return None, None
+        ckpt = Checkpointer(cfg.checkpoint_dir, keep=cfg.keep_checkpoints)
+        latest = ckpt.latest_step()
+        if latest is not None and not cfg.resume:
+            ckpt.close()
+            raise CheckpointError(
+                f"{ckpt.directory} already holds checkpoints (latest: step {latest}); pass "
+                "--resume to continue from it, or choose another --checkpoint-dir"
+            )
+        if latest is not None and latest > cfg.steps:
+            ckpt.close()
+            raise CheckpointError(
+                f"the newest checkpoint in {ckpt.directory} is at step {latest}, after the "
+                f"{cfg.steps} steps of this run"
+            )
+        if cfg.resume and latest is None and jax.process_index() == 0:
+            print(f"jdmt: no checkpoint in {ckpt.directory}; starting at step 0", file=sys.stderr)
+        return ckpt, latest
+
+    def _checkpoint_meta(self, step: int, history: dict) -> dict:
+        return {
+            "layout": self.layout(),
+            "data": self._data_position(step),
+            "train_loss": list(history["train_loss"]),
+            "eval_history": list(history["eval_history"]),
+            "out_of_range_ids": history["out_of_range_ids"],
+        }
+
+    def _data_position(self, step: int) -> Any:
+        """Where the data continues after `step` steps (JSON; in checkpoints)."""
+        position = getattr(self.data, "position_after", None)
+        return {"next_step": step, "source": None if position is None else position(step - 1)}
+
+    def _data_resume(self, position: Mapping[str, Any]) -> None:
+        resume = getattr(self.data, "resume", None)
+        if position.get("source") is not None:
+            if resume is None:
+                raise CheckpointError("the checkpoint has a data position this data source cannot use")
+            resume(position["source"])
+
     def run(self) -> dict[str, Any]:
         cfg = self.config
         t_start = time.perf_counter()
-        state = self.init_state()
-        show = cfg.progress and jax.process_index() == 0
-        losses: list[float] = []
-        step_times: list[float] = []
-        eval_history: list[dict] = []
-        out_of_range = 0
-        eval_time = 0.0
-        t_first_done = None
-        # Profile steps [p0, p1) (0-based): a few after the first, or the only one.
-        p0 = min(1, cfg.steps - 1)
-        p1 = min(p0 + 3, cfg.steps)
-        tracing = False
-
-        bar = _progress(cfg.steps, show)
-        log = self._metrics_log()
-        prefetch = _Prefetch(self._host_train_batch, range(cfg.steps))
+        ckpt, start = self._open_checkpoints()
+        history = {"train_loss": [], "eval_history": [], "out_of_range_ids": 0}
         try:
-            for s, host_batch in prefetch:
-                if cfg.profile_dir is not None and s == p0:
-                    jax.profiler.start_trace(cfg.profile_dir)
-                    tracing = True
-                t0 = time.perf_counter()
-                batch = self.device_batch(host_batch)
-                if s == 0:
-                    step, comm = self.compile_ahead(state, batch)
-                    compile_s = time.perf_counter() - t0
-                state, stats = step(state, batch)
-                loss = float(stats["loss"])
-                bad = int(stats["out_of_range"])
-                t1 = time.perf_counter()
-                step_times.append(t1 - t0)
-                if s == 0:
-                    t_first_done = t1
-                if tracing and s + 1 == p1:
-                    jax.profiler.stop_trace()
-                    tracing = False
-                out_of_range += bad
-                if bad:
-                    raise OutOfRangeIdError(
-                        f"out_of_range_ids: {bad} ids of training batch {s} lie outside their "
-                        "tables' rows on the device path (check_batch passed them; hashed "
-                        "features are reduced modulo rows)"
-                    )
-                if not np.isfinite(loss):
-                    raise FloatingPointError(f"training loss is {loss} at step {s}")
-                losses.append(loss)
-                step_s = t1 - t0 - (compile_s if s == 0 else 0.0)
-                log.log(
-                    s + 1, "train", loss=loss, step_time_s=step_s,
-                    examples_per_sec=cfg.global_batch / max(step_s, 1e-9),
-                )
-                if s >= 1:
-                    done = s  # steps after the compiled first one
-                    rate = done * cfg.global_batch / (t1 - t_first_done - eval_time)
-                    bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:,.0f}", refresh=False)
-                bar.update(1)
-                if cfg.eval_every and (s + 1) % cfg.eval_every == 0 and s + 1 < cfg.steps:
-                    te = time.perf_counter()
-                    ev = self.evaluate(state)
-                    eval_time += time.perf_counter() - te
-                    eval_history.append({"step": s + 1, "auc": ev["auc"], "logloss": ev["logloss"]})
-                    log.log(s + 1, "eval", auc=ev["auc"], logloss=ev["logloss"])
-                    bar.write(f"step {s + 1}: eval AUC {ev['auc']:.4f}, logloss {ev['logloss']:.4f}")
-            t_train_end = time.perf_counter()
-
-            ev = self.evaluate(state)
-            eval_history.append({"step": cfg.steps, "auc": ev["auc"], "logloss": ev["logloss"]})
-            log.log(cfg.steps, "eval", auc=ev["auc"], logloss=ev["logloss"])
+            if start is None:
+                start = 0
+                state = self.init_state()
+            else:
+                state, meta = self.restore(ckpt, start)
+                for k in history:
+                    history[k] = meta[k]
+                self._data_resume(meta["data"])
+                if jax.process_index() == 0:
+                    print(f"jdmt: resumed from {ckpt.directory} at step {start}", file=sys.stderr)
+            state, stats = self._train(state, start, ckpt, history)
         finally:
-            if tracing:
-                jax.profiler.stop_trace()
-            prefetch.close()
-            bar.close()
-            log.close()
+            if ckpt is not None:
+                ckpt.close()
         bayes = (
             self.data.bayes_metrics(cfg.eval_batches, cfg.eval_size)
             if hasattr(self.data, "bayes_metrics")
             else {"auc": float("nan"), "logloss": float("nan")}
         )
-        timed = step_times[1:] or step_times
-        train_wall = t_train_end - (t_first_done if len(step_times) > 1 else t_start) - eval_time
+        ev = history["eval_history"][-1]
+        step_times = stats["step_times"]
+        timed = step_times[1:] or step_times or [float("nan")]
+        train_wall = stats["train_wall_s"]
+        comm = stats["comm"]
         return {
             "model": cfg.model,
             "data": cfg.data,
             "steps": cfg.steps,
+            "start_step": start,
             "global_batch": cfg.global_batch,
             "mesh": [self.hosts, self.local],
             "sharding": cfg.sharding,
@@ -577,23 +670,128 @@ class Trainer:
             "optimizer": cfg.optimizer,
             "lr": cfg.lr,
             "seed": cfg.seed,
-            "train_loss": losses,
+            "train_loss": history["train_loss"],
             "eval_auc": ev["auc"],
             "eval_logloss": ev["logloss"],
-            "eval_examples": ev["examples"],
-            "eval_history": eval_history,
+            "eval_examples": stats["eval_examples"],
+            "eval_history": history["eval_history"],
             "bayes_auc": bayes["auc"],
             "bayes_logloss": bayes["logloss"],
             "examples_per_sec": len(timed) * cfg.global_batch / max(train_wall, 1e-9),
             "step_time_ms_median": 1e3 * statistics.median(timed),
-            "first_step_s": step_times[0],
-            "compile_s": compile_s,
+            "first_step_s": step_times[0] if step_times else 0.0,
+            "compile_s": stats["compile_s"],
             "wall_time_s": time.perf_counter() - t_start,
-            "out_of_range_ids": out_of_range,
-            "cross_host_bytes_per_step": float(comm.cross_host_bytes),
-            "intra_host_bytes_per_step": float(comm.intra_host_bytes),
+            "out_of_range_ids": history["out_of_range_ids"],
+            "cross_host_bytes_per_step": float(comm.cross_host_bytes) if comm else 0.0,
+            "intra_host_bytes_per_step": float(comm.intra_host_bytes) if comm else 0.0,
             "metrics_dir": cfg.metrics_dir,
             "profile_dir": cfg.profile_dir,
+            "checkpoint_dir": None if ckpt is None else ckpt.directory,
+            "checkpoint_steps": [] if ckpt is None else ckpt.all_steps(),
+        }
+
+    def _train(self, state: TrainState, start: int, ckpt: Checkpointer | None, history: dict):
+        """Steps `[start, steps)`, evaluations and checkpoints; updates `history`."""
+        cfg = self.config
+        show = cfg.progress and jax.process_index() == 0
+        losses = history["train_loss"]
+        step_times: list[float] = []
+        eval_time = 0.0
+        compile_s = 0.0
+        comm = None
+        t_first_done = None
+        # Profile steps [p0, p1) (0-based): a few after the first one run here.
+        p0 = min(start + 1, cfg.steps - 1)
+        p1 = min(p0 + 3, cfg.steps)
+        tracing = False
+
+        def evaluate(at: int) -> dict:
+            ev = self.evaluate(state)
+            history["eval_history"].append({"step": at, "auc": ev["auc"], "logloss": ev["logloss"]})
+            log.log(at, "eval", auc=ev["auc"], logloss=ev["logloss"])
+            return ev
+
+        bar = _progress(cfg.steps, show, initial=start)
+        log = self._metrics_log()
+        prefetch = _Prefetch(self._host_train_batch, range(start, cfg.steps))
+        t_train_end = time.perf_counter()
+        try:
+            for s, host_batch in prefetch:
+                if cfg.profile_dir is not None and s == p0:
+                    jax.profiler.start_trace(cfg.profile_dir)
+                    tracing = True
+                t0 = time.perf_counter()
+                batch = self.device_batch(host_batch)
+                if s == start:
+                    step, comm = self.compile_ahead(state, batch)
+                    compile_s = time.perf_counter() - t0
+                state, stats = step(state, batch)
+                loss = float(stats["loss"])
+                bad = int(stats["out_of_range"])
+                t1 = time.perf_counter()
+                step_times.append(t1 - t0)
+                if s == start:
+                    t_first_done = t1
+                if tracing and s + 1 == p1:
+                    jax.profiler.stop_trace()
+                    tracing = False
+                history["out_of_range_ids"] += bad
+                if bad:
+                    raise OutOfRangeIdError(
+                        f"out_of_range_ids: {bad} ids of training batch {s} lie outside their "
+                        "tables' rows on the device path (check_batch passed them; hashed "
+                        "features are reduced modulo rows)"
+                    )
+                if not np.isfinite(loss):
+                    raise FloatingPointError(f"training loss is {loss} at step {s}")
+                losses.append(loss)
+                step_s = t1 - t0 - (compile_s if s == start else 0.0)
+                log.log(
+                    s + 1, "train", loss=loss, step_time_s=step_s,
+                    examples_per_sec=cfg.global_batch / max(step_s, 1e-9),
+                )
+                if s > start:
+                    rate = (s - start) * cfg.global_batch / (t1 - t_first_done - eval_time)
+                    bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:,.0f}", refresh=False)
+                bar.update(1)
+                done = s + 1
+                te = time.perf_counter()
+                if done < cfg.steps and cfg.eval_every and done % cfg.eval_every == 0:
+                    ev = evaluate(done)
+                    bar.write(f"step {done}: eval AUC {ev['auc']:.4f}, logloss {ev['logloss']:.4f}")
+                if done == cfg.steps:
+                    t_train_end = te
+                    ev = evaluate(done)
+                if ckpt is not None and (
+                    done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+                ):
+                    ckpt.save(done, state, self._checkpoint_meta(done, history))
+                if done < cfg.steps:
+                    eval_time += time.perf_counter() - te
+            if start == cfg.steps:  # resumed at the last step: evaluate the restored model
+                if history["eval_history"] and history["eval_history"][-1]["step"] == start:
+                    history["eval_history"].pop()  # replaced by this evaluation
+                ev = evaluate(start)
+            if ckpt is not None:
+                ckpt.wait()
+        finally:
+            if tracing:
+                jax.profiler.stop_trace()
+            prefetch.close()
+            bar.close()
+            log.close()
+        # Throughput over the steps after the compiled first one (or that one alone).
+        if len(step_times) > 1:
+            train_wall = t_train_end - t_first_done - eval_time
+        else:
+            train_wall = sum(step_times) - compile_s
+        return state, {
+            "step_times": step_times,
+            "compile_s": compile_s,
+            "comm": comm,
+            "eval_examples": ev["examples"],
+            "train_wall_s": train_wall,
         }
 
 
@@ -622,12 +820,14 @@ class _NoBar:
     def close(self): ...
 
 
-def _progress(total: int, show: bool):
+def _progress(total: int, show: bool, initial: int = 0):
     if not show:
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+    return tqdm(
+        total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr
+    )
 
 
 def train_and_evaluate(
