@@ -1,4 +1,6 @@
-"""Training: the jitted step, evaluation and the end-to-end loop."""
+"""Training: the jitted step, evaluation, checkpoints and the end-to-end loop."""
+
+from jdmt.train.checkpoint import CheckpointError, Checkpointer
 
 from jdmt.train.loop import (
     DATA_SOURCES,
@@ -11,6 +13,8 @@ from jdmt.train.loop import (
 )
 
 __all__ = [
+    "CheckpointError",
+    "Checkpointer",
     "DATA_SOURCES",
     "DENSE_OPTIMIZERS",
     "TrainConfig",
