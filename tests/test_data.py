@@ -1,10 +1,13 @@
 import gzip
+import json
 
 import numpy as np
 import pytest
 
 from jdmt.data import (
     BadBatchError,
+    Batch,
+    CriteoData,
     CriteoFormatError,
     CriteoReader,
     FeatureSet,
@@ -18,6 +21,7 @@ from jdmt.data import (
     mlperf_dcnv2_features,
     synthetic_default_features,
 )
+from jdmt.data.presets import SYNTHETIC_SEQUENCE_ROWS
 from jdmt.data.synthetic import ZIPF_HEAD, _uniform, _zipf_head_cdf, _ZipfRanks, splitmix64
 
 
@@ -243,6 +247,43 @@ def test_presets():
     assert all(1000 <= f.rows <= 100_000 and 1 <= f.max_len <= 10 for f in d.sparse)
 
 
+def test_default_features_with_sequences():
+    base = synthetic_default_features(8)
+    assert synthetic_default_features(8, num_sequence=0, sequence_len=5) == base
+    fs = synthetic_default_features(8, num_sequence=3, sequence_len=12)
+    assert fs.sparse[:26] == base.sparse and fs.num_dense == 13
+    assert fs.names[26:] == ("seq_0", "seq_1", "seq_2") and fs.total_slots == 121 + 3 * 12
+    for f in fs.sparse[26:]:
+        assert f.kind is Kind.SEQUENCE and f.max_len == 12 and f.dim == 8
+        assert f.rows == SYNTHETIC_SEQUENCE_ROWS
+    with pytest.raises(ValueError, match="num_sequence"):
+        synthetic_default_features(num_sequence=-1)
+    with pytest.raises(ValueError, match="sequence_len"):
+        synthetic_default_features(num_sequence=1, sequence_len=0)
+
+    data = SyntheticData(fs, seed=1)
+    b = data.batch(3, 2048)
+    assert_batches_equal(b, SyntheticData(fs, seed=1).batch(3, 2048))  # deterministic
+    check_batch(fs, b)
+    seq_len = b.lengths[:, 26:]
+    assert seq_len.min() == 1 and seq_len.max() == 12  # sequences are never empty
+    z0 = data.logits(b)
+    for name in fs.names[26:]:
+        assert any(name in g and len(g) > 1 for g in data.groups)  # an interacting group
+        cols = fs.columns(name)
+        valid = np.arange(12)[None, :] < b.lengths[:, [fs.index(name)]]
+        moved = b.ids.copy()
+        moved[:, cols] = np.where(valid, (b.ids[:, cols] + 1) % SYNTHETIC_SEQUENCE_ROWS, 0)
+        changed = data.logits(Batch(b.dense, moved, b.lengths, b.labels)) - z0
+        # the ids move the logit (unless every partner feature of the example is empty)
+        assert np.mean(np.abs(changed) > 1e-6) > 0.5
+        padding = b.ids.copy()
+        padding[:, cols] = np.where(valid, b.ids[:, cols], 7)
+        np.testing.assert_array_equal(
+            data.logits(Batch(b.dense, padding, b.lengths, b.labels)), z0
+        )  # ids past the length do not
+
+
 # --------------------------------------------------------------------- criteo
 
 
@@ -418,3 +459,165 @@ def test_criteo_process_slices(tmp_path):
             np.testing.assert_array_equal(x.ids, y.ids[4 * p : 4 * p + 4])
             np.testing.assert_array_equal(x.dense, y.dense[4 * p : 4 * p + 4])
             np.testing.assert_array_equal(x.labels, y.labels[4 * p : 4 * p + 4])
+
+
+# ---------------------------------------------------------------- CriteoData
+
+
+def numbered_lines(n, broken=(), seed=5):
+    """Valid lines whose I1 is the line's index (dense[:, 0] = log1p(index)),
+    with the given 0-based lines malformed."""
+    lines = random_lines(n, seed)
+    for i in range(n):
+        fields = lines[i].split("\t")
+        fields[1] = str(i)
+        lines[i] = "1234" if i in broken else "\t".join(fields)
+    return lines
+
+
+def line_indices(batch):
+    return set(np.rint(np.expm1(batch.dense[:, 0].astype(np.float64))).astype(int))
+
+
+# 62 lines: the eval set (2 x 4 examples) spans lines 1-9 (line 3 broken);
+# training reads 6 batches of 8 from lines 10-58 (line 21 broken), and the
+# broken lines 59-62 end every epoch.
+BROKEN = (2, 20, 58, 59, 60, 61)
+
+
+@pytest.fixture(params=[False, True], ids=["plain", "gzip"])
+def criteo_file(tmp_path, request):
+    name = "day.tsv.gz" if request.param else "day.tsv"
+    return write(tmp_path / name, numbered_lines(62, BROKEN), gz=request.param)
+
+
+def criteo_data(path, **kw):
+    kw = {"global_batch": 8, "eval_batches": 2, "eval_batch_size": 4, **kw}
+    return CriteoData(path, criteo_features(1000, 4), **kw)
+
+
+def test_criteo_data_split_epochs_and_skipped_lines(criteo_file):
+    data = criteo_data(criteo_file)
+    fs = data.features
+    assert data.train_start == 9 and data.skipped_lines == 1  # line 3
+    reader = CriteoReader(criteo_file, fs, 4)
+    for i, want in zip(range(2), reader):
+        assert_batches_equal(data.eval_batch(i, 4), want)
+    eval_lines = set().union(*(line_indices(data.eval_batch(i, 4)) for i in range(2)))
+    assert eval_lines == {0, 1, 3, 4, 5, 6, 7, 8}
+
+    epoch = list(CriteoReader(criteo_file, fs, 8, start=9))
+    assert len(epoch) == 6
+    other = criteo_data(criteo_file)
+    train_lines = set()
+    for step in range(15):
+        b = data.batch(step, 8)
+        assert_batches_equal(b, epoch[step % 6])
+        assert_batches_equal(b, other.batch(step, 8))  # deterministic
+        assert data.epoch == step // 6
+        train_lines |= line_indices(b)
+        if step < 6:
+            assert data.skipped_lines == 1 + (step >= 1)  # line 21 lies in batch 1
+    assert train_lines.isdisjoint(eval_lines)
+    assert train_lines == set(range(9, 58)) - {20}
+    # the eval set's line once, two whole passes of 5, and line 21 of the third
+    assert data.skipped_lines == 1 + 5 + 5 + 1
+    with pytest.raises(ValueError, match="next training batch is step 15, not 17"):
+        data.batch(17, 8)
+    with pytest.raises(ValueError, match="global batches of 8, not 16"):
+        data.batch(15, 16)
+    with pytest.raises(ValueError, match="eval batches of 4"):
+        data.eval_batch(0, 8)
+    with pytest.raises(ValueError, match=r"eval batch 2 is outside \[0, 2\)"):
+        data.eval_batch(2, 4)
+
+
+def test_criteo_data_resumes_bit_for_bit(criteo_file):
+    data = criteo_data(criteo_file)
+    batches, positions = [], []
+    for step in range(16):
+        batches.append(data.batch(step, 8))
+        positions.append(data.position_after(step))
+    assert positions[0] == {"step": 0, "epoch": 0, "line": 17, "train_start": 9, "skipped_lines": 0}
+    assert positions[5] == {"step": 5, "epoch": 0, "line": 58, "train_start": 9, "skipped_lines": 1}
+    assert positions[6] == {"step": 6, "epoch": 1, "line": 17, "train_start": 9, "skipped_lines": 5}
+    for step in (0, 4, 5, 6, 11, 12):  # 5 and 11 end an epoch
+        saved = json.loads(json.dumps(data.position_after(step)))
+        resumed = criteo_data(criteo_file)
+        resumed.resume(saved)
+        assert resumed.epoch == saved["epoch"] and resumed.position_after(step) == saved
+        with pytest.raises(ValueError, match=f"next training batch is step {step + 1}, not 0"):
+            resumed.batch(0, 8)
+        for s in range(step + 1, step + 4):
+            assert_batches_equal(resumed.batch(s, 8), batches[s])
+            assert resumed.position_after(s) == positions[s]
+            assert resumed.skipped_lines == 1 + positions[s]["skipped_lines"]
+    # a source can be rewound, also to the start (step -1)
+    start = criteo_data(criteo_file).position_after(-1)
+    assert start == {"step": -1, "epoch": 0, "line": 9, "train_start": 9, "skipped_lines": 0}
+    resumed.resume(positions[2])
+    assert_batches_equal(resumed.batch(3, 8), batches[3])
+    resumed.resume(start)
+    assert_batches_equal(resumed.batch(0, 8), batches[0])
+    # only the last 16 steps are remembered
+    data.batch(16, 8)
+    with pytest.raises(KeyError, match=r"no data position for step 0: kept only steps 1\.\.16"):
+        data.position_after(0)
+    with pytest.raises(KeyError, match="step 17"):
+        data.position_after(17)
+
+
+def test_criteo_data_process_rows(criteo_file):
+    whole = criteo_data(criteo_file)
+    parts = [criteo_data(criteo_file) for _ in range(2)]
+    for step in range(8):
+        w = whole.batch(step, 8)
+        for p, part in enumerate(parts):
+            b = part.batch(step, 8, process_index=p, num_processes=2)
+            for name in ("dense", "ids", "lengths", "labels"):
+                np.testing.assert_array_equal(getattr(b, name), getattr(w, name)[4 * p : 4 * p + 4])
+            e = part.eval_batch(1, 4, process_index=p, num_processes=2)
+            np.testing.assert_array_equal(e.ids, whole.eval_batch(1, 4).ids[2 * p : 2 * p + 2])
+        assert parts[0].position_after(step) == parts[1].position_after(step)
+        assert parts[0].position_after(step) == whole.position_after(step)
+    with pytest.raises(ValueError, match="differs from the first call"):
+        parts[0].batch(8, 8)
+
+
+def test_criteo_data_errors(tmp_path, criteo_file):
+    with pytest.raises(FileNotFoundError, match="nope.tsv"):
+        criteo_data(tmp_path / "nope.tsv")
+    with pytest.raises(CriteoFormatError, match="empty.tsv: the file is empty"):
+        criteo_data(write(tmp_path / "empty.tsv", []))
+    with pytest.raises(CriteoFormatError, match="junk.tsv: no valid example"):
+        criteo_data(write(tmp_path / "junk.tsv", ["junk"] * 20))
+    few = r"few.tsv: only 7 valid examples \(1 malformed lines skipped\), fewer than the 2 x 4"
+    with pytest.raises(CriteoFormatError, match=few + ".*plus one training batch of 8"):
+        criteo_data(write(tmp_path / "few.tsv", numbered_lines(8, broken=(5,))))
+    with pytest.raises(CriteoFormatError, match=r"few.tsv: only 3 valid examples \(0 malformed "
+                       r"lines skipped\), fewer than the 2 x 4"):
+        criteo_data(write(tmp_path / "few.tsv", numbered_lines(3)))
+    with pytest.raises(CriteoFormatError, match=r"short.tsv: only 7 valid examples after the 8 "
+                       r"held-out evaluation examples \(lines 1-8; 0 malformed"):
+        criteo_data(write(tmp_path / "short.tsv", numbered_lines(15)))
+    with pytest.raises(CriteoFormatError, match=r"day.tsv(.gz)?:3: expected 40"):
+        criteo_data(criteo_file, strict=True)
+    with pytest.raises(ValueError, match="eval_batches must be >= 1"):
+        criteo_data(criteo_file, eval_batches=0)
+
+    data = criteo_data(criteo_file)
+    good = {"step": 3, "epoch": 0, "line": 40, "train_start": 9, "skipped_lines": 1}
+    data.resume(good)
+    with pytest.raises(ValueError, match="has the keys"):
+        data.resume({"step": 3})
+    with pytest.raises(ValueError, match=r"integers >= 0 \(step >= -1\)"):
+        data.resume({**good, "line": -1})
+    with pytest.raises(ValueError, match="lies in the evaluation set"):
+        data.resume({**good, "line": 4})
+    with pytest.raises(ValueError, match="training starting at line 9 .* ends at line 17"):
+        criteo_data(criteo_file, eval_batches=4).resume(good)
+    data.resume({**good, "line": 63})
+    with pytest.raises(CriteoFormatError, match="past the end"):
+        data.batch(4, 8)
+    with pytest.raises(KeyError, match="no data position for step 0: kept only step -1"):
+        criteo_data(criteo_file).position_after(0)

@@ -1,6 +1,7 @@
 """Feature specs, synthetic data, the Criteo reader and table presets."""
 
 from jdmt.data.criteo import (
+    CriteoData,
     CriteoFormatError,
     CriteoReader,
     CriteoStats,
@@ -24,6 +25,7 @@ __all__ = [
     "Batch",
     "BadBatchError",
     "Combiner",
+    "CriteoData",
     "CriteoFormatError",
     "CriteoReader",
     "CriteoStats",

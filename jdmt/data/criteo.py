@@ -15,6 +15,9 @@ Conversions (vectorised per batch):
 Malformed lines are counted and skipped (or raise, with `strict=True`), so a
 corrupt line never silently shifts the data. Iteration yields fixed-shape
 `Batch`es; the last partial batch is dropped and counted in `stats`.
+
+`CriteoReader` is one pass over a file; `CriteoData` makes a file a trainer
+data source: a held-out evaluation set, epochs, and resumable positions.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import dataclasses
 import gzip
 import itertools
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from typing import IO
 
@@ -34,6 +38,7 @@ from jdmt.data.synthetic import _mix, splitmix64
 __all__ = [
     "NUM_INT",
     "NUM_CAT",
+    "CriteoData",
     "CriteoFormatError",
     "CriteoReader",
     "CriteoStats",
@@ -347,22 +352,22 @@ class CriteoReader:
             self._explain_no_batch(stats, have)
 
     def _explain_no_batch(self, stats: CriteoStats, valid: int) -> None:
+        """Raise why a pass from the start of the file gave no batch (resumed: none is due)."""
+        if self.start:
+            return  # resumed: the rest of the file holds no whole batch
         if stats.lines == 0:
-            if self.start == 0:
-                raise CriteoFormatError(self.path, None, "the file is empty")
-            return  # resumed at the end of the data
+            raise CriteoFormatError(self.path, None, "the file is empty")
         if valid == 0:
             first = "; ".join(f"line {n}: {r}" for n, r in stats.bad_lines[:3])
             raise CriteoFormatError(
                 self.path, None, f"no valid example in {stats.lines} lines (all malformed; {first})"
             )
-        if self.start == 0:
-            raise CriteoFormatError(
-                self.path,
-                None,
-                f"only {valid} valid examples ({stats.skipped_lines} malformed lines skipped), "
-                f"fewer than one batch of {self.batch_size}",
-            )
+        raise CriteoFormatError(
+            self.path,
+            None,
+            f"only {valid} valid examples ({stats.skipped_lines} malformed lines skipped), "
+            f"fewer than one batch of {self.batch_size}",
+        )
 
     def _assemble(self, chunks: list[_Chunk]) -> Batch:
         """Concatenate chunks into the global batch and keep this process's rows."""
@@ -377,3 +382,296 @@ class CriteoReader:
         ids = np.zeros((b, self.features.total_slots), np.int32)
         ids[:, self._cols] = np.where(present, ids_one, 0)
         return Batch(dense=dense, ids=ids, lengths=present.astype(np.int32), labels=labels)
+
+
+_POSITIONS_KEPT = 16  # recent steps whose data position `CriteoData.position_after` keeps
+_POSITION_KEYS = ("step", "epoch", "line", "train_start", "skipped_lines")
+
+
+class CriteoData:
+    """A Criteo file as a trainer data source (`batch` / `eval_batch`), resumable.
+
+    Split: the first `eval_batches * eval_batch_size` valid examples of the
+    file are the held-out evaluation set (read once, kept in memory, eval
+    batch `i` is its `i`-th run of `eval_batch_size` examples); training
+    reads the lines after them, in order, in global batches of
+    `global_batch`. At the end of the file training starts again at its
+    first line: a new epoch (`epoch` counts from 0); each epoch drops its
+    final partial batch.
+
+    Training batches are made in order: `batch(step, ...)` must be called for
+    steps 0, 1, 2, ... (after `resume`, from the step after the saved one),
+    as the trainer's prefetch thread does. `position_after(step)` is the
+    data position right after training batch `step` (kept for the last 16
+    steps, so a trainer that prefetches a few steps ahead can still ask for
+    the step it checkpoints; step -1, before any batch, until then): a
+    small JSON-able dict
+
+        {"step", "epoch", "line" (lines of the file consumed),
+         "train_start" (first training line), "skipped_lines" (training's so far)}
+
+    `resume(saved)` then makes the next batch exactly the one that followed
+    `saved["step"]`, bit for bit, across epoch boundaries too. The next
+    batch re-reads the file up to `line` (gzip cannot seek).
+
+    Args:
+      path: the file (plain or gzip).
+      features: 26 sparse and 13 dense features (see `criteo_features`).
+      global_batch: examples per training step over all processes.
+      eval_batches, eval_batch_size: the held-out evaluation set's size.
+      strict: raise `CriteoFormatError` on the first malformed line instead
+        of skipping it.
+      hash_seed: seed of `hash_category`.
+
+    Each process keeps rows `[p*b, (p+1)*b)`, b = batch / num_processes, of
+    every global batch (training and evaluation), as `CriteoReader` does.
+
+    Attributes:
+      train_start: lines of the file the evaluation set spans (training
+        starts after them).
+      epoch: the epoch of the latest training batch.
+      skipped_lines: malformed lines skipped so far (see the property).
+
+    Raises (on construction): FileNotFoundError for a missing file;
+    `CriteoFormatError` naming the file when it is empty, holds no valid
+    example, or fewer valid examples than the evaluation set plus one
+    training batch.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        features: FeatureSet,
+        *,
+        global_batch: int,
+        eval_batches: int,
+        eval_batch_size: int,
+        strict: bool = False,
+        hash_seed: int = 0,
+    ):
+        for name, v in (
+            ("global_batch", global_batch),
+            ("eval_batches", eval_batches),
+            ("eval_batch_size", eval_batch_size),
+        ):
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        self.path = os.fspath(path)
+        self.features = features
+        self.global_batch = global_batch
+        self.eval_batches = eval_batches
+        self.eval_batch_size = eval_batch_size
+        self.strict = strict
+        self.hash_seed = hash_seed
+        self._read_eval_set()
+        self._check_training_part()
+
+        self._processes: tuple[int, int] | None = None
+        self._lock = threading.Lock()
+        self.resume(
+            {"step": -1, "epoch": 0, "line": self.train_start, "train_start": self.train_start,
+             "skipped_lines": 0}
+        )  # fmt: skip
+
+    def resume(self, position: dict[str, int]) -> None:
+        """Continue after a `position_after(step)` saved earlier: the next
+        training batch is `step + 1`, the one that followed it.
+
+        Raises:
+          ValueError: `position` is malformed or does not fit this file's split
+            (another evaluation set size).
+        """
+        pos = self._checked_position(position)
+        # Training stream state (advanced by `batch`, on the prefetch thread).
+        self.epoch = pos["epoch"]
+        self._next_step = pos["step"] + 1
+        self._start_line, self._start_epoch = pos["line"], pos["epoch"]
+        self._train_skipped = pos["skipped_lines"]
+        self._stream: Iterator[tuple[Batch, dict[str, int]]] | None = None
+        with self._lock:
+            self._positions = {pos["step"]: pos}
+
+    def _reader(self, batch_size: int, start: int = 0, **processes) -> CriteoReader:
+        return CriteoReader(
+            self.path, self.features, batch_size, strict=self.strict, start=start,
+            hash_seed=self.hash_seed, **processes,
+        )  # fmt: skip
+
+    def _read_eval_set(self) -> None:
+        """Read the evaluation set (global batches); set `train_start`."""
+        reader = self._reader(self.eval_batch_size)
+        batches = iter(reader)
+        try:
+            self._eval = list(itertools.islice(batches, self.eval_batches))
+        except CriteoFormatError as e:
+            # Fewer valid examples than one eval batch: said below, with the split.
+            if e.line is not None or reader.stats.dropped_examples == 0:
+                raise
+            self._eval = []
+        finally:
+            batches.close()
+        if len(self._eval) < self.eval_batches:
+            valid = len(self._eval) * self.eval_batch_size + reader.stats.dropped_examples
+            raise CriteoFormatError(
+                self.path,
+                None,
+                f"only {valid} valid examples ({reader.stats.skipped_lines} malformed lines "
+                f"skipped), fewer than the {self.eval_batches} x {self.eval_batch_size} held-out "
+                f"evaluation examples plus one training batch of {self.global_batch}",
+            )
+        self.train_start = reader.position
+        self._eval_skipped = reader.stats.skipped_lines
+
+    def _check_training_part(self) -> None:
+        """Fail now, not in the first step, when no training batch follows the eval set."""
+        reader = self._reader(self.global_batch, self.train_start)
+        batches = iter(reader)
+        try:
+            first = next(batches, None)
+        finally:
+            batches.close()
+        if first is None:
+            raise CriteoFormatError(
+                self.path,
+                None,
+                f"only {reader.stats.dropped_examples} valid examples after the "
+                f"{self.eval_batches * self.eval_batch_size} held-out evaluation examples "
+                f"(lines 1-{self.train_start}; {reader.stats.skipped_lines} malformed lines "
+                f"skipped after them), fewer than one training batch of {self.global_batch}",
+            )
+
+    def _checked_position(self, position: dict[str, int]) -> dict[str, int]:
+        if set(position) != set(_POSITION_KEYS):
+            raise ValueError(
+                f"a CriteoData position has the keys {list(_POSITION_KEYS)}; got {sorted(position)}"
+            )
+        pos = {k: position[k] for k in _POSITION_KEYS}
+        lowest = {"step": -1}  # -1: before the first batch
+        if not all(isinstance(v, int) and v >= lowest.get(k, 0) for k, v in pos.items()):
+            raise ValueError(
+                f"a CriteoData position holds integers >= 0 (step >= -1); got {position}"
+            )
+        if pos["train_start"] != self.train_start:
+            raise ValueError(
+                f"the position was saved with training starting at line {pos['train_start']} of "
+                f"{self.path!r}, but this evaluation set ({self.eval_batches} x "
+                f"{self.eval_batch_size} examples) ends at line {self.train_start}"
+            )
+        if pos["line"] < self.train_start:
+            raise ValueError(
+                f"position line {pos['line']} lies in the evaluation set (lines "
+                f"1-{self.train_start}) of {self.path!r}"
+            )
+        return pos
+
+    @property
+    def skipped_lines(self) -> int:
+        """Malformed lines skipped so far: in the evaluation set (once) and by
+        training (every time a pass reads them)."""
+        return self._eval_skipped + self._train_skipped
+
+    def _train_batches(
+        self, process_index: int, num_processes: int
+    ) -> Iterator[tuple[Batch, dict[str, int]]]:
+        """(batch, position without the step) of every training batch, epoch after epoch."""
+        start, epoch = self._start_line, self._start_epoch
+        while True:
+            reader = self._reader(
+                self.global_batch, start, process_index=process_index, num_processes=num_processes
+            )
+            done = self._train_skipped
+            made = 0
+            for batch in reader:
+                made += 1
+                self._train_skipped = done + reader.stats.skipped_lines
+                yield batch, {
+                    "epoch": epoch,
+                    "line": reader.position,
+                    "train_start": self.train_start,
+                    "skipped_lines": self._train_skipped,
+                }
+            self._train_skipped = done + reader.stats.skipped_lines
+            if not made and start == self.train_start:
+                raise CriteoFormatError(
+                    self.path,
+                    None,
+                    "no training batch after the evaluation set (has the file changed?)",
+                )
+            epoch, start = epoch + 1, self.train_start
+
+    def batch(
+        self, step: int, global_batch: int, *, process_index: int = 0, num_processes: int = 1
+    ) -> Batch:
+        """This process's rows of training batch `step` (the next one in the file).
+
+        Raises:
+          ValueError: `step` is not the next step, or `global_batch` or the
+            process split differs from earlier calls.
+        """
+        if global_batch != self.global_batch:
+            raise ValueError(
+                f"CriteoData of {self.path!r} makes global batches of {self.global_batch}, "
+                f"not {global_batch}"
+            )
+        if step != self._next_step:
+            raise ValueError(
+                f"CriteoData reads {self.path!r} in order: the next training batch is step "
+                f"{self._next_step}, not {step}"
+            )
+        if self._stream is None:
+            self._stream = self._train_batches(process_index, num_processes)
+            self._processes = (process_index, num_processes)
+        elif self._processes != (process_index, num_processes):
+            raise ValueError(
+                f"process {process_index} of {num_processes} differs from the first call's "
+                f"{self._processes[0]} of {self._processes[1]}"
+            )
+        batch, pos = next(self._stream)
+        self._next_step = step + 1
+        self.epoch = pos["epoch"]
+        with self._lock:
+            self._positions[step] = {"step": step, **pos}
+            while len(self._positions) > _POSITIONS_KEPT:
+                del self._positions[min(self._positions)]
+        return batch
+
+    def position_after(self, step: int) -> dict[str, int]:
+        """The data position right after training batch `step` (see the class docstring).
+
+        Raises:
+          KeyError: batch `step` has not been made, or was made more than
+            16 batches ago (-1, the start, is kept until then).
+        """
+        with self._lock:
+            if step not in self._positions:
+                lo, hi = min(self._positions), max(self._positions)
+                kept = f"step {lo}" if lo == hi else f"steps {lo}..{hi}"
+                raise KeyError(f"no data position for step {step}: kept only {kept}")
+            return dict(self._positions[step])
+
+    def eval_batch(
+        self, index: int, batch_size: int, *, process_index: int = 0, num_processes: int = 1
+    ) -> Batch:
+        """This process's rows of evaluation batch `index` (of the held-out start of the file)."""
+        if batch_size != self.eval_batch_size:
+            raise ValueError(
+                f"CriteoData of {self.path!r} has eval batches of {self.eval_batch_size}, "
+                f"not {batch_size}"
+            )
+        if not 0 <= index < self.eval_batches:
+            raise ValueError(f"eval batch {index} is outside [0, {self.eval_batches})")
+        if num_processes < 1 or not 0 <= process_index < num_processes:
+            raise ValueError(f"process_index {process_index} is outside [0, {num_processes})")
+        if batch_size % num_processes:
+            raise ValueError(
+                f"eval batch size {batch_size} is not divisible by num_processes {num_processes}"
+            )
+        b = batch_size // num_processes
+        rows = slice(process_index * b, (process_index + 1) * b)
+        whole = self._eval[index]
+        return Batch(
+            dense=whole.dense[rows].copy(),
+            ids=whole.ids[rows].copy(),
+            lengths=whole.lengths[rows].copy(),
+            labels=whole.labels[rows].copy(),
+        )

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from jdmt.data.specs import FeatureSet, make_features
+from jdmt.data.specs import FeatureSet, Kind, make_features
 
 __all__ = [
     "MLPERF_DCNV2_ROWS",
     "MLPERF_DCNV2_MULTI_HOT",
     "SYNTHETIC_DEFAULT_ROWS",
     "SYNTHETIC_DEFAULT_MAX_LEN",
+    "SYNTHETIC_SEQUENCE_ROWS",
     "mlperf_dcnv2_features",
     "synthetic_default_features",
 ]
@@ -37,6 +38,9 @@ SYNTHETIC_DEFAULT_MAX_LEN = (
 )  # fmt: skip
 """Pooling caps of the default synthetic tables (mean 4.6, at most 10)."""
 
+SYNTHETIC_SEQUENCE_ROWS = 50000
+"""Rows of each sequence table that `synthetic_default_features` adds."""
+
 
 def mlperf_dcnv2_features(max_rows: int | None = 1_000_000, dim: int = 128) -> FeatureSet:
     """The 26 MLPerf DLRM-DCNv2 tables: `cat_0 .. cat_25`, sum pooling, 13 dense.
@@ -55,19 +59,43 @@ def mlperf_dcnv2_features(max_rows: int | None = 1_000_000, dim: int = 128) -> F
     return make_features(len(rows), rows, dim, list(MLPERF_DCNV2_MULTI_HOT), combiner="sum")
 
 
-def synthetic_default_features(dim: int = 16, combiner: str = "mean") -> FeatureSet:
+def synthetic_default_features(
+    dim: int = 16, combiner: str = "mean", *, num_sequence: int = 0, sequence_len: int = 20
+) -> FeatureSet:
     """The default feature set for training on one small machine.
 
     26 pooled features (mean-pooled by default: the synthetic teacher averages
-    its ids' latent vectors, and mean pooling learns it measurably faster) `cat_0 .. cat_25` with 1,000 to 100,000 rows
-    each (735,200 rows in all: 11.8M parameters at dim 16), pooling caps
-    of 1 to 10 (121 slots per example), and 13 dense features. A batch is
-    dense f32[B, 13], ids i32[B, 121], lengths i32[B, 26], labels f32[B].
+    its ids' latent vectors, and mean pooling learns it measurably faster)
+    `cat_0 .. cat_25` with 1,000 to 100,000 rows each (735,200 rows in all:
+    11.8M parameters at dim 16), pooling caps of 1 to 10 (121 slots per
+    example), and 13 dense features. A batch is dense f32[B, 13], ids
+    i32[B, 121], lengths i32[B, 26], labels f32[B].
+
+    Args:
+      dim: embedding width of every table.
+      combiner: combiner of the pooled features.
+      num_sequence: sequence features `seq_0 .. seq_{n-1}` appended after
+        the pooled ones (`SYNTHETIC_SEQUENCE_ROWS` rows each, like item
+        histories); each adds `sequence_len` id columns and one length column.
+      sequence_len: S, the positions of every sequence feature. `SyntheticData`
+        gives each example 1 to S of them (`mean_len_frac * S` on average).
+
+    With `num_sequence=0` the set is exactly the 26 pooled features.
     """
-    return make_features(
+    if num_sequence < 0:
+        raise ValueError(f"num_sequence must be >= 0, got {num_sequence}")
+    pooled = make_features(
         len(SYNTHETIC_DEFAULT_ROWS),
         list(SYNTHETIC_DEFAULT_ROWS),
         dim,
         list(SYNTHETIC_DEFAULT_MAX_LEN),
         combiner=combiner,
     )
+    if not num_sequence:
+        return pooled
+    if sequence_len < 1:
+        raise ValueError(f"sequence_len must be >= 1, got {sequence_len}")
+    seq = make_features(
+        num_sequence, SYNTHETIC_SEQUENCE_ROWS, dim, sequence_len, kind=Kind.SEQUENCE, prefix="seq"
+    )
+    return FeatureSet(pooled.sparse + seq.sparse, num_dense=pooled.num_dense)

@@ -1,8 +1,9 @@
 """DLRM (Naumov et al., 2019): bottom MLP, pairwise dot interaction, top MLP.
 
     dense f32[B, num_dense] --bottom MLP--> x f32[B, D]
-    T = [x, e_1, ..., e_F]                  f32[B, F+1, D]  (e_f: pooled embeddings)
-    z = upper triangle (i < j) of T T^T     f32[B, (F+1)F/2]
+    s_k = SequencePooling(seq_k; query x)   f32[B, D]       (sequence features, if any)
+    T = [x, e_1, ..., e_F, s_1, ..., s_Fs]  f32[B, N+1, D]  (e_f: pooled embeddings, N = F+Fs)
+    z = upper triangle (i < j) of T T^T     f32[B, (N+1)N/2]
     logit = top MLP([x, z])                 f32[B]
 
 The model sees only dense arrays; where the embeddings come from (and how
@@ -17,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jdmt.models.sequence import append_pooled_sequences, check_sequence_pooling
 
 __all__ = ["DLRM", "MLP", "dot_interaction", "init_dlrm"]
 
@@ -58,34 +61,84 @@ def dot_interaction(x: jax.Array, embs: jax.Array) -> jax.Array:
 
 
 class DLRM(nn.Module):
-    """The DLRM dense part over pooled embeddings.
+    """The DLRM dense part over pooled (and optionally sequence) embeddings.
 
     Attributes:
-      embedding_dim: D, the width of every pooled embedding; the bottom MLP
-        ends with this width.
+      embedding_dim: D, the width of every embedding; the bottom MLP ends
+        with this width.
       bottom: hidden widths of the bottom MLP (D is appended).
       top: hidden widths of the top MLP (1 is appended).
+      sequence_pooling: how sequence features are pooled before the
+        interaction, one of `SEQUENCE_POOLING` (see `SequencePooling`;
+        'attention' queries with the bottom MLP's output). Without sequence
+        features it changes nothing.
     """
 
     embedding_dim: int
     bottom: Sequence[int] = (64, 32)
     top: Sequence[int] = (128, 64)
+    sequence_pooling: str = "mean"
+
+    def __post_init__(self):
+        check_sequence_pooling(self.sequence_pooling)
+        super().__post_init__()
 
     @nn.compact
-    def __call__(self, dense: jax.Array, embs: jax.Array) -> jax.Array:
-        """dense f32[B, num_dense], embs f32[B, F, D] -> logits f32[B]."""
+    def __call__(
+        self,
+        dense: jax.Array,
+        embs: jax.Array,
+        seq: jax.Array | None = None,
+        seq_lengths: jax.Array | None = None,
+    ) -> jax.Array:
+        """dense f32[B, num_dense], embs f32[B, F, D] -> logits f32[B].
+
+        Sequence features, if any: seq f32[B, Fs, S, D] (see `stack_sequences`)
+        and seq_lengths i32[B, Fs]; they join the interaction after the pooled
+        ones.
+        """
         if embs.ndim != 3 or embs.shape[-1] != self.embedding_dim:
             raise ValueError(
                 f"DLRM expects pooled embeddings f32[B, F, {self.embedding_dim}], got {embs.shape}"
             )
         x = MLP((*self.bottom, self.embedding_dim), activate_last=True, name="bottom")(dense)
-        z = dot_interaction(x, embs.astype(x.dtype))
+        embs = append_pooled_sequences("DLRM", self.sequence_pooling, x, embs, seq, seq_lengths)
+        z = dot_interaction(x, embs)
         h = jnp.concatenate([x, z], axis=1)
         return MLP((*self.top, 1), activate_last=False, name="top")(h)[:, 0]
 
 
-def init_dlrm(model: DLRM, seed: int, num_dense: int, num_features: int):
-    """Parameters of `model` for inputs of the given sizes; depend only on `seed`."""
-    dense = jnp.zeros((1, num_dense), jnp.float32)
-    embs = jnp.zeros((1, num_features, model.embedding_dim), jnp.float32)
-    return model.init(jax.random.key(seed), dense, embs)["params"]
+def _init(
+    model: nn.Module,
+    seed: int,
+    num_dense: int,
+    num_features: int,
+    num_sequence: int,
+    sequence_len: int,
+):
+    """`model.init` on zero inputs of batch 1 of the given sizes: its parameters."""
+    d = model.embedding_dim
+    inputs = [jnp.zeros((1, num_dense), jnp.float32), jnp.zeros((1, num_features, d), jnp.float32)]
+    if num_sequence:
+        inputs += [
+            jnp.zeros((1, num_sequence, sequence_len, d), jnp.float32),
+            jnp.zeros((1, num_sequence), jnp.int32),
+        ]
+    return model.init(jax.random.key(seed), *inputs)["params"]
+
+
+def init_dlrm(
+    model: DLRM,
+    seed: int,
+    num_dense: int,
+    num_features: int,
+    num_sequence: int = 0,
+    sequence_len: int = 1,
+):
+    """Parameters of `model` for inputs of the given sizes; depend only on `seed`.
+
+    `num_features` counts the pooled features, `num_sequence` the sequence
+    features (of at most `sequence_len` positions). Without sequence features
+    the parameters are those of a model that has never heard of them.
+    """
+    return _init(model, seed, num_dense, num_features, num_sequence, sequence_len)
