@@ -1,0 +1,274 @@
+"""Training throughput of a DLRM in two real processes (two hosts of 4 devices).
+
+Launches two processes of itself on localhost (`jax.distributed` with a free
+port, gloo collectives; on CPU each emulates 4 devices), which train the
+DLRM with `jdmt.train.Trainer` on a `2x4` `('host','local')` mesh, and prints
+one JSON object: the shape, step time (median of the steps after the
+compiled first one), examples/s, the bytes per step that cross hosts and stay
+inside them (from the compiled step), and the ratio to TorchRec's reference.
+
+Workload: 26 tables x 100k rows x 64 dims, exactly 10 ids per bag (Zipf
+1.05), 13 dense features, 4096 examples per host (global 8192), sum pooling,
+row-wise Adagrad tables, Adam dense. MLPs are TorchRec's DLRM example
+defaults (`dlrm_main.py`): bottom (dense arch) 512-256-64, top (over arch)
+512-512-256-1.
+
+    python benchmarks/train_throughput.py                    # table_wise, 20 steps
+    python benchmarks/train_throughput.py --sharding=row_wise
+    python benchmarks/train_throughput.py --tuned-malloc     # glibc malloc tuned (research.md)
+    python benchmarks/train_throughput.py --quick            # tiny smoke run
+
+The batches are made before training (a few distinct ones, cycled) so the
+timed steps measure training, not the synthetic data generator. The
+generator's bags have at most 10 ids; shorter bags are filled up to exactly
+10 with repeats of their own ids (the same Zipf distribution).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+# TorchRec's run from the issue: the same shape, global batch 8192.
+TORCHREC = {"step_time_ms": 804.0, "examples_per_sec": 10_200.0, "global_batch": 8192}
+TUNED_MALLOC = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": "100000000000",
+}
+PROCESSES, LOCAL = 2, 4
+
+FULL = dict(tables=26, rows=100_000, dim=64, ids_per_bag=10, examples_per_host=4096,
+            bottom_mlp=(512, 256), top_mlp=(512, 512, 256))
+QUICK = dict(tables=4, rows=1000, dim=8, ids_per_bag=3, examples_per_host=64,
+             bottom_mlp=(16,), top_mlp=(16,))
+CACHED_BATCHES = 4  # distinct training batches, cycled
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps; the first (compiling) one is not timed "
+                   "(default: 20, or 3 with --quick)")
+    from jdmt.embeddings import ShardingType
+
+    shardings = [t.value for t in ShardingType]
+    p.add_argument("--sharding", default="table_wise", choices=shardings,
+                   help="sharding type of every table")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny shapes (4 tables x 1000 x 8, 64 examples per host): a smoke run")
+    p.add_argument("--tuned-malloc", action="store_true",
+                   help="run the processes with MALLOC_ARENA_MAX=1 etc. (see research.md)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=1800,
+                   help="seconds to wait for the two processes")
+    # Internal: the launched processes.
+    p.add_argument("--child", metavar="COORDINATOR", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--process-id", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.steps is None:
+        args.steps = 3 if args.quick else 20
+    if args.steps < 2:
+        p.error("--steps must be >= 2 (the first step compiles and is not timed)")
+    return args
+
+
+# ---------------------------------------------------------------------------- children
+
+
+class FixedBags:
+    """`CACHED_BATCHES` synthetic training batches (this process's rows), cycled,
+    with every bag filled to exactly `max_len` ids; one eval batch."""
+
+    def __init__(self, features, seed: int, global_batch: int, process_index: int,
+                 num_processes: int):
+        from jdmt.data import SyntheticData
+
+        self.features = features
+        gen = SyntheticData(features, seed=seed, mean_len_frac=1.0)
+        where = dict(process_index=process_index, num_processes=num_processes)
+        self._train = [self._fill(gen.batch(i, global_batch, **where))
+                       for i in range(CACHED_BATCHES)]
+        self._eval = self._fill(gen.eval_batch(0, global_batch, **where))
+
+    def _fill(self, b):
+        import numpy as np
+
+        from jdmt.data import Batch
+
+        lens = {f.max_len for f in self.features.sparse}
+        assert len(lens) == 1, "a uniform feature set"
+        (p,) = lens
+        n, nf = b.lengths.shape
+        ids = np.asarray(b.ids).reshape(n, nf, p)
+        # Position j of a bag of length k takes the bag's id j % k.
+        take = np.arange(p)[None, None, :] % np.maximum(b.lengths, 1)[..., None]
+        ids = np.take_along_axis(ids, take, axis=2).reshape(n, nf * p)
+        return Batch(dense=b.dense, ids=np.ascontiguousarray(ids),
+                     lengths=np.full_like(b.lengths, p), labels=b.labels)
+
+    def batch(self, step, global_batch, *, process_index, num_processes):
+        return self._train[step % CACHED_BATCHES]
+
+    def eval_batch(self, index, batch_size, *, process_index, num_processes):
+        return self._eval
+
+
+def child(args) -> int:
+    from jdmt.mesh import initialize_distributed
+
+    initialize_distributed(args.child, PROCESSES, args.process_id, local_devices=LOCAL)
+    import jax
+
+    from jdmt.data import make_features
+    from jdmt.mesh import make_mesh
+    from jdmt.train import TrainConfig, Trainer
+
+    shape = QUICK if args.quick else FULL
+    global_batch = shape["examples_per_host"] * PROCESSES
+    features = make_features(shape["tables"], shape["rows"], shape["dim"], shape["ids_per_bag"],
+                             combiner="sum")
+    mesh = make_mesh(f"{PROCESSES}x{LOCAL}")
+    data = FixedBags(features, args.seed, global_batch, jax.process_index(), jax.process_count())
+    config = TrainConfig(
+        mesh=f"{PROCESSES}x{LOCAL}", features=features, embedding_dim=shape["dim"],
+        steps=args.steps, global_batch=global_batch, sharding=args.sharding,
+        bottom_mlp=shape["bottom_mlp"], top_mlp=shape["top_mlp"], eval_batches=1,
+        seed=args.seed, progress=False,
+    )
+    summary = Trainer(config, mesh, data).run()
+    summary["backend"] = jax.default_backend()
+    if jax.process_index() == 0:
+        with open(args.result, "w") as f:
+            json.dump(summary, f)
+    return 0
+
+
+# ---------------------------------------------------------------------------- launcher
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args) -> int:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    if args.tuned_malloc:
+        env.update(TUNED_MALLOC)
+    coordinator = f"127.0.0.1:{_free_port()}"
+    with tempfile.TemporaryDirectory(prefix="jdmt-bench-") as tmp:
+        result = os.path.join(tmp, "summary.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", coordinator,
+               "--result", result, "--steps", str(args.steps), "--sharding", args.sharding,
+               "--seed", str(args.seed), *(["--quick"] if args.quick else [])]
+        load_before = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        # The children's output (gloo's connection lines included) goes to stderr.
+        procs = [subprocess.Popen([*cmd, "--process-id", str(i)], env=env,
+                                  stdout=sys.stderr, stderr=sys.stderr)
+                 for i in range(PROCESSES)]
+        try:
+            failed = _wait_all(procs, args.timeout)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        if failed:
+            print(f"train_throughput: {failed}", file=sys.stderr)
+            return 1
+        with open(result) as f:
+            s = json.load(f)
+        wall = time.perf_counter() - t0
+    load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    print(json.dumps(report(args, s, wall, load)), flush=True)
+    return 0
+
+
+def _wait_all(procs, timeout: float) -> str | None:
+    """Wait for every process; on the first failure (or the timeout) say which."""
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs):
+        for i, p in enumerate(procs):
+            if p.returncode not in (None, 0):
+                return f"process {i} exited with status {p.returncode}"
+        if time.monotonic() > deadline:
+            return f"the processes did not finish within {timeout:.0f} s"
+        time.sleep(0.2)
+    bad = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode]
+    return f"process {bad[0][0]} exited with status {bad[0][1]}" if bad else None
+
+
+def report(args, s: dict, wall_s: float, load: list[float]) -> dict:
+    shape = QUICK if args.quick else FULL
+    examples_per_sec = s["examples_per_sec"]
+    step_ms = s["step_time_ms_median"]
+    return {
+        "benchmark": "train_throughput",
+        "quick": args.quick,
+        "shape": {
+            "model": "dlrm",
+            "tables": shape["tables"],
+            "rows_per_table": shape["rows"],
+            "embedding_dim": shape["dim"],
+            "ids_per_bag": shape["ids_per_bag"],
+            "id_distribution": "zipf 1.05",
+            "pooling": "sum",
+            "dense_features": 13,
+            "examples_per_host": shape["examples_per_host"],
+            "global_batch": s["global_batch"],
+            "bottom_mlp": [*shape["bottom_mlp"], shape["dim"]],
+            "top_mlp": [*shape["top_mlp"], 1],
+            "mlp_source": "tiny (--quick)" if args.quick else
+                          "TorchRec examples/dlrm dlrm_main.py defaults "
+                          "(dense_arch 512,256,64; over_arch 512,512,256,1)",
+            "embedding_optimizer": s["embedding_optimizer"],
+            "dense_optimizer": s["optimizer"],
+        },
+        "mesh": s["mesh"],
+        "processes": PROCESSES,
+        "sharding": s["sharding"],
+        "steps": s["steps"],
+        "timed_steps": s["steps"] - 1,
+        "step_time_ms_median": round(step_ms, 1),
+        "examples_per_sec": round(examples_per_sec, 1),
+        "first_step_s": round(s["first_step_s"], 2),
+        "compile_s": round(s["compile_s"], 2),
+        "final_train_loss": s["train_loss"][-1],
+        "cross_host_bytes_per_step": s["cross_host_bytes_per_step"],
+        "intra_host_bytes_per_step": s["intra_host_bytes_per_step"],
+        "torchrec_reference": TORCHREC,
+        # Ours over TorchRec's: a step_time above 1 and examples_per_sec below 1 are slower.
+        # (None for --quick: another shape.)
+        "ratio_to_torchrec": None if args.quick else {
+            "step_time": round(step_ms / TORCHREC["step_time_ms"], 3),
+            "examples_per_sec": round(examples_per_sec / TORCHREC["examples_per_sec"], 3),
+        },
+        "backend": s["backend"],
+        "host_cpus": os.cpu_count(),
+        "malloc_tuned": bool(args.tuned_malloc),
+        # 1-minute load average before and after: other work on a shared machine slows the steps.
+        "load_average_1m": load,
+        "wall_s": round(wall_s, 1),
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child is not None:
+        return child(args)
+    return launch(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
