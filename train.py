@@ -20,11 +20,10 @@ import sys
 # Imports only: no JAX computation (and no backend) may start before prepare_devices.
 from jdmt.embeddings import OptimizerKind, ShardingType
 from jdmt.mesh import MeshError, initialize_distributed, parse_mesh_spec, prepare_devices
-from jdmt.models import MODELS
-from jdmt.train.loop import DATA_SOURCES as DATA
+from jdmt.models import MODELS, SEQUENCE_POOLING
 from jdmt.train.loop import DENSE_OPTIMIZERS, TrainConfig
 
-SHARDINGS = tuple(t.value for t in ShardingType)
+SHARDINGS = (*(t.value for t in ShardingType), "auto")
 EMB_OPTIMIZERS = tuple(k.value for k in OptimizerKind)
 COMBINERS = ("mean", "sum")
 
@@ -56,6 +55,21 @@ def _mesh(text: str) -> str:
     except MeshError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
+
+
+def _data(text: str) -> str:
+    if text in ("synthetic", "mlperf"):
+        return text
+    if text.startswith("criteo:"):
+        path = text[len("criteo:"):]
+        if not path:
+            raise argparse.ArgumentTypeError("criteo:PATH needs a file path after 'criteo:'")
+        if not os.path.isfile(path):
+            raise argparse.ArgumentTypeError(f"Criteo file {path!r} does not exist")
+        return text
+    raise argparse.ArgumentTypeError(
+        f"unknown data source {text!r}; available: synthetic, mlperf, criteo:PATH"
+    )
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -97,11 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "emulated on the CPU when there is no accelerator")
     p.add_argument("--model", type=_choice("model", MODELS), default=d.model,
                    help=f"dense model; one of: {', '.join(MODELS)}")
-    p.add_argument("--data", type=_choice("data source", DATA), default=d.data,
+    p.add_argument("--data", type=_data, default=d.data,
                    help="data source; 'synthetic' is Zipf ids with a planted teacher "
                    "(26 tables, 13 dense features) whose Bayes AUC is reported; 'mlperf' is "
                    "the same teacher on the 26 MLPerf DLRM-DCNv2 tables (rows capped at "
-                   "--rows-per-table, default 100000)")
+                   "--rows-per-table, default 100000); 'criteo:PATH' reads a Criteo TSV file "
+                   "(plain or gzip): its first --eval-batches x --batch-size examples are the "
+                   "held-out set, training reads the rest in epochs, malformed lines are "
+                   "skipped and counted (skipped_lines), categories are hashed into "
+                   "--rows-per-table rows (default 100000)")
     p.add_argument("--num-tables", type=_positive_int, default=None,
                    help="synthetic data: number of tables of a uniform feature set (default 26 "
                    "when --rows-per-table or --pooling is given; else the built-in set)")
@@ -110,13 +128,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "cap of --data=mlperf")
     p.add_argument("--pooling", type=_positive_int, default=None,
                    help="most ids per bag of every table of the uniform set (default 10)")
+    p.add_argument("--sequence-features", type=_nonneg_int, default=d.sequence_features,
+                   help="synthetic data: append N sequence features (item histories of "
+                   "--sequence-len ids, 50000-row tables) to the default set")
+    p.add_argument("--sequence-len", type=_positive_int, default=d.sequence_len,
+                   help="positions of every sequence feature")
+    p.add_argument("--sequence-pooling", type=_choice("sequence pooling", SEQUENCE_POOLING),
+                   default=d.sequence_pooling,
+                   help="how the model pools sequence features: 'mean' (masked mean) or "
+                   "'attention' (target attention queried by the bottom MLP's output)")
     p.add_argument("--steps", type=_positive_int, default=d.steps, help="training steps")
     p.add_argument("--batch-size", type=_positive_int, default=d.global_batch,
                    help="global batch (all devices together); must be divisible by H*L")
     p.add_argument("--embedding-dim", type=_positive_int, default=d.embedding_dim,
                    help="width of every embedding table (and of the bottom MLP's output)")
     p.add_argument("--sharding", type=_choice("sharding", SHARDINGS), default=d.sharding,
-                   help=f"how every table is sharded; one of: {', '.join(SHARDINGS)}")
+                   help=f"how the tables are sharded; one of: {', '.join(SHARDINGS)} (auto: the "
+                   "planner picks a type and devices per table from its cost model)")
     p.add_argument("--embedding-optimizer", type=_choice("embedding optimizer", EMB_OPTIMIZERS),
                    default=d.embedding_optimizer,
                    help=f"fused sparse optimizer of the tables; one of: {', '.join(EMB_OPTIMIZERS)}")
@@ -265,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
             num_tables=args.num_tables,
             rows_per_table=args.rows_per_table,
             pooling=args.pooling,
+            sequence_features=args.sequence_features,
+            sequence_len=args.sequence_len,
+            sequence_pooling=args.sequence_pooling,
             steps=args.steps,
             global_batch=args.batch_size,
             embedding_dim=args.embedding_dim,
@@ -315,11 +346,19 @@ def main(argv: list[str] | None = None) -> int:
         f"{s['step_time_ms_median']:.1f} ms, first step (compile) {s['first_step_s']:.1f} s, "
         f"wall {s['wall_time_s']:.1f} s"
     )
-    print(
-        f"eval AUC {s['eval_auc']:.4f} (Bayes {s['bayes_auc']:.4f}), logloss "
-        f"{s['eval_logloss']:.4f} (Bayes {s['bayes_logloss']:.4f}) on "
-        f"{s['eval_examples']:,} held-out examples"
-    )
+    if math.isnan(s["bayes_auc"]):
+        print(
+            f"eval AUC {s['eval_auc']:.4f}, logloss {s['eval_logloss']:.4f} on "
+            f"{s['eval_examples']:,} held-out examples"
+        )
+    else:
+        print(
+            f"eval AUC {s['eval_auc']:.4f} (Bayes {s['bayes_auc']:.4f}), logloss "
+            f"{s['eval_logloss']:.4f} (Bayes {s['bayes_logloss']:.4f}) on "
+            f"{s['eval_examples']:,} held-out examples"
+        )
+    if s["skipped_lines"] is not None:
+        print(f"data: {s['skipped_lines']:,} malformed lines skipped, epoch {s['data_epoch']}")
     print(
         f"communication per step (all devices): cross-host "
         f"{_mib(s['cross_host_bytes_per_step'])}, intra-host {_mib(s['intra_host_bytes_per_step'])}"

@@ -119,7 +119,7 @@ def test_short_run_learns(mesh24):
 def test_every_sharding_gives_the_same_losses(mesh24):
     runs = {
         t: train_and_evaluate(tiny_config(sharding=t), mesh24)
-        for t in ("table_wise", "data_parallel", "row_wise", "column_wise")
+        for t in ("table_wise", "data_parallel", "row_wise", "column_wise", "auto")
     }
     ref = runs["table_wise"]
     for t, s in runs.items():
@@ -128,6 +128,64 @@ def test_every_sharding_gives_the_same_losses(mesh24):
         assert s["eval_logloss"] == pytest.approx(ref["eval_logloss"], rel=1e-4), t
     # The tables really trained: the loss moved.
     assert ref["train_loss"][0] != ref["train_loss"][-1]
+    plan = runs["auto"]["plan"]
+    assert set(plan["tables"]) == {f.name for f in TINY.sparse}
+    assert plan["step_s"] <= min(b["step_s"] for b in plan["baselines"].values()
+                                 if isinstance(b, dict))
+
+
+# TINY plus two sequence features of different lengths.
+TINY_SEQ = FeatureSet(
+    TINY.sparse + (
+        SparseFeature("s1", 40, 8, 6, kind="sequence"),
+        SparseFeature("s2", 17, 8, 3, kind="sequence"),
+    ),
+    num_dense=3,
+)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_sequence_features_train_alike_under_every_sharding(mesh24, pooling):
+    runs = {
+        t: train_and_evaluate(tiny_config(features=TINY_SEQ, sharding=t, sequence_pooling=pooling,
+                                          steps=5), mesh24)
+        for t in ("table_wise", "row_wise", "data_parallel")
+    }
+    ref = runs["table_wise"]
+    assert ref["sequence_features"] == ["s1", "s2"] and ref["sequence_pooling"] == pooling
+    for t, s in runs.items():
+        np.testing.assert_allclose(s["train_loss"], ref["train_loss"], rtol=2e-5, err_msg=t)
+    assert ref["train_loss"][0] != ref["train_loss"][-1]
+
+
+def test_sequence_pooling_modes_differ_and_learn(mesh24):
+    fs = TrainConfig(sequence_features=2, sequence_len=8, embedding_dim=8).feature_set()
+    assert [f.name for f in fs.sparse if not f.pooled] == ["seq_0", "seq_1"]
+    out = {}
+    for mode in ("mean", "attention"):
+        cfg = TrainConfig(sequence_features=2, sequence_len=8, sequence_pooling=mode,
+                          embedding_dim=8, steps=40, global_batch=512, eval_batches=2,
+                          bottom_mlp=(16,), top_mlp=(16,), progress=False)
+        out[mode] = train_and_evaluate(cfg, mesh24)
+        loss = out[mode]["train_loss"]
+        assert np.mean(loss[-5:]) < np.mean(loss[:5]), mode
+    # Attention starts as the mean (zero-initialised query) but then trains apart.
+    assert out["mean"]["train_loss"][0] == pytest.approx(out["attention"]["train_loss"][0])
+    assert out["mean"]["train_loss"][-1] != out["attention"]["train_loss"][-1]
+
+
+def test_out_of_range_ids_stop_the_run_with_the_feature_named(mesh24):
+    class BadIds(SyntheticData):
+        def batch(self, step, global_batch, **kw):
+            b = super().batch(step, global_batch, **kw)
+            if step == 2:
+                col = TINY.columns("b").start
+                b.lengths[4, TINY.index("b")] = 2
+                b.ids[4, col + 1] = 37  # table 'b' has 37 rows
+            return b
+
+    with pytest.raises(BadBatchError, match=r"training batch 2: feature 'b': id 37 .*outside \[0, 37\)"):
+        train_and_evaluate(tiny_config(), mesh24, data=BadIds(TINY, seed=0))
 
 
 def test_nan_dense_feature_is_named():
@@ -179,6 +237,8 @@ def _train_py(*args):
         (["--mesh=0x4"], "0x4"),
         (["--model=wide_deep"], "wide_deep"),
         (["--data=criteo"], "criteo"),
+        (["--data=criteo:/no/such/file.tsv"], "/no/such/file.tsv"),
+        (["--sharding=auto", "--sequence-pooling=max"], "max"),
         (["--sharding=diagonal"], "diagonal"),
         (["--steps=0"], "--steps"),
     ],
@@ -280,3 +340,42 @@ def test_feature_set_flags():
     assert max(f.max_len for f in ml.sparse) == 100 and ml.sparse[0].dim == 16
     with pytest.raises(ValueError, match="pooling"):
         TrainConfig(pooling=0)
+
+
+def _write_criteo(path, n, bad_lines=()):
+    rng = np.random.default_rng(0)
+    with open(path, "w") as f:
+        for i in range(n):
+            if i in bad_lines:
+                f.write("1\tnot\ta\tcriteo\tline\n")
+                continue
+            ints = [str(v) if v >= 0 else "" for v in rng.integers(-1, 40, 13)]
+            cats = [f"{v:08x}" if v % 17 else "" for v in rng.integers(0, 3000, 26)]
+            f.write("\t".join([str(int(rng.random() < 0.3)), *ints, *cats]) + "\n")
+
+
+def test_train_py_on_a_criteo_file(tmp_path):
+    import json
+
+    data, out = tmp_path / "day_0.tsv", tmp_path / "s.json"
+    _write_criteo(data, 1200, bad_lines=(10, 200, 300))
+    r = _train_py(
+        "--mesh=1x2", f"--data=criteo:{data}", "--steps=4", "--batch-size=128",
+        "--eval-batches=1", "--rows-per-table=500", "--embedding-dim=4", "--bottom-mlp=8",
+        "--top-mlp=8", "--no-progress", f"--summary-json={out}",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "3 malformed lines skipped" in r.stdout and "Bayes" not in r.stdout
+    s = json.loads(out.read_text())
+    assert s["skipped_lines"] == 3 and s["data"] == f"criteo:{data}"
+    assert len(s["train_loss"]) == 4 and s["eval_examples"] == 128
+
+
+def test_train_py_rejects_a_malformed_criteo_file(tmp_path):
+    data = tmp_path / "broken.tsv"
+    data.write_text("this is\tnot criteo\n" * 50)
+    r = _train_py("--mesh=1x2", f"--data=criteo:{data}", "--steps=2", "--batch-size=8",
+                  "--no-progress")
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert "CriteoFormatError" in last and str(data) in last, r.stderr

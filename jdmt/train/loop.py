@@ -37,9 +37,11 @@ from jdmt.comm import comm_report_compiled
 from jdmt.data import (
     Batch,
     Combiner,
+    CriteoData,
     FeatureSet,
     SyntheticData,
     check_batch,
+    criteo_features,
     make_features,
     mlperf_dcnv2_features,
     synthetic_default_features,
@@ -55,8 +57,16 @@ from jdmt.embeddings import (
     build_groups,
     dense_from_buffers,
 )
-from jdmt.mesh import DEVICES, make_mesh, mesh_shape, parse_mesh_spec
-from jdmt.models import DCN, DLRM, MODELS, init_dcn, init_dlrm
+from jdmt.mesh import DEVICES, Topology, make_mesh, mesh_shape, parse_mesh_spec
+from jdmt.models import (
+    DCN,
+    DLRM,
+    MODELS,
+    SEQUENCE_POOLING,
+    init_dcn,
+    init_dlrm,
+    stack_sequences,
+)
 from jdmt.train.checkpoint import (
     CheckpointError,
     Checkpointer,
@@ -75,7 +85,7 @@ __all__ = [
     "train_and_evaluate",
 ]
 
-DATA_SOURCES = ("synthetic", "mlperf")
+DATA_SOURCES = ("synthetic", "mlperf", "criteo:PATH")
 DENSE_OPTIMIZERS = ("adagrad", "adam", "sgd")
 
 
@@ -89,11 +99,16 @@ class TrainConfig:
       data: data source: `'synthetic'` (the default feature set) or
         `'mlperf'` (the 26 MLPerf DLRM-DCNv2 tables and multi-hot sizes,
         rows capped at `rows_per_table` or 100,000), both with ids and labels
-        from the synthetic teacher.
+        from the synthetic teacher; or `'criteo:PATH'`, a Criteo TSV file
+        (plain or gzip; `jdmt.data.CriteoData`: the first `eval_batches *
+        eval_size` examples are the held-out set, training reads the rest
+        in epochs; categories hashed into `rows_per_table` rows, default
+        100,000).
       steps: training steps.
       global_batch: examples per step over all devices (divisible by H*L).
       embedding_dim: D of every table (and the bottom MLP's output).
-      sharding: one sharding type for every table.
+      sharding: one sharding type for every table, or `'auto'`: a placement
+        per table from `jdmt.planner.auto_plan` (cost model plus search).
       embedding_optimizer: fused sparse optimizer of the tables.
       embedding_lr: its learning rate.
       embedding_initial_accumulator: the Adagrad accumulators' start value;
@@ -113,6 +128,12 @@ class TrainConfig:
         `pooling` ids per bag (10), when any is given (and `data` is
         synthetic).
       features: feature set (None: from `data` and the fields above).
+      sequence_features: synthetic data: append this many sequence features
+        (`seq_0 ..`, `sequence_len` positions each) to the default set.
+      sequence_len: S of those sequence features.
+      sequence_pooling: how the model pools sequence features: `'mean'`
+        (masked mean) or `'attention'` (target attention queried by the
+        bottom MLP's output; `jdmt.models.SequencePooling`).
       combiner: combiner ('sum' or 'mean') given to every feature of the
         default feature set (None: the preset's own, sum). The synthetic
         teacher averages its ids' latent vectors, so mean pooling matches it
@@ -157,6 +178,9 @@ class TrainConfig:
     rows_per_table: int | None = None
     pooling: int | None = None
     features: FeatureSet | None = None
+    sequence_features: int = 0
+    sequence_len: int = 20
+    sequence_pooling: str = "mean"
     combiner: str | None = "mean"
     progress: bool = True
     metrics_dir: str | None = None
@@ -170,16 +194,35 @@ class TrainConfig:
         parse_mesh_spec(self.mesh)  # MeshError (a ValueError) names a bad spec
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; available: {', '.join(MODELS)}")
-        if self.data not in DATA_SOURCES:
+        if self.data not in DATA_SOURCES[:2] and not (
+            self.data.startswith("criteo:") and len(self.data) > len("criteo:")
+        ):
             raise ValueError(
                 f"unknown data source {self.data!r}; available: {', '.join(DATA_SOURCES)}"
+            )
+        if self.sequence_pooling not in SEQUENCE_POOLING:
+            raise ValueError(
+                f"unknown sequence_pooling {self.sequence_pooling!r}; available: "
+                f"{', '.join(SEQUENCE_POOLING)}"
+            )
+        if self.sequence_features < 0 or self.sequence_len < 1:
+            raise ValueError(
+                f"sequence_features must be >= 0 and sequence_len >= 1, got "
+                f"{self.sequence_features} and {self.sequence_len}"
+            )
+        if self.sequence_features and (self.data != "synthetic" or self.features is not None
+                                       or self.num_tables or self.rows_per_table or self.pooling):
+            raise ValueError(
+                "sequence_features extend the default synthetic feature set only (not "
+                "--data=mlperf/criteo, a uniform set or explicit features)"
             )
         if self.optimizer not in DENSE_OPTIMIZERS:
             raise ValueError(
                 f"unknown dense optimizer {self.optimizer!r}; available: "
                 f"{', '.join(DENSE_OPTIMIZERS)}"
             )
-        _choice("sharding", self.sharding, ShardingType)
+        if self.sharding != "auto":
+            _choice("sharding", self.sharding, ShardingType)
         _choice("embedding_optimizer", self.embedding_optimizer, OptimizerKind)
         if self.combiner is not None:
             _choice("combiner", self.combiner, Combiner)
@@ -215,10 +258,17 @@ class TrainConfig:
     def eval_size(self) -> int:
         return self.eval_batch_size or self.global_batch
 
+    @property
+    def criteo_path(self) -> str | None:
+        """The file of `data='criteo:PATH'` (None for other sources)."""
+        return self.data[len("criteo:"):] if self.data.startswith("criteo:") else None
+
     def feature_set(self) -> FeatureSet:
         if self.features is not None:
             return self.features
         uniform = (self.num_tables, self.rows_per_table, self.pooling)
+        if self.criteo_path is not None:  # one id per category: the combiner is moot
+            return criteo_features(self.rows_per_table or 100_000, self.embedding_dim)
         if self.data == "mlperf":
             fs = mlperf_dcnv2_features(max_rows=self.rows_per_table or 100_000, dim=self.embedding_dim)
         elif any(v is not None for v in uniform):
@@ -227,11 +277,18 @@ class TrainConfig:
                 self.pooling or 10, combiner=self.combiner or "sum",
             )
         else:
-            fs = synthetic_default_features(dim=self.embedding_dim)
+            fs = synthetic_default_features(
+                dim=self.embedding_dim, num_sequence=self.sequence_features,
+                sequence_len=self.sequence_len,
+            )
         if self.combiner is None:
             return fs
         return dataclasses.replace(
-            fs, sparse=tuple(dataclasses.replace(f, combiner=self.combiner) for f in fs.sparse)
+            fs,
+            sparse=tuple(
+                dataclasses.replace(f, combiner=self.combiner) if f.pooled else f
+                for f in fs.sparse
+            ),
         )
 
 
@@ -352,24 +409,41 @@ class Trainer:
                 )
         self.features = data.features if data is not None else config.feature_set()
         self._check_features()
-        self.data = data if data is not None else SyntheticData(
-            self.features, seed=config.seed if config.data_seed is None else config.data_seed
+        if data is not None:
+            self.data = data
+        elif config.criteo_path is not None:
+            self.data = CriteoData(
+                config.criteo_path, self.features, global_batch=config.global_batch,
+                eval_batches=config.eval_batches, eval_batch_size=config.eval_size,
+            )
+        else:
+            self.data = SyntheticData(
+                self.features, seed=config.seed if config.data_seed is None else config.data_seed
+            )
+        fs = self.features
+        self.seq_index = np.array([i for i, f in enumerate(fs.sparse) if not f.pooled], np.int32)
+        self.seq_names = tuple(fs.sparse[i].name for i in self.seq_index)
+        self.seq_len = max((fs.sparse[i].max_len for i in self.seq_index), default=1)
+        sparse_opt = SparseOptimizer(
+            config.embedding_optimizer,
+            lr=config.embedding_lr,
+            initial_accumulator=config.embedding_initial_accumulator,
         )
-        self.emb = ShardedEmbeddings(
-            self.features,
-            self.mesh,
-            config.sharding,
-            SparseOptimizer(
-                config.embedding_optimizer,
-                lr=config.embedding_lr,
-                initial_accumulator=config.embedding_initial_accumulator,
-            ),
-        )
+        self.plan = None
+        sharding = config.sharding
+        if sharding == "auto":
+            self.plan = self._auto_plan(sparse_opt)
+            sharding = self.plan.placements
+            if jax.process_index() == 0:
+                print(f"jdmt: {self.plan.summary()}", file=sys.stderr)
+        self.emb = ShardedEmbeddings(self.features, self.mesh, sharding, sparse_opt)
         if config.model == "dcn":
-            self.model = DCN(config.embedding_dim, bottom=config.bottom_mlp, top=config.top_mlp)
+            self.model = DCN(config.embedding_dim, bottom=config.bottom_mlp, top=config.top_mlp,
+                             sequence_pooling=config.sequence_pooling)
             self._init_params = init_dcn
         else:
-            self.model = DLRM(config.embedding_dim, bottom=config.bottom_mlp, top=config.top_mlp)
+            self.model = DLRM(config.embedding_dim, bottom=config.bottom_mlp, top=config.top_mlp,
+                              sequence_pooling=config.sequence_pooling)
             self._init_params = init_dlrm
         self.tx = _dense_optimizer(config.optimizer, config.lr)
         self.replicated = NamedSharding(self.mesh, P())
@@ -377,24 +451,43 @@ class Trainer:
         self._train_step = None
         self._predict = None
 
+    def _auto_plan(self, optimizer: SparseOptimizer):
+        """`--sharding=auto`: the planner's placement for this mesh and batch.
+
+        The mean bag sizes come from the synthetic data's length model when
+        it has one (else the caps)."""
+        from jdmt.planner import auto_plan
+
+        frac = getattr(self.data, "mean_len_frac", None)
+        pooling = None if frac is None else {
+            f.name: max(1.0, f.max_len * frac) for f in self.features.sparse
+        }
+        return auto_plan(
+            self.features, self.hosts, self.local, self.config.global_batch,
+            optimizer=optimizer, topology=Topology.from_mesh(self.mesh), pooling=pooling,
+        )
+
     def _check_features(self) -> None:
         fs, d = self.features, self.config.embedding_dim
-        bad = [f.name for f in fs.sparse if not f.pooled or f.dim != d]
+        bad = [f.name for f in fs.sparse if f.dim != d]
         if bad:
             raise ValueError(
-                f"{self.config.model.upper()} needs pooled features of dim {d} (the embedding dim); "
+                f"{self.config.model.upper()} needs features of dim {d} (the embedding dim); "
                 f"these are not: {bad[:5]}{'...' if len(bad) > 5 else ''}"
             )
+        if not any(f.pooled for f in fs.sparse):
+            raise ValueError(f"{self.config.model.upper()} needs at least one pooled feature")
 
     # ---- state ---------------------------------------------------------------------------
 
     def init_state(self) -> TrainState:
         """Tables and dense parameters from `config.seed`, independent of the plan."""
         tables = self.emb.init(self.config.seed)
-        nf, nd = len(self.features.sparse), self.features.num_dense
+        nd, ns = self.features.num_dense, len(self.seq_index)
+        nf = len(self.features.sparse) - ns
 
         def dense_init():
-            params = self._init_params(self.model, self.config.seed, nd, nf)
+            params = self._init_params(self.model, self.config.seed, nd, nf, ns, self.seq_len)
             return params, self.tx.init(params)
 
         params, opt_state = jax.jit(dense_init, out_shardings=self.replicated)()
@@ -424,6 +517,7 @@ class Trainer:
                 "embedding_dim": cfg.embedding_dim,
                 "bottom_mlp": list(cfg.bottom_mlp),
                 "top_mlp": list(cfg.top_mlp),
+                "sequence_pooling": cfg.sequence_pooling,
             },
             "embedding_optimizer": self.emb.optimizer.kind.value,
             "dense_optimizer": cfg.optimizer,
@@ -464,10 +558,11 @@ class Trainer:
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the state (no computation)."""
-        nf, nd = len(self.features.sparse), self.features.num_dense
+        nd, ns = self.features.num_dense, len(self.seq_index)
+        nf = len(self.features.sparse) - ns
 
         def dense_init():
-            params = self._init_params(self.model, self.config.seed, nd, nf)
+            params = self._init_params(self.model, self.config.seed, nd, nf, ns, self.seq_len)
             return params, self.tx.init(params)
 
         params, opt_state = jax.eval_shape(dense_init)
@@ -487,8 +582,8 @@ class Trainer:
         owner_out = emb.lookup(tables, routed)
 
         def loss_fn(params, owner_out):
-            embs = emb.output_dist(owner_out, batch.lengths).stacked()
-            logits = model.apply({"params": params}, batch.dense, embs)
+            embs = emb.output_dist(owner_out, batch.lengths)
+            logits = model.apply({"params": params}, *self.model_inputs(embs, batch))
             return optax.sigmoid_binary_cross_entropy(logits, batch.labels).mean()
 
         loss, (g_params, g_owner) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, owner_out)
@@ -520,8 +615,17 @@ class Trainer:
 
     def predict_fn(self, state: TrainState, batch: Batch) -> jax.Array:
         """Click probabilities f32[B] of a batch (sharded like the batch)."""
-        embs = self.emb.forward(state.tables, batch.ids, batch.lengths).stacked()
-        return jax.nn.sigmoid(self.model.apply({"params": state.params}, batch.dense, embs))
+        embs = self.emb.forward(state.tables, batch.ids, batch.lengths)
+        return jax.nn.sigmoid(self.model.apply({"params": state.params}, *self.model_inputs(embs, batch)))
+
+    def model_inputs(self, embs, batch: Batch) -> tuple:
+        """The model's arguments: dense, pooled f32[B, F, D] and, with sequence
+        features, their embeddings f32[B, Fs, S, D] and lengths i32[B, Fs]."""
+        args = (batch.dense, embs.stacked())
+        if len(self.seq_index):
+            seq = stack_sequences([embs.sequence[n] for n in self.seq_names])
+            args += (seq, batch.lengths[:, self.seq_index])
+        return args
 
     # ---- data ----------------------------------------------------------------------------
 
@@ -689,6 +793,11 @@ class Trainer:
             "profile_dir": cfg.profile_dir,
             "checkpoint_dir": None if ckpt is None else ckpt.directory,
             "checkpoint_steps": [] if ckpt is None else ckpt.all_steps(),
+            "skipped_lines": getattr(self.data, "skipped_lines", None),
+            "data_epoch": getattr(self.data, "epoch", None),
+            "sequence_features": list(self.seq_names),
+            "sequence_pooling": cfg.sequence_pooling,
+            "plan": None if self.plan is None else self.plan.report(),
         }
 
     def _train(self, state: TrainState, start: int, ckpt: Checkpointer | None, history: dict):
