@@ -1,5 +1,6 @@
 """train.py across two real processes on localhost (gloo): the same run as one
-process, a dead peer ends the run, and the multi-process flags are checked.
+process, checkpoints one process can resume, a dead peer ends the run, and the
+multi-process flags are checked.
 
 Each process emulates 4 CPU devices; the pytest process's XLA_FLAGS (8
 devices, from conftest.py) are kept out of the children's environment.
@@ -105,7 +106,8 @@ def test_two_processes_match_one_process(tmp_path):
     try:
         # All three at once: the pair spends much of its time waiting on gloo.
         procs.append(_start([*args, "--summary-json", "single.json"], tmp_path, "single"))
-        procs += _start_pair(args, tmp_path, lambda i: ["--summary-json", f"p{i}.json"])
+        procs += _start_pair(args, tmp_path, lambda i: [
+            "--summary-json", f"p{i}.json", "--checkpoint-dir", "ck", "--checkpoint-every", "3"])
         outs = [_wait_ok(p, tmp_path, n, 300) for p, n in zip(procs, ("single", "p0", "p1"))]
     finally:
         _kill_all(procs)
@@ -126,6 +128,19 @@ def test_two_processes_match_one_process(tmp_path):
     # The same compiled program: the same collectives, hence the same bytes.
     assert two["cross_host_bytes_per_step"] == one["cross_host_bytes_per_step"] > 0
     assert two["intra_host_bytes_per_step"] == one["intra_host_bytes_per_step"]
+
+    # Both processes wrote their shards of each checkpoint; one process reads them.
+    assert two["checkpoint_steps"] == [3, 6]
+    p = _start([*args, "--checkpoint-dir", "ck", "--resume", "--summary-json", "resumed.json"],
+               tmp_path, "resumed")
+    try:
+        _wait_ok(p, tmp_path, "resumed", 300)
+    finally:
+        _kill_all([p])
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert resumed["start_step"] == 6 and resumed["train_loss"] == two["train_loss"]
+    assert resumed["eval_auc"] == pytest.approx(two["eval_auc"], abs=1e-6)
+    assert resumed["eval_logloss"] == pytest.approx(two["eval_logloss"], rel=1e-6)
 
 
 @pytest.mark.parametrize("victim", [1, 0], ids=["kill_process_1", "kill_process_0"])
