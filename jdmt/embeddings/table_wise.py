@@ -86,18 +86,28 @@ class TableWiseGroup(Group):
     def pieces(self) -> list[Piece]:
         return [Piece(s.feature, s.col0) for s in self.shards]
 
-    def input_dist(self, ids, lengths):
+    def send_ids(self, ids, lengths):
+        """The local batch's ids arranged for the owners: (i32[N(dest), K, B, L]
+        local rows at each destination's slots, -1 = none; out-of-range count)."""
         gid, bad = self.member_ids(ids, lengths)  # [B, T, L]
         member, offset = self._slot_tables()
         send = gid[:, np.maximum(member, 0)]  # [B, N, K, L]
         keep = (send >= 0) & jnp.asarray(member >= 0)[None, :, :, None]
         send = jnp.where(keep, send + jnp.asarray(offset)[None, :, :, None], -1)
-        send = jnp.transpose(send, (1, 2, 0, 3))  # [N(dest), K, B, L]
+        return jnp.transpose(send, (1, 2, 0, 3)), bad
+
+    def input_dist(self, ids, lengths):
+        send, bad = self.send_ids(ids, lengths)  # [N(dest), K, B, L]
         recv = lax.all_to_all(send, DEVICES, 0, 0, tiled=True)  # [N(src), K, B, L]
         return recv, bad
 
     def output_dist(self, owner_out):
         back = lax.all_to_all(owner_out, DEVICES, 0, 0, tiled=True)  # [N(owner), K, B, ...]
+        return self.pieces_of(back)
+
+    def pieces_of(self, back):
+        """Owner outputs gathered at the batch's device, [N(owner), K, B, ...],
+        -> the pieces in `pieces()` order, [B, P, ...]."""
         n, k = back.shape[:2]
         where = np.array([s.device * k + self.by_device[s.device].index(s) for s in self.shards])
         pieces = jnp.take(back.reshape((n * k,) + back.shape[2:]), where, axis=0)  # [P, B, ...]

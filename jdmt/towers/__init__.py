@@ -1,0 +1,1 @@
+"""Disaggregated Multi-Tower: SPTT, Tower Modules and the Tower Partitioner."""
