@@ -21,6 +21,7 @@ import sys
 from jdmt.embeddings import OptimizerKind, ShardingType
 from jdmt.mesh import MeshError, initialize_distributed, parse_mesh_spec, prepare_devices
 from jdmt.models import MODELS, SEQUENCE_POOLING
+from jdmt.towers.modules import TOWER_MODULES
 from jdmt.train.loop import DENSE_OPTIMIZERS, TrainConfig
 
 SHARDINGS = (*(t.value for t in ShardingType), "auto")
@@ -69,6 +70,14 @@ def _data(text: str) -> str:
         return text
     raise argparse.ArgumentTypeError(
         f"unknown data source {text!r}; available: synthetic, mlperf, criteo:PATH"
+    )
+
+
+def _partitioner(text: str) -> str:
+    if text in ("round_robin", "random") or text.endswith(".json"):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"unknown tower partitioner {text!r}; available: round_robin, random, PATH.json"
     )
 
 
@@ -145,6 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sharding", type=_choice("sharding", SHARDINGS), default=d.sharding,
                    help=f"how the tables are sharded; one of: {', '.join(SHARDINGS)} (auto: the "
                    "planner picks a type and devices per table from its cost model)")
+    p.add_argument("--towers", type=_nonneg_int, default=d.towers,
+                   help="Disaggregated Multi-Tower: group the features into N towers, each "
+                   "owned by one host (tower t on host t %% H); ids and compressed tower "
+                   "outputs are the only embedding traffic across hosts. 0: the flat path")
+    p.add_argument("--tower-module", type=_choice("tower module", TOWER_MODULES),
+                   default=d.tower_module,
+                   help="each tower's dense module: identity (exactly the flat model), linear, "
+                   "dcn (cross layers) or mlp; the last three compress a tower to --tower-dim")
+    p.add_argument("--tower-dim", type=_positive_int, default=d.tower_dim,
+                   help="output width C of the compressing tower modules (a multiple of "
+                   "--embedding-dim)")
+    p.add_argument("--tower-partitioner", type=_partitioner, default=d.tower_partitioner,
+                   help="how features are grouped into towers: round_robin, random, or "
+                   "PATH.json (a partition written by python -m jdmt.towers.partitioner)")
     p.add_argument("--embedding-optimizer", type=_choice("embedding optimizer", EMB_OPTIMIZERS),
                    default=d.embedding_optimizer,
                    help=f"fused sparse optimizer of the tables; one of: {', '.join(EMB_OPTIMIZERS)}")
@@ -314,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             metrics_dir=args.metrics_dir,
             profile_dir=args.profile_dir,
+            towers=args.towers,
+            tower_module=args.tower_module,
+            tower_dim=args.tower_dim,
+            tower_partitioner=args.tower_partitioner,
             checkpoint_dir=args.checkpoint_dir,
             checkpoint_every=args.checkpoint_every,
             keep_checkpoints=args.keep_checkpoints,

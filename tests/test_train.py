@@ -379,3 +379,35 @@ def test_train_py_rejects_a_malformed_criteo_file(tmp_path):
     assert r.returncode == 1
     last = r.stderr.strip().splitlines()[-1]
     assert "CriteoFormatError" in last and str(data) in last, r.stderr
+
+
+def test_identity_towers_give_the_flat_loss_history(mesh24):
+    flat = train_and_evaluate(tiny_config(steps=5), mesh24)
+    dmt = train_and_evaluate(tiny_config(steps=5, towers=2), mesh24)
+    assert dmt["towers"] and sorted(n for t in dmt["towers"] for n in t) == sorted(TINY.names)
+    assert dmt["train_loss"] == flat["train_loss"]  # bit for bit: SPTT preserves the model
+    assert dmt["eval_auc"] == flat["eval_auc"]
+
+
+@pytest.mark.parametrize("module", ["linear", "dcn"])
+def test_compressing_towers_train_and_resume(mesh24, tmp_path, module):
+    cfg = dict(steps=8, towers=3, tower_module=module, tower_dim=8, tower_partitioner="random")
+    full = train_and_evaluate(tiny_config(**cfg), mesh24)
+    loss = full["train_loss"]
+    assert all(np.isfinite(loss)) and np.mean(loss[-3:]) < np.mean(loss[:3])
+    assert full["tower_module"] == module and len(full["towers"]) == 3
+    ck = str(tmp_path / "ck")
+    train_and_evaluate(tiny_config(**{**cfg, "steps": 4}, checkpoint_dir=ck), mesh24)
+    resumed = train_and_evaluate(tiny_config(**cfg, checkpoint_dir=ck, resume=True), mesh24)
+    assert resumed["start_step"] == 4 and resumed["train_loss"] == loss
+
+
+def test_tower_config_errors():
+    with pytest.raises(ValueError, match="needs a tower_dim"):
+        tiny_config(towers=2, tower_module="mlp")
+    with pytest.raises(ValueError, match="multiple of the embedding dim 8"):
+        tiny_config(towers=2, tower_module="linear", tower_dim=12)
+    with pytest.raises(ValueError, match="--sharding=row_wise applies to the flat path"):
+        tiny_config(towers=2, sharding="row_wise")
+    with pytest.raises(ValueError, match="6 towers for 5 features"):
+        train_and_evaluate(tiny_config(towers=6), None)

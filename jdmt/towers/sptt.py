@@ -209,11 +209,14 @@ class SPTT:
     def param_sharding(self) -> NamedSharding:
         return NamedSharding(self.mesh, P(HOST))
 
+    def stacked_params(self, seed: int = 0) -> Any:
+        """Tower Module parameters, stacked [H, T_max, ...] (traceable; place them
+        with `param_sharding`). Tower t's values depend on (seed, t) only."""
+        return init_stacked(self.module, seed, jnp.asarray(self.slot_tower), self.f_max, self.dim)
+
     def init_params(self, seed: int = 0) -> Any:
-        """Tower Module parameters, stacked [H, T_max, ...] and sharded over `host`."""
-        fn = lambda: init_stacked(  # noqa: E731
-            self.module, seed, jnp.asarray(self.slot_tower), self.f_max, self.dim
-        )
+        """`stacked_params`, computed on the devices and sharded over `host`."""
+        fn = lambda: self.stacked_params(seed)  # noqa: E731
         shapes = jax.eval_shape(fn)
         return jax.jit(fn, out_shardings=jax.tree.map(lambda _: self.param_sharding, shapes))()
 

@@ -57,7 +57,7 @@ from jdmt.embeddings import (
     build_groups,
     dense_from_buffers,
 )
-from jdmt.mesh import DEVICES, Topology, make_mesh, mesh_shape, parse_mesh_spec
+from jdmt.mesh import DEVICES, HOST, Topology, make_mesh, mesh_shape, parse_mesh_spec
 from jdmt.models import (
     DCN,
     DLRM,
@@ -144,6 +144,15 @@ class TrainConfig:
         JSON object per event) here; process 0 only. None: no metrics files.
       profile_dir: write a `jax.profiler` trace of a few steps after the
         first one (steps 2-4, 1-based, or fewer in a shorter run) here.
+      towers: Disaggregated Multi-Tower: group the features into this many
+        towers, each owned by one host (`jdmt.towers.SPTT`); 0: the flat path.
+      tower_module: the Tower Module of every tower (`TOWER_MODULES`):
+        identity keeps the flat model exactly; the others compress a tower's
+        embeddings to `tower_dim` values before they cross hosts.
+      tower_dim: C of the compressing Tower Modules, a multiple of
+        `embedding_dim` (the model sees C / D interaction vectors per tower).
+      tower_partitioner: how features are grouped: 'round_robin', 'random',
+        or the path of a partition JSON (`jdmt.towers.partitioner`).
       checkpoint_dir: write orbax checkpoints (asynchronously) here: every
         `checkpoint_every` steps and after the last step. Without `resume`
         the directory must not hold checkpoints yet.
@@ -185,6 +194,10 @@ class TrainConfig:
     progress: bool = True
     metrics_dir: str | None = None
     profile_dir: str | None = None
+    towers: int = 0
+    tower_module: str = "identity"
+    tower_dim: int | None = None
+    tower_partitioner: str = "round_robin"
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     resume: bool = False
@@ -240,6 +253,22 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.towers < 0:
+            raise ValueError(f"towers must be >= 0, got {self.towers}")
+        if self.towers:
+            from jdmt.towers.modules import tower_output_dim
+
+            tower_output_dim(self.tower_module, 1, self.embedding_dim, self.tower_dim)
+            if self.tower_module != "identity" and self.tower_dim % self.embedding_dim:
+                raise ValueError(
+                    f"tower_dim {self.tower_dim} must be a multiple of the embedding dim "
+                    f"{self.embedding_dim} (the model reads C / D vectors per tower)"
+                )
+            if self.sharding != "table_wise":
+                raise ValueError(
+                    "towers own their tables table-wise inside their host; "
+                    f"--sharding={self.sharding} applies to the flat path (--towers=0)"
+                )
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.resume and self.checkpoint_dir is None:
@@ -436,7 +465,12 @@ class Trainer:
             sharding = self.plan.placements
             if jax.process_index() == 0:
                 print(f"jdmt: {self.plan.summary()}", file=sys.stderr)
-        self.emb = ShardedEmbeddings(self.features, self.mesh, sharding, sparse_opt)
+        self.sptt = None
+        if config.towers:
+            self.sptt = self._build_towers(sparse_opt)
+            self.emb = self.sptt.emb
+        else:
+            self.emb = ShardedEmbeddings(self.features, self.mesh, sharding, sparse_opt)
         if config.model == "dcn":
             self.model = DCN(config.embedding_dim, bottom=config.bottom_mlp, top=config.top_mlp,
                              sequence_pooling=config.sequence_pooling)
@@ -450,6 +484,37 @@ class Trainer:
         self.batch_sharding = NamedSharding(self.mesh, P(DEVICES))
         self._train_step = None
         self._predict = None
+
+    def _build_towers(self, optimizer: SparseOptimizer):
+        """`--towers=N`: the SPTT path with the configured partition and modules."""
+        from jdmt.towers.partitioner import (
+            TowerPartition,
+            random_partition,
+            round_robin_partition,
+        )
+        from jdmt.towers.sptt import SPTT
+
+        cfg = self.config
+        if cfg.tower_partitioner == "round_robin":
+            part = round_robin_partition(self.features, cfg.towers, self.hosts)
+        elif cfg.tower_partitioner == "random":
+            part = random_partition(self.features, cfg.towers, self.hosts, seed=cfg.seed)
+        else:
+            part = TowerPartition.load(cfg.tower_partitioner, self.features, self.hosts,
+                                       optimizer=optimizer)
+            if part.num_towers != cfg.towers:
+                raise ValueError(
+                    f"tower partition {cfg.tower_partitioner} has {part.num_towers} towers, "
+                    f"but towers={cfg.towers}"
+                )
+        return SPTT(self.features, self.mesh, part.towers, part.hosts, optimizer,
+                    module=cfg.tower_module, tower_dim=cfg.tower_dim)
+
+    def _model_features(self) -> int:
+        """Pooled interaction vectors the model reads (tower outputs with DMT)."""
+        if self.sptt is None or self.sptt.module_kind == "identity":
+            return len(self.features.sparse) - len(self.seq_index)
+        return len(self.sptt.towers) * self.sptt.out_dim // self.config.embedding_dim
 
     def _auto_plan(self, optimizer: SparseOptimizer):
         """`--sharding=auto`: the planner's placement for this mesh and batch.
@@ -483,23 +548,34 @@ class Trainer:
     def init_state(self) -> TrainState:
         """Tables and dense parameters from `config.seed`, independent of the plan."""
         tables = self.emb.init(self.config.seed)
-        nd, ns = self.features.num_dense, len(self.seq_index)
-        nf = len(self.features.sparse) - ns
-
-        def dense_init():
-            params = self._init_params(self.model, self.config.seed, nd, nf, ns, self.seq_len)
-            return params, self.tx.init(params)
-
-        params, opt_state = jax.jit(dense_init, out_shardings=self.replicated)()
+        shapes = jax.eval_shape(self._dense_init)
+        params, opt_state = jax.jit(self._dense_init, out_shardings=self._dense_shardings(shapes))()
         return TrainState(params, opt_state, tables)
 
-    def state_shardings(self, state: TrainState) -> TrainState:
-        rep = lambda _: self.replicated  # noqa: E731
-        return TrainState(
-            jax.tree.map(rep, state.params),
-            jax.tree.map(rep, state.opt_state),
-            self.emb.state_shardings(),
+    def _dense_init(self):
+        """Dense parameters (with DMT: `{"model", "towers"}`) and their optax state."""
+        nd, ns = self.features.num_dense, len(self.seq_index)
+        params = self._init_params(
+            self.model, self.config.seed, nd, self._model_features(), ns, self.seq_len
         )
+        if self.sptt is not None:
+            params = {"model": params, "towers": self.sptt.stacked_params(self.config.seed)}
+        return params, self.tx.init(params)
+
+    def _dense_shardings(self, tree):
+        """Replicated, except Tower Module parameters and their optimizer
+        moments (under a "towers" key), which are sharded over `host`."""
+        towers = NamedSharding(self.mesh, P(HOST))
+
+        def pick(path, leaf):
+            in_towers = any(getattr(k, "key", None) == "towers" for k in path)
+            return towers if in_towers and len(leaf.shape) >= 1 else self.replicated
+
+        return jax.tree_util.tree_map_with_path(pick, tree)
+
+    def state_shardings(self, state: TrainState) -> TrainState:
+        params, opt_state = self._dense_shardings((state.params, state.opt_state))
+        return TrainState(params, opt_state, self.emb.state_shardings())
 
     # ---- checkpoints ---------------------------------------------------------------------
 
@@ -518,6 +594,12 @@ class Trainer:
                 "bottom_mlp": list(cfg.bottom_mlp),
                 "top_mlp": list(cfg.top_mlp),
                 "sequence_pooling": cfg.sequence_pooling,
+                "towers": None if self.sptt is None else {
+                    "towers": [list(t) for t in self.sptt.towers],
+                    "hosts": list(self.sptt.tower_hosts),
+                    "module": self.sptt.module_kind,
+                    "tower_dim": self.sptt.out_dim,
+                },
             },
             "embedding_optimizer": self.emb.optimizer.kind.value,
             "dense_optimizer": cfg.optimizer,
@@ -558,32 +640,20 @@ class Trainer:
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the state (no computation)."""
-        nd, ns = self.features.num_dense, len(self.seq_index)
-        nf = len(self.features.sparse) - ns
-
-        def dense_init():
-            params = self._init_params(self.model, self.config.seed, nd, nf, ns, self.seq_len)
-            return params, self.tx.init(params)
-
-        params, opt_state = jax.eval_shape(dense_init)
-        with_sharding = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated)  # noqa: E731
-        return TrainState(
-            jax.tree.map(with_sharding, params),
-            jax.tree.map(with_sharding, opt_state),
-            self.emb.state_shapes(),
-        )
+        shapes = jax.eval_shape(self._dense_init)
+        with_sharding = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)  # noqa: E731
+        params, opt_state = jax.tree.map(with_sharding, shapes, self._dense_shardings(shapes))
+        return TrainState(params, opt_state, self.emb.state_shapes())
 
     # ---- the step ------------------------------------------------------------------------
 
     def loss_and_grads(self, params, tables, batch: Batch):
         """Loss, dense gradients, owner-output gradients and what the update needs."""
-        emb, model = self.emb, self.model
-        routed = emb.route(batch.ids, batch.lengths)
-        owner_out = emb.lookup(tables, routed)
+        routed = self._route(batch)
+        owner_out = self.emb.lookup(tables, routed)
 
         def loss_fn(params, owner_out):
-            embs = emb.output_dist(owner_out, batch.lengths)
-            logits = model.apply({"params": params}, *self.model_inputs(embs, batch))
+            logits = self._logits(params, owner_out, routed, batch)
             return optax.sigmoid_binary_cross_entropy(logits, batch.labels).mean()
 
         loss, (g_params, g_owner) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, owner_out)
@@ -615,8 +685,27 @@ class Trainer:
 
     def predict_fn(self, state: TrainState, batch: Batch) -> jax.Array:
         """Click probabilities f32[B] of a batch (sharded like the batch)."""
-        embs = self.emb.forward(state.tables, batch.ids, batch.lengths)
-        return jax.nn.sigmoid(self.model.apply({"params": state.params}, *self.model_inputs(embs, batch)))
+        routed = self._route(batch)
+        owner_out = self.emb.lookup(state.tables, routed)
+        return jax.nn.sigmoid(self._logits(state.params, owner_out, routed, batch))
+
+    def _route(self, batch: Batch):
+        if self.sptt is not None:
+            return self.sptt.route(batch.ids, batch.lengths)
+        return self.emb.route(batch.ids, batch.lengths)
+
+    def _logits(self, params, owner_out, routed, batch: Batch) -> jax.Array:
+        """The model on the owners' lookups: the flat output distribution, or
+        the towers (SPTT, Tower Modules, the return all-to-all)."""
+        if self.sptt is None:
+            embs = self.emb.output_dist(owner_out, batch.lengths)
+            return self.model.apply({"params": params}, *self.model_inputs(embs, batch))
+        out = self.sptt.tower_outputs(params["towers"], owner_out, routed)  # [B, T, C]
+        if self.sptt.module_kind == "identity":
+            pooled = self.sptt.flat_embeddings(out)
+        else:
+            pooled = out.reshape(out.shape[0], -1, self.config.embedding_dim)
+        return self.model.apply({"params": params["model"]}, batch.dense, pooled)
 
     def model_inputs(self, embs, batch: Batch) -> tuple:
         """The model's arguments: dense, pooled f32[B, F, D] and, with sequence
@@ -798,6 +887,9 @@ class Trainer:
             "sequence_features": list(self.seq_names),
             "sequence_pooling": cfg.sequence_pooling,
             "plan": None if self.plan is None else self.plan.report(),
+            "towers": None if self.sptt is None else [list(t) for t in self.sptt.towers],
+            "tower_hosts": None if self.sptt is None else list(self.sptt.tower_hosts),
+            "tower_module": None if self.sptt is None else self.sptt.module_kind,
         }
 
     def _train(self, state: TrainState, start: int, ckpt: Checkpointer | None, history: dict):
