@@ -163,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each tower's dense module: identity (exactly the flat model), linear, "
                    "dcn (cross layers) or mlp; the last three compress a tower to --tower-dim")
     p.add_argument("--tower-dim", type=_positive_int, default=d.tower_dim,
-                   help="output width C of the compressing tower modules (a multiple of "
-                   "--embedding-dim)")
+                   help="output width C of the compressing tower modules; back at each "
+                   "sample's device a per-tower projection maps it to one embedding-dim vector")
     p.add_argument("--tower-partitioner", type=_partitioner, default=d.tower_partitioner,
                    help="how features are grouped into towers: round_robin, random, or "
                    "PATH.json (a partition written by python -m jdmt.towers.partitioner)")

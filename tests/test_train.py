@@ -391,7 +391,7 @@ def test_identity_towers_give_the_flat_loss_history(mesh24):
 
 @pytest.mark.parametrize("module", ["linear", "dcn"])
 def test_compressing_towers_train_and_resume(mesh24, tmp_path, module):
-    cfg = dict(steps=8, towers=3, tower_module=module, tower_dim=8, tower_partitioner="random")
+    cfg = dict(steps=8, towers=3, tower_module=module, tower_dim=5, tower_partitioner="random")
     full = train_and_evaluate(tiny_config(**cfg), mesh24)
     loss = full["train_loss"]
     assert all(np.isfinite(loss)) and np.mean(loss[-3:]) < np.mean(loss[:3])
@@ -405,8 +405,6 @@ def test_compressing_towers_train_and_resume(mesh24, tmp_path, module):
 def test_tower_config_errors():
     with pytest.raises(ValueError, match="needs a tower_dim"):
         tiny_config(towers=2, tower_module="mlp")
-    with pytest.raises(ValueError, match="multiple of the embedding dim 8"):
-        tiny_config(towers=2, tower_module="linear", tower_dim=12)
     with pytest.raises(ValueError, match="--sharding=row_wise applies to the flat path"):
         tiny_config(towers=2, sharding="row_wise")
     with pytest.raises(ValueError, match="6 towers for 5 features"):

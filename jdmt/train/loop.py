@@ -149,8 +149,9 @@ class TrainConfig:
       tower_module: the Tower Module of every tower (`TOWER_MODULES`):
         identity keeps the flat model exactly; the others compress a tower's
         embeddings to `tower_dim` values before they cross hosts.
-      tower_dim: C of the compressing Tower Modules, a multiple of
-        `embedding_dim` (the model sees C / D interaction vectors per tower).
+      tower_dim: C of the compressing Tower Modules. Back on each sample's
+        device a per-tower projection (data parallel) maps a tower's C values
+        to one D-vector, so the model interacts T tower vectors.
       tower_partitioner: how features are grouped: 'round_robin', 'random',
         or the path of a partition JSON (`jdmt.towers.partitioner`).
       checkpoint_dir: write orbax checkpoints (asynchronously) here: every
@@ -259,11 +260,6 @@ class TrainConfig:
             from jdmt.towers.modules import tower_output_dim
 
             tower_output_dim(self.tower_module, 1, self.embedding_dim, self.tower_dim)
-            if self.tower_module != "identity" and self.tower_dim % self.embedding_dim:
-                raise ValueError(
-                    f"tower_dim {self.tower_dim} must be a multiple of the embedding dim "
-                    f"{self.embedding_dim} (the model reads C / D vectors per tower)"
-                )
             if self.sharding != "table_wise":
                 raise ValueError(
                     "towers own their tables table-wise inside their host; "
@@ -514,7 +510,7 @@ class Trainer:
         """Pooled interaction vectors the model reads (tower outputs with DMT)."""
         if self.sptt is None or self.sptt.module_kind == "identity":
             return len(self.features.sparse) - len(self.seq_index)
-        return len(self.sptt.towers) * self.sptt.out_dim // self.config.embedding_dim
+        return len(self.sptt.towers)
 
     def _auto_plan(self, optimizer: SparseOptimizer):
         """`--sharding=auto`: the planner's placement for this mesh and batch.
@@ -560,7 +556,19 @@ class Trainer:
         )
         if self.sptt is not None:
             params = {"model": params, "towers": self.sptt.stacked_params(self.config.seed)}
+            if self.sptt.module_kind != "identity":
+                params["adapter"] = self._init_adapter()
         return params, self.tx.init(params)
+
+    def _init_adapter(self):
+        """Per-tower projections C -> D of the tower outputs (data parallel)."""
+        t, c, d = len(self.sptt.towers), self.sptt.out_dim, self.config.embedding_dim
+        key = jax.random.fold_in(jax.random.key(self.config.seed), 0xADA)
+        scale = np.sqrt(2.0 / (c + d))  # Glorot, like the models' dense layers
+        return {
+            "kernel": scale * jax.random.truncated_normal(key, -2.0, 2.0, (t, c, d), jnp.float32),
+            "bias": jnp.zeros((t, d), jnp.float32),
+        }
 
     def _dense_shardings(self, tree):
         """Replicated, except Tower Module parameters and their optimizer
@@ -704,7 +712,8 @@ class Trainer:
         if self.sptt.module_kind == "identity":
             pooled = self.sptt.flat_embeddings(out)
         else:
-            pooled = out.reshape(out.shape[0], -1, self.config.embedding_dim)
+            a = params["adapter"]
+            pooled = jnp.einsum("btc,tcd->btd", out, a["kernel"]) + a["bias"]
         return self.model.apply({"params": params["model"]}, batch.dense, pooled)
 
     def model_inputs(self, embs, batch: Batch) -> tuple:
