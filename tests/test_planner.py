@@ -37,6 +37,7 @@ MIXED = FeatureSet(
     num_dense=1,
 )
 BIG_BYTES = 4000 * (16 * 4 + 4)  # the big table with row-wise Adagrad state
+SPLIT = ("row_wise", "column_wise", "table_row_wise")  # the types that split a table
 
 
 def types_of(plan):
@@ -95,6 +96,29 @@ def test_cost_model_counts():
     assert cw.cross_host_bytes[0, 0] == 4 * b * 4 * (4 + 4)  # 4 shards: K = 1, ids + width 4
 
 
+def test_cost_model_counts_table_row_wise():
+    """Hand-checked numbers for a table-row-wise table on host 1 of 2x4: only
+    the all-to-alls over `host` cross hosts (one peer host), the gather and
+    reduce-scatter over `local` stay inside (three peers)."""
+    f = SparseFeature("a", 1000, 16, 4)
+    pr = Problem(FeatureSet((f,), num_dense=1), 2, 4, 64, optimizer="sgd")
+    model = AnalyticCostModel(id_bytes=0, access_bytes=1, unique_fraction=1.0)
+    b = 64 / 8
+    c = model.evaluate(pr, {"a": Placement("table_row_wise", (4, 5, 6, 7))})
+    h, k, ln = 2, 1, 4  # hosts, slots per host, devices per host
+    assert c.cross_host_bytes[:, 0].tolist() == [(h - 1) * k * b * (16 + 64), (h - 1) * k * b * 64, 0]
+    assert c.intra_host_bytes[:, 0].tolist() == [
+        (ln - 1) * h * k * b * (16 + 64), (ln - 1) * h * k * b * 64, 0]
+    assert np.ptp(c.cross_host_bytes, axis=1).max() == 0  # the same on every device
+    assert c.memory_bytes.tolist() == [250 * 64] * 8  # ceil(1000 / 4) rows per device
+    assert c.used_bytes.tolist() == [0] * 4 + [250 * 64] * 4
+    # each device of host 1 reads a quarter of the 64 x 4 ids and writes them back
+    assert c.lookup_s[4] == pytest.approx(64 * 4 / 4 * 64 * 3 / model.memory_bw)
+    assert c.lookup_s[0] == 0
+    tw = model.evaluate(pr, {"a": Placement("table_wise", (4,))})
+    assert c.cross_host_bytes.sum() < tw.cross_host_bytes.sum()
+
+
 def test_optimizer_state_counts_in_memory():
     f = SparseFeature("a", 1000, 16, 1)
     fs = FeatureSet((f,), num_dense=1)
@@ -127,11 +151,12 @@ def test_memory_matches_the_collections_fused_buffers(opt):
         assert got.memory_bytes.tolist() == [want] * 8
 
 
-def _comm_per_device(rep):
-    """Bytes each device receives, without all-reduces (the scalar counters)."""
+def _comm_per_device(rep, keep_all_reduce=lambda c: False):
+    """Bytes each device receives, without all-reduces (the scalar counters)
+    unless `keep_all_reduce` keeps them."""
     cross, intra = np.zeros(8), np.zeros(8)
     for c in rep.collectives:
-        if c.kind != "all-reduce":
+        if c.kind != "all-reduce" or keep_all_reduce(c):
             cross += np.asarray(c.device_cross_host_bytes) * c.multiplicity
             intra += np.asarray(c.device_intra_host_bytes) * c.multiplicity
     return cross, intra
@@ -161,6 +186,69 @@ def test_comm_model_matches_the_compiled_step(mesh24):
     cost = AnalyticCostModel().evaluate(Problem(MIXED, 2, 4, B, optimizer=opt), plan)
     np.testing.assert_allclose(cost.cross_host_bytes.sum(0), cross)
     np.testing.assert_allclose(cost.intra_host_bytes.sum(0), intra)
+
+
+@pytest.mark.parametrize("opt", ["sgd", "rowwise_adagrad"])
+def test_comm_model_matches_the_compiled_step_with_table_row_wise(mesh24, opt):
+    """The same for table-row-wise tables mixed with the other types: pooled
+    groups of uneven hosts (three tables on host 0, one on host 1) and a
+    sequence table; their collectives run over one mesh axis each."""
+    from jdmt.comm import comm_report
+
+    plan = {
+        **{f"m{i}": Placement("table_row_wise", range(4)) for i in range(3)},
+        "m3": Placement("table_row_wise", range(4, 8)),
+        "m4": Placement("table_wise", (2,)),
+        "m5": Placement("table_wise", (5,)),
+        "big": Placement("row_wise", range(8)),
+        "tiny": Placement("data_parallel", range(8)),
+        "seq": Placement("table_row_wise", range(4, 8)),
+        "wide": Placement("column_wise", (0, 2, 5, 7)),
+    }
+    sparse_opt = SparseOptimizer(kind=opt)
+    emb = ShardedEmbeddings(MIXED, mesh24, plan, sparse_opt, cpu_kernels=False)
+    ids, lengths = make_batch(MIXED)
+
+    def step(state, ids, lengths):
+        return emb.step(state, ids, lengths, _loss)[1]
+
+    rep = comm_report(jax.jit(step), emb.init(0), ids, lengths, mesh=mesh24)
+    # all but the scalar counters: the column-wise row statistics of row-wise
+    # Adagrad are an all-reduce too (one chunk of the update, as modelled)
+    cross, intra = _comm_per_device(rep, keep_all_reduce=lambda c: c.operand_bytes > 4)
+    cost = AnalyticCostModel().evaluate(Problem(MIXED, 2, 4, B, optimizer=sparse_opt), plan)
+    np.testing.assert_allclose(cost.cross_host_bytes.sum(0), cross)
+    np.testing.assert_allclose(cost.intra_host_bytes.sum(0), intra)
+    # table-row-wise traffic: cross-host bytes only on the all-to-alls over `host`
+    for c in rep.collectives:
+        if {len(g) for g in c.groups} == {4}:  # over `local`: one host's devices
+            assert c.cross_host_bytes == 0 and c.kind in ("all-gather", "reduce-scatter")
+        if {len(g) for g in c.groups} == {2}:  # over `host`: one device per host
+            assert c.intra_host_bytes == 0 and c.kind == "all-to-all"
+    # and the memory is the fused buffers' (table-row-wise ones included)
+    want = 0
+    for g in emb.groups.values():
+        acc = accumulator_shape(sparse_opt, g.local_rows, g.width)
+        want += 4 * (g.local_rows * g.width + (0 if acc is None else int(np.prod(acc))))
+    assert cost.memory_bytes.tolist() == [want] * 8
+
+
+def test_search_offers_table_row_wise_on_each_host():
+    from jdmt.planner import candidates
+
+    f = MIXED["big"]
+    pr = Problem(MIXED, 2, 4, 4096)
+    cands = candidates(pr, f, AnalyticCostModel().evaluate(pr, {}))
+    trw = [c.devices for c in cands if c.type.value == "table_row_wise"]
+    assert trw == [(0, 1, 2, 3), (4, 5, 6, 7)]
+    pr1 = Problem(MIXED, 8, 1, 4096)  # one device per host: that is table-wise
+    assert not any(c.type.value == "table_row_wise"
+                   for c in candidates(pr1, f, AnalyticCostModel().evaluate(pr1, {})))
+    # a cross-host link slow enough makes the planner keep lookups inside hosts
+    slow = Topology(2, 4, cross_host_bw=1e8)
+    plan = auto_plan(MIXED, 2, 4, 4096, topology=slow, memory_budget=0.9 * BIG_BYTES)
+    assert plan.cost.peak_memory <= 0.9 * BIG_BYTES
+    assert plan.type_counts()["table_row_wise"] >= 1, plan.placements
 
 
 # ---- search ----------------------------------------------------------------------------------
@@ -213,7 +301,7 @@ def test_the_search_beats_the_baselines_where_it_can():
 def test_a_table_bigger_than_a_device_is_split():
     budget = 0.9 * BIG_BYTES
     plan = auto_plan(MIXED, 2, 4, 4096, memory_budget=budget)
-    assert plan.placements["big"].type.value in ("row_wise", "column_wise")
+    assert plan.placements["big"].type.value in SPLIT
     assert plan.cost.peak_memory <= budget
     # the table-wise baselines cannot hold it
     assert isinstance(plan.baselines["size_greedy"], str)
@@ -226,7 +314,7 @@ def test_full_mlperf_tables_fit_16_gib_devices():
     assert plan.cost.peak_memory <= 16 * 2**30
     for f in feats.sparse:
         if f.rows == 40_000_000:
-            assert plan.placements[f.name].type.value in ("row_wise", "column_wise")
+            assert plan.placements[f.name].type.value in SPLIT
 
 
 def test_an_impossible_budget_names_the_table():
@@ -336,7 +424,7 @@ def test_planned_embeddings_equal_table_wise(mesh24, table_wise_reference, budge
     plan = auto_plan(MIXED, 2, 4, B, optimizer=opt, memory_budget=budget)
     assert len(types_of(plan)) >= 2, plan.placements
     if budget is not None:
-        assert plan.placements["big"].type.value in ("row_wise", "column_wise")
+        assert plan.placements["big"].type.value in SPLIT
     ids, lengths, (want_out, want_tables) = table_wise_reference
     out, tables = _forward_and_step(ShardedEmbeddings(MIXED, mesh24, plan.placements, opt), ids, lengths)
     for name in MIXED.names:

@@ -15,6 +15,7 @@ from jdmt.embeddings.types import (
     ShardingType,
     SparseOptimizer,
     check_plan,
+    host_devices,
     plan_sharding,
 )
 
@@ -31,5 +32,6 @@ __all__ = [
     "build_groups",
     "dense_from_buffers",
     "check_plan",
+    "host_devices",
     "plan_sharding",
 ]

@@ -33,6 +33,7 @@ from jdmt.embeddings.base import Group
 from jdmt.embeddings.column_wise import column_wise_shards
 from jdmt.embeddings.data_parallel import DataParallelGroup
 from jdmt.embeddings.row_wise import RowWiseGroup
+from jdmt.embeddings.table_row_wise import TableRowWiseGroup, table_row_wise_hosts
 from jdmt.embeddings.table_wise import TableWiseGroup, table_wise_shards
 from jdmt.embeddings.types import (
     Placement,
@@ -41,7 +42,7 @@ from jdmt.embeddings.types import (
     check_plan,
     plan_sharding,
 )
-from jdmt.mesh import DEVICES
+from jdmt.mesh import DEVICES, mesh_shape
 
 
 @jax.tree_util.register_dataclass
@@ -112,18 +113,23 @@ def _family(t: ShardingType) -> str:
         ShardingType.COLUMN_WISE: "tw",
         ShardingType.ROW_WISE: "rw",
         ShardingType.DATA_PARALLEL: "dp",
+        ShardingType.TABLE_ROW_WISE: "trw",
     }[t]
 
 
 def build_groups(
-    features: FeatureSet, plan: Mapping[str, Placement], num_devices: int
+    features: FeatureSet, plan: Mapping[str, Placement], num_devices: int,
+    local: int | None = None,
 ) -> dict[str, Group]:
     """The fused groups of a plan: tables of one sharding family, kind, width
     and length cap share one buffer per device. Depends only on the features,
     the plan and the device count (not on a mesh), so the layout of a saved
-    state can be rebuilt anywhere (`dense_from_buffers`)."""
+    state can be rebuilt anywhere (`dense_from_buffers`). `local` (devices
+    per host) matters to table-row-wise tables only; by default it is read
+    from their placements (the devices of one host)."""
     n = num_devices
     plan = {f.name: plan[f.name] for f in features.sparse}
+    trw_host, trw_local = table_row_wise_hosts(plan, local)
     buckets: dict[tuple, list] = {}
     shards = {}
     for t, fn in ((ShardingType.TABLE_WISE, table_wise_shards), (ShardingType.COLUMN_WISE, column_wise_shards)):
@@ -144,6 +150,9 @@ def build_groups(
             groups[name] = TableWiseGroup(name, features, group_shards, width, n)
         elif fam == "rw":
             groups[name] = RowWiseGroup(name, features, idx, width, n)
+        elif fam == "trw":
+            hosts = [trw_host[x] for x in names]
+            groups[name] = TableRowWiseGroup(name, features, idx, hosts, width, n, trw_local)
         else:
             groups[name] = DataParallelGroup(name, features, idx, width, n)
     return groups
@@ -219,6 +228,7 @@ class ShardedEmbeddings:
         self.unique_capacity = unique_capacity
         self.mesh = mesh
         self.num_devices = int(mesh.devices.size)
+        self.local = mesh_shape(mesh)[1]
         self.optimizer = optimizer
         if cpu_kernels is None or cpu_kernels:
             from jdmt.embeddings import cpu_kernels as ck
@@ -232,10 +242,10 @@ class ShardedEmbeddings:
         if isinstance(sharding, Mapping) and all(isinstance(v, Placement) for v in sharding.values()):
             plan = dict(sharding)
         else:
-            plan = plan_sharding(features, self.num_devices, sharding)
-        check_plan(features, plan, self.num_devices)
+            plan = plan_sharding(features, self.num_devices, sharding, local=self.local)
+        check_plan(features, plan, self.num_devices, self.local)
         self.plan = {f.name: plan[f.name] for f in features.sparse}
-        self.groups: dict[str, Group] = build_groups(features, self.plan, self.num_devices)
+        self.groups: dict[str, Group] = build_groups(features, self.plan, self.num_devices, self.local)
 
     def _specs(self, leaf_spec: Callable[[Group], P]):
         return {name: leaf_spec(g) for name, g in self.groups.items()}

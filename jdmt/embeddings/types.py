@@ -16,6 +16,7 @@ class ShardingType(str, enum.Enum):
     TABLE_WISE = "table_wise"  # one device holds the whole table
     ROW_WISE = "row_wise"  # rows split evenly over all devices
     COLUMN_WISE = "column_wise"  # columns split over several devices
+    TABLE_ROW_WISE = "table_row_wise"  # one host holds the table, rows split over its devices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +27,8 @@ class Placement:
       type: the sharding type.
       devices: flat device indices (into `mesh.devices.flat`): the owner for
         table-wise, one owner per column shard for column-wise; all devices
-        for row-wise and data-parallel.
+        for row-wise and data-parallel; the L devices of one host, in order
+        (`host * L ... host * L + L - 1`), for table-row-wise.
     """
 
     type: ShardingType
@@ -55,19 +57,50 @@ def column_shard_count(dim: int, num_devices: int, min_width: int = 4) -> int:
     return best
 
 
+def host_devices(host: int, local: int) -> tuple[int, ...]:
+    """The flat indices of host `host`'s `local` devices (device p is on host p // L)."""
+    return tuple(range(host * local, (host + 1) * local))
+
+
+def table_row_wise_host(placement: Placement, local: int | None = None) -> tuple[int, int]:
+    """(host, L) of a table-row-wise placement, checked.
+
+    The devices must be exactly the L devices of one host, in order. With
+    `local` (the mesh's L) the count must equal it; without, L is taken to be
+    the number of devices (`check_plan` then checks that it divides the mesh).
+
+    Raises:
+      ValueError: the devices are not those of one host.
+    """
+    devs = tuple(placement.devices)
+    ln = len(devs) if local is None else int(local)
+    host = devs[0] // ln if ln > 0 else 0
+    if ln < 1 or devs != host_devices(host, ln):
+        hosts = sorted({d // ln for d in devs}) if ln > 0 else []
+        raise ValueError(
+            f"table_row_wise needs exactly the {ln} devices of one host "
+            f"(host h owns devices h*{ln} .. h*{ln}+{ln - 1}), got devices {devs}"
+            + (f" on hosts {hosts}" if len(hosts) > 1 else "")
+        )
+    return host, ln
+
+
 def plan_sharding(
     features: FeatureSet,
     num_devices: int,
     sharding: ShardingType | str | Mapping[str, ShardingType | str],
     *,
     column_shards: int | None = None,
+    local: int | None = None,
 ) -> dict[str, Placement]:
     """A placement per table for one sharding type (or one type per table).
 
     Table-wise and column-wise shards are placed greedily, largest first, on
     the device with the least memory so far (ties: fewest lookups), which is
-    TorchRec's greedy partitioner for a single type. This is the simple
-    baseline; the cost-model planner lives in `jdmt.planner`.
+    TorchRec's greedy partitioner for a single type; table-row-wise tables
+    go, in the same order, to the host whose devices hold the least memory
+    so far (`local`, the mesh's devices per host, is needed for them). This
+    is the simple baseline; the cost-model planner lives in `jdmt.planner`.
     """
     if isinstance(sharding, (str, ShardingType)):
         types = {f.name: ShardingType(sharding) for f in features.sparse}
@@ -76,6 +109,11 @@ def plan_sharding(
         if unknown:
             raise KeyError(f"sharding names unknown features: {sorted(unknown)}")
         types = {f.name: ShardingType(sharding[f.name]) for f in features.sparse}
+    if ShardingType.TABLE_ROW_WISE in types.values():
+        if local is None:
+            raise ValueError("table_row_wise placement needs the mesh's devices per host (local=)")
+        if local < 1 or num_devices % local:
+            raise ValueError(f"local={local} does not divide {num_devices} devices into hosts")
 
     mem = np.zeros(num_devices)
     load = np.zeros(num_devices)
@@ -88,6 +126,11 @@ def plan_sharding(
             key=lambda d: (mem[d], load[d], d),
         )
         return order[0]
+
+    def least_loaded_host():
+        hosts = range(num_devices // local)
+        per = lambda h: list(host_devices(h, local))  # noqa: E731
+        return min(hosts, key=lambda h: (mem[per(h)].sum(), load[per(h)].sum(), h))
 
     pieces = []  # (bytes, feature, shards)
     for f in features.sparse:
@@ -105,6 +148,14 @@ def plan_sharding(
                 )
         pieces.append((f.rows * f.dim, f, c))
     for _, f, c in sorted(pieces, key=lambda p: (-p[0], p[1].name)):
+        if types[f.name] is ShardingType.TABLE_ROW_WISE:
+            owners = list(host_devices(least_loaded_host(), local))
+            block = -(-f.rows // local)
+            for j, d in enumerate(owners):
+                mem[d] += max(0, min(block, f.rows - j * block)) * f.dim
+                load[d] += f.max_len * f.dim / local
+            plan[f.name] = Placement(types[f.name], tuple(owners))
+            continue
         owners: list[int] = []
         for _ in range(c):
             d = least_loaded(exclude=owners)
@@ -115,11 +166,21 @@ def plan_sharding(
     return {f.name: plan[f.name] for f in features.sparse}
 
 
-def check_plan(features: FeatureSet, plan: ShardingPlan, num_devices: int) -> None:
-    """Raise ValueError if `plan` does not place every feature validly."""
+def check_plan(
+    features: FeatureSet, plan: ShardingPlan, num_devices: int, local: int | None = None
+) -> None:
+    """Raise ValueError if `plan` does not place every feature validly.
+
+    `local` is the mesh's devices per host; table-row-wise placements must
+    name exactly the devices of one host. Without it, L is read from the
+    placements (their device count), which must agree and divide the mesh.
+    """
     missing = set(features.names) - set(plan)
     if missing:
         raise ValueError(f"sharding plan misses features: {sorted(missing)}")
+    if local is not None and (local < 1 or num_devices % local):
+        raise ValueError(f"local={local} does not divide {num_devices} devices into hosts")
+    trw_local = {}
     for f in features.sparse:
         p = plan[f.name]
         if any(not 0 <= d < num_devices for d in p.devices):
@@ -136,6 +197,19 @@ def check_plan(features: FeatureSet, plan: ShardingPlan, num_devices: int) -> No
         if p.type in (ShardingType.ROW_WISE, ShardingType.DATA_PARALLEL):
             if tuple(p.devices) != tuple(range(num_devices)):
                 raise ValueError(f"feature {f.name!r}: {p.type.value} spans all devices")
+        if p.type is ShardingType.TABLE_ROW_WISE:
+            try:
+                _, ln = table_row_wise_host(p, local)
+            except ValueError as e:
+                raise ValueError(f"feature {f.name!r}: {e}") from None
+            if num_devices % ln:
+                raise ValueError(
+                    f"feature {f.name!r}: table_row_wise over {ln} devices, which does not "
+                    f"divide the {num_devices} devices into hosts"
+                )
+            trw_local[f.name] = ln
+    if len(set(trw_local.values())) > 1:
+        raise ValueError(f"table_row_wise placements disagree on the devices per host: {trw_local}")
 
 
 class OptimizerKind(str, enum.Enum):
@@ -179,5 +253,7 @@ __all__ = [
     "SparseOptimizer",
     "check_plan",
     "column_shard_count",
+    "host_devices",
     "plan_sharding",
+    "table_row_wise_host",
 ]

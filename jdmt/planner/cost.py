@@ -20,9 +20,11 @@ fused buffer and one collective per direction, and both are padded:
 - memory (allocated, per device): every device allocates each group's fused
   buffer at the largest per-device row count of the group (table-wise: the
   most rows any device owns in it; row-wise: the sum of ceil(R/N) blocks;
-  data-parallel: all rows) times (4 D + a(D)). `used_bytes` is the unpadded
-  share of each device, reported for explanation only. Activations and
-  workspace are not counted: leave room for them in the budget.
+  table-row-wise: the most, over hosts, of the sum of the host's tables'
+  ceil(R/L) blocks; data-parallel: all rows) times (4 D + a(D)).
+  `used_bytes` is the unpadded share of each device, reported for
+  explanation only. Activations and workspace are not counted: leave room
+  for them in the budget.
 - communication, bytes each device *receives* from each peer per step, as
   `jdmt.comm` counts a compiled step (K = the group's slots per device, the
   most shards any device owns in it; T = tables in a row-wise or data-parallel
@@ -35,10 +37,18 @@ fused buffer and one collective per direction, and both are padded:
       partial outputs B T O, backward all-gather of gradients B T O.
     data-parallel: nothing forward or backward; the update all-gathers ids
       and output gradients, B T (4 P + O).
+    table-row-wise (K = the most tables any host holds in the group): its
+      collectives run over one mesh axis only, so the bytes are counted per
+      level, not per peer. Across hosts (all-to-alls over `host`, H - 1
+      peers): forward ids K B P 4 and outputs K B O, backward gradients
+      K B O, from each peer host. Inside a host (over `local`, L - 1 peers):
+      forward all-gather of ids H K B P 4 and reduce-scatter of partials
+      H K B O, backward all-gather of gradients H K B O, from each peer.
   Bytes from peers on another host (`Topology.host_of`: device d is on host
   d // L) count as cross-host, the rest as intra-host, and the time is
   `Topology.comm_time_s(cross, intra, collectives)`. Every collective here
-  spans all devices with equal chunks, so every device receives the same;
+  has equal chunks and every device takes part, so every device receives
+  the same;
   the padding (K) is real traffic, so spreading a group's tables evenly
   over the devices is what cuts it.
 - lookup work (per device, bytes of memory traffic over `memory_bw`): per id
@@ -48,10 +58,11 @@ fused buffer and one collective per direction, and both are padded:
   position processed in each of the forward gather and the update's sort,
   padding included. Ids at the device: N B p at the owner of a table-wise
   or column shard, B p on each row-wise device (ids assumed spread evenly
-  over the row blocks), and on each data-parallel replica B p forward and
+  over the row blocks), N B p / L on each device of a table-row-wise
+  table's host, and on each data-parallel replica B p forward and
   all N B p in the update (every replica applies it). Id positions: K N B P
-  per table-wise group and pass on every device, N B P per row-wise table,
-  B P + N B P per data-parallel table.
+  per table-wise or table-row-wise group and pass on every device, N B P
+  per row-wise table, B P + N B P per data-parallel table.
 
 Not modelled: the dense model (its cost does not depend on the plan),
 activations, skewed ids (hot rows in one row-wise block), overlap of
@@ -266,8 +277,8 @@ class _Group:
     kind_pooled: bool
     width: int
     max_len: int
-    slots: np.ndarray | None = None  # tw: shards per device
-    rows: np.ndarray | None = None  # tw: rows per device
+    slots: np.ndarray | None = None  # tw: shards per device; trw: tables per host
+    rows: np.ndarray | None = None  # tw: rows per device; trw: row blocks per host
     tables: int = 0  # rw/dp: member tables; tw: tables split into columns
     local_rows: int = 0  # rw/dp: rows of the fused buffer
 
@@ -339,6 +350,21 @@ class AnalyticCostModel:
                 used[owners] += f.rows * row
                 work[owners] += n * b * ids * self._row_work(problem, w)
                 g.tables += len(p.devices) > 1
+            elif p.type is ShardingType.TABLE_ROW_WISE:
+                ln, hosts = problem.local, problem.hosts
+                g = groups.get(("trw", f.pooled, f.dim, f.max_len))
+                if g is None:
+                    g = groups[("trw", f.pooled, f.dim, f.max_len)] = _Group(
+                        "trw", f.pooled, f.dim, f.max_len, np.zeros(hosts, np.int64),
+                        np.zeros(hosts, np.int64))
+                h = p.devices[0] // ln
+                block = -(-f.rows // ln)
+                g.slots[h] += 1
+                g.rows[h] += block
+                row = problem.state_bytes_per_row(f.dim)
+                devs = list(p.devices)
+                used[devs] += np.clip(f.rows - block * np.arange(ln), 0, block) * row
+                work[devs] += n * b * ids / ln * self._row_work(problem, f.dim)
             else:
                 fam = "rw" if p.type is ShardingType.ROW_WISE else "dp"
                 g = groups.setdefault((fam, f.pooled, f.dim, f.max_len),
@@ -360,6 +386,9 @@ class AnalyticCostModel:
 
         memory = 0.0
         per_peer = np.zeros(len(PHASES))  # bytes each device receives from each peer
+        # hierarchical collectives (over `host` or `local` only): bytes each
+        # device receives across / inside hosts, the same on every device
+        cross_h, intra_h = np.zeros(len(PHASES)), np.zeros(len(PHASES))
         collectives = 0
         rowwise = problem.optimizer.kind is OptimizerKind.ROWWISE_ADAGRAD
         for g in groups.values():
@@ -375,6 +404,17 @@ class AnalyticCostModel:
                     unique = u * n * b * g.max_len
                     per_peer[2] += 2 * _F32 * g.tables * unique / n
                     collectives += 1
+            elif g.family == "trw":
+                hosts, ln = problem.hosts, problem.local
+                k = int(g.slots.max())
+                memory += max(1, int(g.rows.max())) * problem.state_bytes_per_row(g.width)
+                work += 2 * k * n * b * g.max_len * self.id_bytes
+                # all-to-alls over `host`: K B per peer host (ids + outputs, then gradients)
+                cross_h += (hosts - 1) * k * b * np.array([ids + out, out, 0.0])
+                # all-gather of ids, reduce-scatter of partials, all-gather of
+                # gradients over `local`: H K B per local peer
+                intra_h += (ln - 1) * hosts * k * b * np.array([ids + out, out, 0.0])
+                collectives += 6
             elif g.family == "rw":
                 memory += g.local_rows * problem.state_bytes_per_row(g.width)
                 per_peer += (g.tables * b * (ids + out), g.tables * b * out, 0.0)
@@ -385,8 +425,8 @@ class AnalyticCostModel:
                 collectives += 2
 
         cross_peers, intra_peers = problem.peers
-        cross = per_peer[:, None] * cross_peers[None, :]
-        intra = per_peer[:, None] * intra_peers[None, :]
+        cross = per_peer[:, None] * cross_peers[None, :] + cross_h[:, None]
+        intra = per_peer[:, None] * intra_peers[None, :] + intra_h[:, None]
         comm = topo.comm_time_s(cross.sum(0), intra.sum(0), collectives)
         return PlanCost(
             memory_bytes=np.full(n, memory, np.float64),

@@ -10,8 +10,9 @@ budget:
    (R D), dim (D), lookup (D p) and size-lookup (D p log10 R); and every
    table row-wise, and every table data-parallel.
 2. Greedy: tables in decreasing order of their cost alone; each takes the
-   candidate (data-parallel, row-wise, table-wise on any device, column-wise
-   into any shard count that divides its width, on the least busy devices)
+   candidate (data-parallel, row-wise, table-wise on any device,
+   table-row-wise on any host, column-wise into any shard count that
+   divides its width, on the least busy devices)
    that gives the lowest (bottleneck, balance) with the tables placed so
    far and fits the budget. If some table finds no room, the greedy is
    rerun choosing the candidate that needs the least memory.
@@ -32,7 +33,7 @@ import math
 from typing import Any, Callable, Mapping
 
 from jdmt.data.specs import FeatureSet, SparseFeature
-from jdmt.embeddings.types import Placement, ShardingType, SparseOptimizer
+from jdmt.embeddings.types import Placement, ShardingType, SparseOptimizer, host_devices
 from jdmt.mesh import Topology
 from jdmt.planner.cost import (
     DEFAULT_MEMORY_BUDGET,
@@ -155,6 +156,9 @@ def candidates(problem: Problem, f: SparseFeature, current: PlanCost) -> list[Pl
     everyone = tuple(range(n))
     out = [Placement(ShardingType.DATA_PARALLEL, everyone), Placement(ShardingType.ROW_WISE, everyone)]
     out += [Placement(ShardingType.TABLE_WISE, (d,)) for d in range(n)]
+    if problem.local > 1:  # with one device per host it is table-wise
+        out += [Placement(ShardingType.TABLE_ROW_WISE, host_devices(h, problem.local))
+                for h in range(problem.hosts)]
     busy = current.device_s
     order = sorted(range(n), key=lambda d: (busy[d], current.used_bytes[d], d))
     out += [Placement(ShardingType.COLUMN_WISE, tuple(sorted(order[:c])))
