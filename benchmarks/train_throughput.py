@@ -65,6 +65,11 @@ def parse_args(argv=None):
                    help="tiny shapes (4 tables x 1000 x 8, 64 examples per host): a smoke run")
     p.add_argument("--tuned-malloc", action="store_true",
                    help="run the processes with MALLOC_ARENA_MAX=1 etc. (see research.md)")
+    p.add_argument("--towers", type=int, default=0,
+                   help="Disaggregated Multi-Tower with this many towers (0: the flat path)")
+    p.add_argument("--tower-module", default="linear",
+                   help="Tower Module with --towers (identity, linear, dcn, mlp)")
+    p.add_argument("--tower-dim", type=int, default=32, help="C of a compressing Tower Module")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800,
                    help="seconds to wait for the two processes")
@@ -141,7 +146,8 @@ def child(args) -> int:
         mesh=f"{PROCESSES}x{LOCAL}", features=features, embedding_dim=shape["dim"],
         steps=args.steps, global_batch=global_batch, sharding=args.sharding,
         bottom_mlp=shape["bottom_mlp"], top_mlp=shape["top_mlp"], eval_batches=1,
-        seed=args.seed, progress=False,
+        seed=args.seed, progress=False, towers=args.towers, tower_module=args.tower_module,
+        tower_dim=None if args.tower_module == "identity" else args.tower_dim,
     )
     summary = Trainer(config, mesh, data).run()
     summary["backend"] = jax.default_backend()
@@ -160,7 +166,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args) -> int:
+def launch(args) -> dict | int:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.setdefault("JAX_PLATFORMS", "cpu")
     if args.tuned_malloc:
@@ -170,7 +176,9 @@ def launch(args) -> int:
         result = os.path.join(tmp, "summary.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--child", coordinator,
                "--result", result, "--steps", str(args.steps), "--sharding", args.sharding,
-               "--seed", str(args.seed), *(["--quick"] if args.quick else [])]
+               "--seed", str(args.seed), "--towers", str(args.towers),
+               "--tower-module", args.tower_module, "--tower-dim", str(args.tower_dim),
+               *(["--quick"] if args.quick else [])]
         load_before = os.getloadavg()[0]
         t0 = time.perf_counter()
         # The children's output (gloo's connection lines included) goes to stderr.
@@ -191,8 +199,9 @@ def launch(args) -> int:
             s = json.load(f)
         wall = time.perf_counter() - t0
     load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-    print(json.dumps(report(args, s, wall, load)), flush=True)
-    return 0
+    out = report(args, s, wall, load)
+    print(json.dumps(out), flush=True)
+    return out
 
 
 def _wait_all(procs, timeout: float) -> str | None:
@@ -238,6 +247,9 @@ def report(args, s: dict, wall_s: float, load: list[float]) -> dict:
         "mesh": s["mesh"],
         "processes": PROCESSES,
         "sharding": s["sharding"],
+        "towers": s.get("towers"),
+        "tower_module": s.get("tower_module"),
+        "tower_dim": args.tower_dim if args.towers and args.tower_module != "identity" else None,
         "steps": s["steps"],
         "timed_steps": s["steps"] - 1,
         "step_time_ms_median": round(step_ms, 1),
@@ -263,11 +275,18 @@ def report(args, s: dict, wall_s: float, load: list[float]) -> dict:
     }
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> dict | int:
+    """The benchmark (or a launched process); returns the report dict, or an
+    exit status on failure."""
     args = parse_args(argv)
     if args.child is not None:
         return child(args)
     return launch(args)
+
+
+def main(argv=None) -> int:
+    out = run(argv)
+    return out if isinstance(out, int) else 0
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def test_short_run_learns(mesh24):
 def test_every_sharding_gives_the_same_losses(mesh24):
     runs = {
         t: train_and_evaluate(tiny_config(sharding=t), mesh24)
-        for t in ("table_wise", "data_parallel", "row_wise", "column_wise", "auto")
+        for t in ("table_wise", "data_parallel", "row_wise", "column_wise", "table_row_wise", "auto")
     }
     ref = runs["table_wise"]
     for t, s in runs.items():
