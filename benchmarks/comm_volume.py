@@ -35,10 +35,16 @@ from jdmt.mesh import prepare_devices  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mesh", default="8x8")
-    p.add_argument("--rows", type=int, default=10_000, help="row cap of the MLPerf tables")
+    p.add_argument("--shape", choices=("mlperf", "uniform"), default="mlperf",
+                   help="mlperf: the 26 MLPerf DLRM-DCNv2 tables (rows capped at --rows); "
+                   "uniform: --tables tables of --rows rows, --pooling ids per bag")
+    p.add_argument("--rows", type=int, default=10_000, help="rows (cap) of every table")
+    p.add_argument("--tables", type=int, default=26, help="uniform shape: number of tables")
+    p.add_argument("--pooling", type=int, default=10, help="uniform shape: ids per bag")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--batch-per-device", type=int, default=64)
-    p.add_argument("--towers", type=int, default=None, help="default: one per host")
+    p.add_argument("--towers", type=int, default=None,
+                   help="default: one per host (at most one per feature)")
     p.add_argument("--tower-dim", type=int, default=32)
     args = p.parse_args()
     with open(os.devnull, "w") as quiet:
@@ -48,19 +54,22 @@ def main() -> None:
     import jax.numpy as jnp
 
     from jdmt.comm import comm_report
-    from jdmt.data import SyntheticData, mlperf_dcnv2_features
+    from jdmt.data import SyntheticData, make_features, mlperf_dcnv2_features
     from jdmt.embeddings import ShardedEmbeddings, ShardingType, SparseOptimizer
-    from jdmt.mesh import make_mesh
+    from jdmt.mesh import Topology, make_mesh
     from jdmt.towers.partitioner import round_robin_partition
     from jdmt.towers.sptt import SPTT
 
     mesh = make_mesh(args.mesh)
-    features = mlperf_dcnv2_features(max_rows=args.rows, dim=args.dim)
+    if args.shape == "mlperf":
+        features = mlperf_dcnv2_features(max_rows=args.rows, dim=args.dim)
+    else:
+        features = make_features(args.tables, args.rows, args.dim, args.pooling)
     batch = hosts * local * args.batch_per_device
     b = SyntheticData(features, seed=0).batch(0, batch)
     ids, lengths = jnp.asarray(b.ids), jnp.asarray(b.lengths)
     opt = SparseOptimizer(lr=0.05)
-    part = round_robin_partition(features, args.towers or hosts, hosts)
+    part = round_robin_partition(features, args.towers or min(hosts, len(features.sparse)), hosts)
 
     def flat_step(emb):
         def step(state, ids, lengths):
@@ -97,13 +106,17 @@ def main() -> None:
         rep = comm_report(fn, *fargs, mesh=mesh)
         row = {
             "benchmark": "comm_volume", "mesh": [hosts, local], "path": kind, "variant": name,
-            "tables": len(features.sparse), "dim": args.dim, "rows_cap": args.rows,
+            "shape": args.shape, "tables": len(features.sparse), "dim": args.dim,
+            "rows_cap": args.rows,
             "global_batch": batch, "id_slots": features.total_slots,
             "towers": len(part.towers) if kind == "sptt" else 0,
             "tower_dim": args.tower_dim if kind == "sptt" and name != "identity" else None,
             "cross_host_bytes": float(rep.cross_host_bytes),
             "intra_host_bytes": float(rep.intra_host_bytes),
             "cross_host_bytes_per_device": float(rep.per_device_cross_host_bytes),
+            "intra_host_bytes_per_device": float(rep.per_device_intra_host_bytes),
+            # Per-device bytes at each level over the Topology's bandwidths (TorchRec's defaults).
+            "projected_comm_time_s": rep.projected_time_s(Topology.from_mesh(mesh)),
             "by_kind": {k: {kk: float(vv) for kk, vv in v.items()} for k, v in rep.by_kind.items()},
             "compile_s": round(time.perf_counter() - t0, 1),
         }

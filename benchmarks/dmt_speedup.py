@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""Step time of the flat path vs Disaggregated Multi-Tower, in two real processes.
+
+    python benchmarks/dmt_speedup.py                    # 2 processes x 4 CPU devices
+    python benchmarks/dmt_speedup.py --quick            # tiny smoke run
+    python benchmarks/dmt_speedup.py --project-mesh=64x8   # the issue's scale (slow to compile on 2 cores)
+
+Runs `benchmarks/train_throughput.py` twice, one after the other on the same
+model and data (26 tables x 100k x 64, 10 ids per bag, 4096 examples per
+host, TorchRec's DLRM MLPs): flat table_wise, then DMT with one tower per
+host and a compressing Tower Module. Prints one JSON object with
+`flat_step_ms`, `dmt_step_ms` and `speedup` (flat / DMT, medians of the
+steps after the compiled first one), the bytes each step moves, and a
+projection of the embedding step's communication time on `--project-mesh`:
+`benchmarks/comm_volume.py` compiles the embedding part of both steps on
+that many emulated devices (at `--project-batch-per-device` examples per
+device, with the same tables) and times its per-device bytes with the
+`Topology` model (600 GB/s inside a host, 12.5 GB/s across).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import train_throughput  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def project(mesh: str, batch_per_device: int, tower_module: str, tower_dim: int, quick: bool) -> dict:
+    """Embedding-step communication time (s) of flat table_wise and of DMT on `mesh`."""
+    shape = train_throughput.QUICK if quick else train_throughput.FULL
+    cmd = [sys.executable, os.path.join(HERE, "comm_volume.py"), "--mesh", mesh,
+           "--shape", "uniform", "--tables", str(shape["tables"]), "--rows", str(shape["rows"]),
+           "--dim", str(shape["dim"]), "--pooling", str(shape["ids_per_bag"]),
+           "--batch-per-device", str(batch_per_device), "--tower-dim", str(tower_dim)]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+    rows = {(r["path"], r["variant"]): r for r in map(json.loads, out.strip().splitlines())
+            if r["benchmark"] == "comm_volume"}
+    flat, dmt = rows[("flat", "table_wise")], rows[("sptt", tower_module)]
+    return {
+        "mesh": flat["mesh"],
+        "batch_per_device": batch_per_device,
+        "flat_comm_s": flat["projected_comm_time_s"],
+        "dmt_comm_s": dmt["projected_comm_time_s"],
+        "comm_speedup": flat["projected_comm_time_s"] / dmt["projected_comm_time_s"],
+        "flat_cross_host_bytes_per_device": flat["cross_host_bytes_per_device"],
+        "dmt_cross_host_bytes_per_device": dmt["cross_host_bytes_per_device"],
+        "towers": dmt["towers"],
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--tower-module", default="linear", choices=("identity", "linear", "dcn", "mlp"))
+    p.add_argument("--tower-dim", type=int, default=32)
+    p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run")
+    p.add_argument("--tuned-malloc", action="store_true")
+    p.add_argument("--project-mesh", default="16x8",
+                   help="mesh of the communication projection ('' to skip it)")
+    p.add_argument("--project-batch-per-device", type=int, default=8,
+                   help="examples per device of the projection's compiled step (bytes "
+                   "scale linearly with it; the ratio does not depend on it)")
+    args = p.parse_args(argv)
+    common = ["--steps", str(args.steps), *(["--quick"] if args.quick else []),
+              *(["--tuned-malloc"] if args.tuned_malloc else [])]
+    flat = train_throughput.run(common)
+    dmt = train_throughput.run([*common, "--towers", str(train_throughput.PROCESSES),
+                                "--tower-module", args.tower_module,
+                                "--tower-dim", str(args.tower_dim)])
+    if isinstance(flat, int) or isinstance(dmt, int):
+        print("dmt_speedup: a training run failed", file=sys.stderr)
+        return 1
+    out = {
+        "benchmark": "dmt_speedup",
+        "shape": flat["shape"],
+        "mesh": flat["mesh"],
+        "processes": train_throughput.PROCESSES,
+        "tower_module": args.tower_module,
+        "tower_dim": args.tower_dim,
+        "towers": dmt["towers"],
+        "flat_step_ms": flat["step_time_ms_median"],
+        "dmt_step_ms": dmt["step_time_ms_median"],
+        "speedup": round(flat["step_time_ms_median"] / dmt["step_time_ms_median"], 3),
+        "flat_examples_per_sec": flat["examples_per_sec"],
+        "dmt_examples_per_sec": dmt["examples_per_sec"],
+        "flat_cross_host_bytes_per_step": flat["cross_host_bytes_per_step"],
+        "dmt_cross_host_bytes_per_step": dmt["cross_host_bytes_per_step"],
+        "flat_intra_host_bytes_per_step": flat["intra_host_bytes_per_step"],
+        "dmt_intra_host_bytes_per_step": dmt["intra_host_bytes_per_step"],
+        "flat_final_loss": flat["final_train_loss"],
+        "dmt_final_loss": dmt["final_train_loss"],
+        "target_speedup": 2.0,
+        "load_average_1m": [flat["load_average_1m"], dmt["load_average_1m"]],
+    }
+    if args.project_mesh:
+        out["projection"] = project(args.project_mesh, args.project_batch_per_device,
+                                    args.tower_module, args.tower_dim, args.quick)
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
