@@ -74,10 +74,10 @@ def _data(text: str) -> str:
 
 
 def _partitioner(text: str) -> str:
-    if text in ("round_robin", "random") or text.endswith(".json"):
+    if text in ("round_robin", "random", "learned") or text.endswith(".json"):
         return text
     raise argparse.ArgumentTypeError(
-        f"unknown tower partitioner {text!r}; available: round_robin, random, PATH.json"
+        f"unknown tower partitioner {text!r}; available: round_robin, random, learned, PATH.json"
     )
 
 
@@ -166,8 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output width C of the compressing tower modules; back at each "
                    "sample's device a per-tower projection maps it to one embedding-dim vector")
     p.add_argument("--tower-partitioner", type=_partitioner, default=d.tower_partitioner,
-                   help="how features are grouped into towers: round_robin, random, or "
-                   "PATH.json (a partition written by python -m jdmt.towers.partitioner)")
+                   help="how features are grouped into towers: round_robin, random, learned "
+                   "(from the flat model in --partition-checkpoint: strongly interacting "
+                   "features share a tower, hosts balanced) or PATH.json (a partition written "
+                   "by python -m jdmt.towers.partitioner)")
+    p.add_argument("--partition-checkpoint", metavar="DIR", default=None,
+                   help="a flat run's --checkpoint-dir, for --tower-partitioner=learned")
     p.add_argument("--embedding-optimizer", type=_choice("embedding optimizer", EMB_OPTIMIZERS),
                    default=d.embedding_optimizer,
                    help=f"fused sparse optimizer of the tables; one of: {', '.join(EMB_OPTIMIZERS)}")
@@ -341,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             tower_module=args.tower_module,
             tower_dim=args.tower_dim,
             tower_partitioner=args.tower_partitioner,
+            partition_checkpoint=args.partition_checkpoint,
             checkpoint_dir=args.checkpoint_dir,
             checkpoint_every=args.checkpoint_every,
             keep_checkpoints=args.keep_checkpoints,

@@ -409,3 +409,15 @@ def test_tower_config_errors():
         tiny_config(towers=2, sharding="row_wise")
     with pytest.raises(ValueError, match="6 towers for 5 features"):
         train_and_evaluate(tiny_config(towers=6), None)
+
+
+def test_learned_towers_from_a_flat_checkpoint(mesh24, tmp_path):
+    ck = str(tmp_path / "flat")
+    train_and_evaluate(tiny_config(steps=6, checkpoint_dir=ck), mesh24)
+    s = train_and_evaluate(
+        tiny_config(steps=3, towers=2, tower_module="linear", tower_dim=4,
+                    tower_partitioner="learned", partition_checkpoint=ck), mesh24)
+    assert sorted(n for t in s["towers"] for n in t) == sorted(TINY.names)
+    assert s["tower_hosts"] == [0, 1] and all(np.isfinite(s["train_loss"]))
+    with pytest.raises(ValueError, match="go together"):
+        tiny_config(towers=2, tower_partitioner="learned")

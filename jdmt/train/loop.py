@@ -153,7 +153,10 @@ class TrainConfig:
         device a per-tower projection (data parallel) maps a tower's C values
         to one D-vector, so the model interacts T tower vectors.
       tower_partitioner: how features are grouped: 'round_robin', 'random',
-        or the path of a partition JSON (`jdmt.towers.partitioner`).
+        'learned' (from the flat model in `partition_checkpoint`: features
+        that interact strongly share a tower, hosts balanced), or the path of
+        a partition JSON (`python -m jdmt.towers.partitioner`).
+      partition_checkpoint: a flat run's checkpoint directory, for 'learned'.
       checkpoint_dir: write orbax checkpoints (asynchronously) here: every
         `checkpoint_every` steps and after the last step. Without `resume`
         the directory must not hold checkpoints yet.
@@ -199,6 +202,7 @@ class TrainConfig:
     tower_module: str = "identity"
     tower_dim: int | None = None
     tower_partitioner: str = "round_robin"
+    partition_checkpoint: str | None = None
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     resume: bool = False
@@ -265,6 +269,8 @@ class TrainConfig:
                     "towers own their tables table-wise inside their host; "
                     f"--sharding={self.sharding} applies to the flat path (--towers=0)"
                 )
+        if (self.tower_partitioner == "learned") != (self.partition_checkpoint is not None):
+            raise ValueError("tower_partitioner='learned' and partition_checkpoint go together")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.resume and self.checkpoint_dir is None:
@@ -485,7 +491,9 @@ class Trainer:
         """`--towers=N`: the SPTT path with the configured partition and modules."""
         from jdmt.towers.partitioner import (
             TowerPartition,
+            partition_from_trainer,
             random_partition,
+            restore_trainer,
             round_robin_partition,
         )
         from jdmt.towers.sptt import SPTT
@@ -495,6 +503,12 @@ class Trainer:
             part = round_robin_partition(self.features, cfg.towers, self.hosts)
         elif cfg.tower_partitioner == "random":
             part = random_partition(self.features, cfg.towers, self.hosts, seed=cfg.seed)
+        elif cfg.tower_partitioner == "learned":
+            flat, state, _ = restore_trainer(cfg.partition_checkpoint, self.mesh, source=self.data)
+            part = partition_from_trainer(flat, state, cfg.towers, self.hosts)
+            if jax.process_index() == 0:
+                print(f"jdmt: learned towers from {cfg.partition_checkpoint}: "
+                      f"{[list(t) for t in part.towers]}", file=sys.stderr)
         else:
             part = TowerPartition.load(cfg.tower_partitioner, self.features, self.hosts,
                                        optimizer=optimizer)
