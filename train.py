@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "dcn (cross layers) or mlp; the last three compress a tower to --tower-dim")
     p.add_argument("--tower-dim", type=_positive_int, default=d.tower_dim,
                    help="output width C of the compressing tower modules; back at each "
-                   "sample's device a per-tower projection maps it to one embedding-dim vector")
+                   "sample's device a per-tower projection maps it to ceil(C / embedding dim) "
+                   "vectors that the model interacts like features")
     p.add_argument("--tower-partitioner", type=_partitioner, default=d.tower_partitioner,
                    help="how features are grouped into towers: round_robin, random, learned "
                    "(from the flat model in --partition-checkpoint: strongly interacting "

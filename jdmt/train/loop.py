@@ -151,7 +151,7 @@ class TrainConfig:
         embeddings to `tower_dim` values before they cross hosts.
       tower_dim: C of the compressing Tower Modules. Back on each sample's
         device a per-tower projection (data parallel) maps a tower's C values
-        to one D-vector, so the model interacts T tower vectors.
+        to ceil(C / D) D-vectors, which the model interacts like features.
       tower_partitioner: how features are grouped: 'round_robin', 'random',
         'learned' (from the flat model in `partition_checkpoint`: features
         that interact strongly share a tower, hosts balanced), or the path of
@@ -524,7 +524,11 @@ class Trainer:
         """Pooled interaction vectors the model reads (tower outputs with DMT)."""
         if self.sptt is None or self.sptt.module_kind == "identity":
             return len(self.features.sparse) - len(self.seq_index)
-        return len(self.sptt.towers)
+        return len(self.sptt.towers) * self._tower_vectors()
+
+    def _tower_vectors(self) -> int:
+        """D-vectors per tower the model interacts: ceil(C / D)."""
+        return -(-self.sptt.out_dim // self.config.embedding_dim)
 
     def _auto_plan(self, optimizer: SparseOptimizer):
         """`--sharding=auto`: the planner's placement for this mesh and batch.
@@ -575,8 +579,9 @@ class Trainer:
         return params, self.tx.init(params)
 
     def _init_adapter(self):
-        """Per-tower projections C -> D of the tower outputs (data parallel)."""
-        t, c, d = len(self.sptt.towers), self.sptt.out_dim, self.config.embedding_dim
+        """Per-tower projections C -> ceil(C / D) * D of the tower outputs (data parallel)."""
+        t, c = len(self.sptt.towers), self.sptt.out_dim
+        d = self._tower_vectors() * self.config.embedding_dim
         key = jax.random.fold_in(jax.random.key(self.config.seed), 0xADA)
         scale = np.sqrt(2.0 / (c + d))  # Glorot, like the models' dense layers
         return {
@@ -728,6 +733,7 @@ class Trainer:
         else:
             a = params["adapter"]
             pooled = jnp.einsum("btc,tcd->btd", out, a["kernel"]) + a["bias"]
+            pooled = pooled.reshape(out.shape[0], -1, self.config.embedding_dim)
         return self.model.apply({"params": params["model"]}, batch.dense, pooled)
 
     def model_inputs(self, embs, batch: Batch) -> tuple:
