@@ -103,11 +103,6 @@ class TableWiseGroup(Group):
 
     def output_dist(self, owner_out):
         back = lax.all_to_all(owner_out, DEVICES, 0, 0, tiled=True)  # [N(owner), K, B, ...]
-        return self.pieces_of(back)
-
-    def pieces_of(self, back):
-        """Owner outputs gathered at the batch's device, [N(owner), K, B, ...],
-        -> the pieces in `pieces()` order, [B, P, ...]."""
         n, k = back.shape[:2]
         where = np.array([s.device * k + self.by_device[s.device].index(s) for s in self.shards])
         pieces = jnp.take(back.reshape((n * k,) + back.shape[2:]), where, axis=0)  # [P, B, ...]

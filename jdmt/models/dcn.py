@@ -17,8 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdmt.models.dlrm import _KERNEL_INIT, MLP, _init
-from jdmt.models.sequence import append_pooled_sequences, check_sequence_pooling
+from jdmt.models.dlrm import _KERNEL_INIT, MLP, _init, bottom_and_features
+from jdmt.models.sequence import check_sequence_pooling
 
 __all__ = ["DCN", "LowRankCross", "init_dcn"]
 
@@ -76,12 +76,7 @@ class DCN(nn.Module):
         and seq_lengths i32[B, Fs]; their pooled vectors follow the pooled
         embeddings in `x0`.
         """
-        if embs.ndim != 3 or embs.shape[-1] != self.embedding_dim:
-            raise ValueError(
-                f"DCN expects pooled embeddings f32[B, F, {self.embedding_dim}], got {embs.shape}"
-            )
-        x = MLP((*self.bottom, self.embedding_dim), activate_last=True, name="bottom")(dense)
-        embs = append_pooled_sequences("DCN", self.sequence_pooling, x, embs, seq, seq_lengths)
+        x, embs = bottom_and_features(self, "DCN", dense, embs, seq, seq_lengths)
         b, f, d = embs.shape
         x0 = jnp.concatenate([x, embs.reshape(b, f * d)], axis=1)
         h = x0

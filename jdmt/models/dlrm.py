@@ -97,15 +97,25 @@ class DLRM(nn.Module):
         and seq_lengths i32[B, Fs]; they join the interaction after the pooled
         ones.
         """
-        if embs.ndim != 3 or embs.shape[-1] != self.embedding_dim:
-            raise ValueError(
-                f"DLRM expects pooled embeddings f32[B, F, {self.embedding_dim}], got {embs.shape}"
-            )
-        x = MLP((*self.bottom, self.embedding_dim), activate_last=True, name="bottom")(dense)
-        embs = append_pooled_sequences("DLRM", self.sequence_pooling, x, embs, seq, seq_lengths)
+        x, embs = bottom_and_features(self, "DLRM", dense, embs, seq, seq_lengths)
         z = dot_interaction(x, embs)
         h = jnp.concatenate([x, z], axis=1)
         return MLP((*self.top, 1), activate_last=False, name="top")(h)[:, 0]
+
+
+def bottom_and_features(model: nn.Module, kind: str, dense, embs, seq, seq_lengths):
+    """The front both models share, called inside their compact `__call__`:
+    the bottom MLP ("bottom", ending at D) on the dense features, and the
+    pooled embeddings f32[B, F, D] with the pooled sequence features appended.
+
+    Returns:
+      (x f32[B, D], f32[B, F + Fs, D]).
+    """
+    d = model.embedding_dim
+    if embs.ndim != 3 or embs.shape[-1] != d:
+        raise ValueError(f"{kind} expects pooled embeddings f32[B, F, {d}], got {embs.shape}")
+    x = MLP((*model.bottom, d), activate_last=True, name="bottom")(dense)
+    return x, append_pooled_sequences(kind, model.sequence_pooling, x, embs, seq, seq_lengths)
 
 
 def _init(

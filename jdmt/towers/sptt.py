@@ -180,6 +180,15 @@ class SPTT:
                     where[self.features.sparse[s.feature].name] = base + (d % self.local) * g.slots + k
             base += self.local * g.slots
         self.num_slots = base  # index `base` is an all-zero slot (padding)
+        # Per group, i32[N, K]: whether the table in a device's slot is mean-pooled.
+        self.mean_slots = {
+            name: np.array([
+                [self.features.sparse[s.feature].combiner is Combiner.MEAN for s in shards]
+                + [False] * (g.slots - len(shards))
+                for shards in g.by_device
+            ])
+            for name, g in groups.items()
+        }
         by_host = [[t for t, h in enumerate(self.tower_hosts) if h == hh] for hh in range(self.hosts)]
         self.t_max = max(1, max(len(v) for v in by_host))
         self.f_max = max(len(t) for t in self.towers)
@@ -244,15 +253,7 @@ class SPTT:
     def tower_outputs(self, params: Any, owner_out: Mapping[str, jax.Array], routed: Routed) -> jax.Array:
         """Tower Module outputs of every sample: f32[B_global, T, C] (differentiable
         in `params` and `owner_out`); towers in partition order."""
-        groups = self.emb.groups
-        mean = {
-            name: np.array([
-                [self.features.sparse[s.feature].combiner is Combiner.MEAN for s in shards]
-                + [False] * (g.slots - len(shards))
-                for shards in g.by_device
-            ])
-            for name, g in groups.items()
-        }
+        groups, mean = self.emb.groups, self.mean_slots
         H, L = self.hosts, self.local
 
         def body(params, owner_out, ids):

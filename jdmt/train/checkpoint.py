@@ -74,24 +74,29 @@ def layout_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
         if a == b:
             continue
         if key == "features" and a and b:
-            sa = {f["name"]: f for f in a["sparse"]}
-            sb = {f["name"]: f for f in b["sparse"]}
-            if set(sa) != set(sb):
-                out.append(
-                    f"features differ: only in the checkpoint {sorted(set(sa) - set(sb))[:5]}, "
-                    f"only in this run {sorted(set(sb) - set(sa))[:5]}"
-                )
-            else:
-                diff = [n for n in sa if sa[n] != sb[n]]
-                if diff:
-                    n = diff[0]
-                    out.append(f"feature {n!r} differs: checkpoint {sa[n]}, this run {sb[n]}")
-            if a.get("num_dense") != b.get("num_dense"):
-                out.append(f"dense features: checkpoint {a.get('num_dense')}, this run {b.get('num_dense')}")
-            if [f["name"] for f in a["sparse"]] != [f["name"] for f in b["sparse"]] and not out:
-                out.append("the features are in another order")
+            out += _feature_differences(a, b)
         else:
             out.append(f"{key} differs: checkpoint {json.dumps(a)}, this run {json.dumps(b)}")
+    return out
+
+
+def _feature_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """What differs between two `features_json` (checkpoint `a`, this run `b`)."""
+    sa = {f["name"]: f for f in a["sparse"]}
+    sb = {f["name"]: f for f in b["sparse"]}
+    out = []
+    if set(sa) != set(sb):
+        out.append(
+            f"features differ: only in the checkpoint {sorted(set(sa) - set(sb))[:5]}, "
+            f"only in this run {sorted(set(sb) - set(sa))[:5]}"
+        )
+    else:
+        out += [f"feature {n!r} differs: checkpoint {sa[n]}, this run {sb[n]}"
+                for n in sa if sa[n] != sb[n]][:1]
+    if a.get("num_dense") != b.get("num_dense"):
+        out.append(f"dense features: checkpoint {a.get('num_dense')}, this run {b.get('num_dense')}")
+    if not out and list(sa) != list(sb):
+        out.append("the features are in another order")
     return out
 
 

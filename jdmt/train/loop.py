@@ -23,7 +23,7 @@ import statistics
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator, Mapping, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -837,16 +837,18 @@ class Trainer:
         }
 
     def _data_position(self, step: int) -> Any:
-        """Where the data continues after `step` steps (JSON; in checkpoints)."""
+        """Where a stateful source (a file) continues after `step` steps (JSON;
+        None for sources that are a function of the step, like the synthetic)."""
         position = getattr(self.data, "position_after", None)
-        return {"next_step": step, "source": None if position is None else position(step - 1)}
+        return None if position is None else position(step - 1)
 
-    def _data_resume(self, position: Mapping[str, Any]) -> None:
+    def _data_resume(self, position: Any) -> None:
+        if position is None:
+            return
         resume = getattr(self.data, "resume", None)
-        if position.get("source") is not None:
-            if resume is None:
-                raise CheckpointError("the checkpoint has a data position this data source cannot use")
-            resume(position["source"])
+        if resume is None:
+            raise CheckpointError("the checkpoint has a data position this data source cannot use")
+        resume(position)
 
     def run(self) -> dict[str, Any]:
         cfg = self.config
