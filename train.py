@@ -161,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tower-module", type=_choice("tower module", TOWER_MODULES),
                    default=d.tower_module,
                    help="each tower's dense module: identity (exactly the flat model), linear, "
-                   "dcn (cross layers) or mlp; the last three compress a tower to --tower-dim")
+                   "dot (the tower's pairwise dot products plus a projection: the DLRM "
+                   "interaction inside the tower), dcn (cross layers) or mlp; all but identity "
+                   "compress a tower to --tower-dim values")
     p.add_argument("--tower-dim", type=_positive_int, default=d.tower_dim,
                    help="output width C of the compressing tower modules; back at each "
                    "sample's device a per-tower projection maps it to ceil(C / embedding dim) "

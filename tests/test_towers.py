@@ -90,7 +90,7 @@ TOWERS = [["cat_0", "cat_3"], ["cat_1"], ["cat_2", "cat_4", "cat_5"]]
 HOSTS = [0, 1, 1]
 
 
-@pytest.mark.parametrize("module", ["linear", "dcn", "mlp"])
+@pytest.mark.parametrize("module", ["linear", "dot", "dcn", "mlp"])
 def test_tower_module_gradients_are_reduced_over_local_only(mesh24, module):
     sp = SPTT(FEATS, mesh24, TOWERS, HOSTS, SparseOptimizer(lr=0.1), module=module, tower_dim=4)
     step, args = _tower_step(sp, FEATS)
@@ -148,4 +148,4 @@ def test_tower_errors(mesh24):
         SPTT(FEATS, mesh24, [FEATS.names], [0], opt, module="linear")
     with pytest.raises(ValueError, match="unknown tower module 'conv'"):
         SPTT(FEATS, mesh24, [FEATS.names], [0], opt, module="conv")
-    assert TOWER_MODULES == ("identity", "linear", "dcn", "mlp")
+    assert TOWER_MODULES == ("identity", "linear", "dot", "dcn", "mlp")

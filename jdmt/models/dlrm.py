@@ -90,16 +90,19 @@ class DLRM(nn.Module):
         embs: jax.Array,
         seq: jax.Array | None = None,
         seq_lengths: jax.Array | None = None,
+        extra: jax.Array | None = None,
     ) -> jax.Array:
         """dense f32[B, num_dense], embs f32[B, F, D] -> logits f32[B].
 
         Sequence features, if any: seq f32[B, Fs, S, D] (see `stack_sequences`)
         and seq_lengths i32[B, Fs]; they join the interaction after the pooled
-        ones.
+        ones. `extra` f32[B, E], if given, joins the top MLP's input beside the
+        bottom output and the interactions (DMT: the Tower Modules' outputs,
+        which are interactions already).
         """
         x, embs = bottom_and_features(self, "DLRM", dense, embs, seq, seq_lengths)
         z = dot_interaction(x, embs)
-        h = jnp.concatenate([x, z], axis=1)
+        h = jnp.concatenate([x, z] + ([] if extra is None else [extra]), axis=1)
         return MLP((*self.top, 1), activate_last=False, name="top")(h)[:, 0]
 
 
@@ -125,16 +128,18 @@ def _init(
     num_features: int,
     num_sequence: int,
     sequence_len: int,
+    num_extra: int = 0,
 ):
     """`model.init` on zero inputs of batch 1 of the given sizes: its parameters."""
     d = model.embedding_dim
+    kwargs = {"extra": jnp.zeros((1, num_extra), jnp.float32)} if num_extra else {}
     inputs = [jnp.zeros((1, num_dense), jnp.float32), jnp.zeros((1, num_features, d), jnp.float32)]
     if num_sequence:
         inputs += [
             jnp.zeros((1, num_sequence, sequence_len, d), jnp.float32),
             jnp.zeros((1, num_sequence), jnp.int32),
         ]
-    return model.init(jax.random.key(seed), *inputs)["params"]
+    return model.init(jax.random.key(seed), *inputs, **kwargs)["params"]
 
 
 def init_dlrm(
@@ -144,11 +149,13 @@ def init_dlrm(
     num_features: int,
     num_sequence: int = 0,
     sequence_len: int = 1,
+    num_extra: int = 0,
 ):
     """Parameters of `model` for inputs of the given sizes; depend only on `seed`.
 
     `num_features` counts the pooled features, `num_sequence` the sequence
-    features (of at most `sequence_len` positions). Without sequence features
-    the parameters are those of a model that has never heard of them.
+    features (of at most `sequence_len` positions), `num_extra` the width of
+    the `extra` top-MLP input. Without sequence features the parameters are
+    those of a model that has never heard of them.
     """
-    return _init(model, seed, num_dense, num_features, num_sequence, sequence_len)
+    return _init(model, seed, num_dense, num_features, num_sequence, sequence_len, num_extra)

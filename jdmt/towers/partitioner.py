@@ -46,10 +46,15 @@ seed 1, two towers per host); tests/test_partitioner.py checks seed 0.
 
 Grouping (`learned_partition`): tower t lives on host `t % H` (hosts get
 T // H or T // H + 1 towers; with T < H, tower t on host t). The partition
-maximises the modularity of the interaction graph,
-``Q = sum over towers of sum_{i != j in tower} (W_ij - k_i k_j / 2m)``
-(k_i = sum_j W_ij, 2m = sum_i k_i: the weight inside towers beyond what
-random grouping with the same degrees would give), subject to
+maximises
+``Q = sum over towers of sum_{i != j in tower} (W_ij - g k_i k_j / 2m)``
+(k_i = sum_j W_ij, 2m = sum_i k_i). With one tower per host (T <= H), g = 0:
+Q is the interaction kept inside towers, i.e. it minimises the interaction
+cut between towers, which is what compressing towers lose; the host caps
+below keep the towers balanced. With several towers per host, g = 1: Q is
+the modularity (the weight inside towers beyond what random grouping with
+the same degrees would give), whose null model keeps a tower from
+swallowing the other towers of its host. Subject to
 
 * every tower holds at least one feature;
 * each host's cost (sum of its features' costs) is at most
@@ -60,12 +65,18 @@ random grouping with the same degrees would give), subject to
 * optionally, each host's table memory (tables plus optimizer state) is at
   most `memory_budget` bytes.
 
-It starts from spectral clustering (the k leading eigenvectors of the
-normalised affinity D^-1/2 W D^-1/2, row-normalised, k-means with a
-farthest-point start), repairs that to a feasible assignment, and also
-from a greedy balanced assignment; from each, steepest-ascent local search
-over single moves and pairwise swaps runs to a local optimum, and the
-better result is kept. Everything is deterministic.
+It starts from spectral clustering into T clusters (the k leading
+eigenvectors of the normalised affinity D^-1/2 W D^-1/2, row-normalised,
+k-means with a farthest-point start), repaired to a feasible assignment;
+from finer spectral clusterings (k = T+1 .. 3T+8) whose clusters are packed
+whole into the towers (a tower holding several interacting groups: single
+moves cannot carry a group across a balanced split); and from a greedy
+balanced assignment. From each, steepest-ascent local search over single
+moves and pairwise swaps runs to a local optimum, and the best result is
+kept. Everything is deterministic. On the default synthetic data (26
+features, 6 planted groups) with 2 towers on 2 hosts, modularity alone
+split one group (pairs kept 0.93, AUC 0.7284 at 600 steps with `dot`
+towers); the cut objective keeps every group whole.
 
 Feature cost (`feature_costs`): `work` = mean ids per example x dim (the
 lookups, and the ids and rows the all-to-alls carry, scale with it; the
@@ -118,6 +129,7 @@ __all__ = [
     "interaction_from_trainer",
     "interaction_matrix",
     "labels_of",
+    "pair_recall",
     "learned_partition",
     "main",
     "make_partition",
@@ -196,6 +208,25 @@ def labels_of(groups: Sequence[Sequence[str]], names: Sequence[str]) -> np.ndarr
     if missing:
         raise PartitionError(f"features {missing[:5]} are in no group")
     return np.array([where[n] for n in names], np.int64)
+
+
+def pair_recall(labels: Sequence[int], truth: Sequence[int]) -> float:
+    """The fraction of the pairs that `truth` puts together which `labels` also
+    puts together (1 when no true group is split).
+
+    What towers must keep: with fewer towers than interacting groups a tower
+    holds several groups, which the adjusted Rand index counts as an error
+    and this does not. 1.0 when `truth` has no pairs.
+    """
+    a = np.asarray(labels)
+    b = np.asarray(truth)
+    if a.ndim != 1 or a.shape != b.shape:
+        raise ValueError(f"labels must be two 1-D arrays of one length, got {a.shape} and {b.shape}")
+    same_truth = b[:, None] == b[None, :]
+    np.fill_diagonal(same_truth, False)
+    if not same_truth.any():
+        return 1.0
+    return float(np.sum(same_truth & (a[:, None] == a[None, :])) / np.sum(same_truth))
 
 
 def adjusted_rand_index(labels_a: Sequence[int], labels_b: Sequence[int]) -> float:
@@ -683,15 +714,27 @@ def _spectral_labels(w: np.ndarray, k: int) -> np.ndarray:
     return labels
 
 
+def _modularity(w: np.ndarray, assign: np.ndarray) -> float:
+    """Newman's modularity of the grouping `assign` of the graph `w` (diagonal ignored)."""
+    w = w.copy()
+    np.fill_diagonal(w, 0.0)
+    k = w.sum(1)
+    two_m = k.sum()
+    if two_m <= 0:
+        return 0.0
+    same = assign[:, None] == assign[None, :]
+    return float(np.sum((w - np.outer(k, k) / two_m)[same]) / two_m)
+
+
 class _Search:
     """Local search over tower assignments under host caps (see `learned_partition`)."""
 
-    def __init__(self, w, cost, mem, hosts, num_hosts, cap, budget):
+    def __init__(self, w, cost, mem, hosts, num_hosts, cap, budget, resolution=1.0):
         self.w = w
         f = len(w)
         k = w.sum(1)
         two_m = k.sum()
-        self.b = w - (np.outer(k, k) / two_m if two_m > 0 else 0.0)
+        self.b = w - (resolution * np.outer(k, k) / two_m if two_m > 0 else 0.0)
         np.fill_diagonal(self.b, 0.0)
         self.cost, self.mem = cost, mem
         self.hosts = np.asarray(hosts)
@@ -766,6 +809,30 @@ class _Search:
             tw = min(free, key=lambda s: (load[self.hosts[s]], s))
             free.remove(tw)
             slot[j] = tw
+            load[self.hosts[tw]] += ccost[j]
+        return self.repair(slot[labels])
+
+    def pack_clusters(self, labels: np.ndarray) -> np.ndarray | None:
+        """Pack whole clusters (more of them than towers) into the towers:
+        largest cost first, each to a still-empty tower while there are
+        some, else to a tower on the least-loaded host; then repair.
+
+        With fewer towers than interacting groups a tower must hold several
+        groups; moving one feature at a time cannot carry a group across a
+        balanced split (each single move overloads a host), but packing the
+        groups whole can.
+        """
+        k = int(labels.max()) + 1
+        if k < self.t:
+            return None
+        ccost = np.bincount(labels, self.cost, k)
+        load = np.zeros(self.num_hosts)
+        size = np.zeros(self.t, np.int64)
+        slot = np.zeros(k, np.int64)
+        for j in sorted(range(k), key=lambda j: (-ccost[j], j)):
+            tw = min(range(self.t), key=lambda s: (size[s] > 0, load[self.hosts[s]], s))
+            slot[j] = tw
+            size[tw] += 1
             load[self.hosts[tw]] += ccost[j]
         return self.repair(slot[labels])
 
@@ -919,16 +986,20 @@ def learned_partition(
     hosts = tower_hosts(t, num_hosts)
     used_hosts = min(t, num_hosts)
     cap = (1.0 + balance_tolerance) * c.sum() / used_hosts
-    search = _Search(w, c, mem, hosts, num_hosts, cap, memory_budget)
+    # One tower per host: the hosts' caps balance the towers, and what a split
+    # loses is the interaction cut between towers, so the search keeps the most
+    # interaction inside towers. Several towers on a host: modularity, whose
+    # null model keeps one tower from swallowing the others of its host.
+    resolution = 0.0 if t <= num_hosts else 1.0
+    search = _Search(w, c, mem, hosts, num_hosts, cap, memory_budget, resolution)
     greedy = search.greedy()
     greedy_load = search.loads(greedy)[0].max()
     if greedy_load > search.cap + search.slack:
         search.cap = float(greedy_load)  # the tolerance is out of reach: use the greedy makespan
-    starts = []
-    spectral = search.from_clusters(_spectral_labels(w, t))
-    if spectral is not None:
-        starts.append(spectral)
-    starts.append(greedy)
+    starts = [search.from_clusters(_spectral_labels(w, t))]
+    # Finer clusterings packed whole: towers that hold several interacting groups.
+    starts += [search.pack_clusters(_spectral_labels(w, k)) for k in range(t + 1, min(f, 3 * t + 8) + 1)]
+    starts = [s for s in starts if s is not None] + [greedy]
     best, best_q = None, -np.inf
     for s in starts:
         a = search.improve(s)
@@ -949,7 +1020,8 @@ def learned_partition(
         "cap_used": float(search.cap),
         "imbalance": float(load.max() / mean) if mean > 0 else 1.0,
         "tolerance_met": bool(load.max() <= cap + search.slack),
-        "modularity": float(best_q / max(w.sum(), 1e-300)),
+        "objective": "interaction kept" if resolution == 0 else "modularity",
+        "modularity": float(_modularity(w, best)),
         "within_fraction": float(w[same].sum() / w.sum()) if w.sum() > 0 else 0.0,
     }
     part = _normalized(names, best, hosts, "learned", report)

@@ -151,7 +151,8 @@ class TrainConfig:
         embeddings to `tower_dim` values before they cross hosts.
       tower_dim: C of the compressing Tower Modules. Back on each sample's
         device a per-tower projection (data parallel) maps a tower's C values
-        to ceil(C / D) D-vectors, which the model interacts like features.
+        to ceil(C / D) D-vectors, which the model interacts like features;
+        DLRM's top MLP also reads the T * C values directly.
       tower_partitioner: how features are grouped: 'round_robin', 'random',
         'learned' (from the flat model in `partition_checkpoint`: features
         that interact strongly share a tower, hosts balanced), or the path of
@@ -526,6 +527,18 @@ class Trainer:
             return len(self.features.sparse) - len(self.seq_index)
         return len(self.sptt.towers) * self._tower_vectors()
 
+    def _top_extra(self) -> int:
+        """Width of the DLRM top MLP's `extra` input: with compressing towers
+        their T * C outputs, which join it directly (as the bottom MLP's output
+        does) besides interacting as vectors. Without that direct path a
+        tower's own interactions (`dot`) reach the logit only through a dot
+        product with the bottom output; with it, 600 steps of the default run
+        (6 towers, one per planted group, `dot`, C=32) end at AUC 0.7288
+        instead of 0.7220 (flat: 0.7327)."""
+        if self.sptt is None or self.sptt.module_kind == "identity" or self.config.model != "dlrm":
+            return 0
+        return len(self.sptt.towers) * self.sptt.out_dim
+
     def _tower_vectors(self) -> int:
         """D-vectors per tower the model interacts: ceil(C / D)."""
         return -(-self.sptt.out_dim // self.config.embedding_dim)
@@ -570,7 +583,8 @@ class Trainer:
         """Dense parameters (with DMT: `{"model", "towers"}`) and their optax state."""
         nd, ns = self.features.num_dense, len(self.seq_index)
         params = self._init_params(
-            self.model, self.config.seed, nd, self._model_features(), ns, self.seq_len
+            self.model, self.config.seed, nd, self._model_features(), ns, self.seq_len,
+            *((self._top_extra(),) if self._top_extra() else ()),
         )
         if self.sptt is not None:
             params = {"model": params, "towers": self.sptt.stacked_params(self.config.seed)}
@@ -734,6 +748,9 @@ class Trainer:
             a = params["adapter"]
             pooled = jnp.einsum("btc,tcd->btd", out, a["kernel"]) + a["bias"]
             pooled = pooled.reshape(out.shape[0], -1, self.config.embedding_dim)
+            if self._top_extra():
+                return self.model.apply({"params": params["model"]}, batch.dense, pooled,
+                                        extra=out.reshape(out.shape[0], -1))
         return self.model.apply({"params": params["model"]}, batch.dense, pooled)
 
     def model_inputs(self, embs, batch: Batch) -> tuple:
