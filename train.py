@@ -156,8 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "planner picks a type and devices per table from its cost model)")
     p.add_argument("--towers", type=_nonneg_int, default=d.towers,
                    help="Disaggregated Multi-Tower: group the features into N towers, each "
-                   "owned by one host (tower t on host t %% H); ids and compressed tower "
-                   "outputs are the only embedding traffic across hosts. 0: the flat path")
+                   "owned by one host (tower t on host t %% H); ids and tower outputs are the "
+                   "only embedding traffic across hosts. 0: the flat path. Default: one tower "
+                   "per host with table-wise sharding on several hosts (with the identity "
+                   "module: exactly the flat model, fewer cross-host bytes), else 0")
     p.add_argument("--tower-module", type=_choice("tower module", TOWER_MODULES),
                    default=d.tower_module,
                    help="each tower's dense module: identity (exactly the flat model), linear, "

@@ -1402,6 +1402,7 @@ def restore_trainer(
             seed=data_seed,
             data_seed=data_seed,
             progress=False,
+            towers=0,
         )
         trainer = Trainer(cfg, mesh, source)
         state, meta = trainer.restore(ckpt, s)

@@ -78,6 +78,7 @@ from jdmt.train.metrics_log import MetricsLog, NullMetricsLog
 __all__ = [
     "DATA_SOURCES",
     "DENSE_OPTIMIZERS",
+    "TOWER_SHARDINGS",
     "TrainConfig",
     "TrainState",
     "Trainer",
@@ -86,6 +87,8 @@ __all__ = [
 ]
 
 DATA_SOURCES = ("synthetic", "mlperf", "criteo:PATH")
+TOWER_SHARDINGS = ("table_wise",)
+"""Shardings of a tower's tables inside its host (the others are flat-path only)."""
 DENSE_OPTIMIZERS = ("adagrad", "adam", "sgd")
 
 
@@ -146,6 +149,10 @@ class TrainConfig:
         first one (steps 2-4, 1-based, or fewer in a shorter run) here.
       towers: Disaggregated Multi-Tower: group the features into this many
         towers, each owned by one host (`jdmt.towers.SPTT`); 0: the flat path.
+        None (the default): one tower per host (at most one per feature) on
+        a mesh of several hosts with table-wise sharding (`TOWER_SHARDINGS`);
+        the flat path on one host or with another sharding; the number of
+        towers in a partition file given as `tower_partitioner`.
       tower_module: the Tower Module of every tower (`TOWER_MODULES`):
         identity keeps the flat model exactly; the others compress a tower's
         embeddings to `tower_dim` values before they cross hosts.
@@ -199,7 +206,7 @@ class TrainConfig:
     progress: bool = True
     metrics_dir: str | None = None
     profile_dir: str | None = None
-    towers: int = 0
+    towers: int | None = None
     tower_module: str = "identity"
     tower_dim: int | None = None
     tower_partitioner: str = "round_robin"
@@ -208,6 +215,13 @@ class TrainConfig:
     checkpoint_every: int = 0
     resume: bool = False
     keep_checkpoints: int = 3
+
+    @property
+    def uses_towers(self) -> bool:
+        """Whether the run takes the DMT tower path (see `towers`)."""
+        if self.towers is not None:
+            return self.towers > 0
+        return parse_mesh_spec(self.mesh)[0] > 1 and self.sharding in TOWER_SHARDINGS
 
     def __post_init__(self):
         parse_mesh_spec(self.mesh)  # MeshError (a ValueError) names a bad spec
@@ -259,17 +273,24 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.towers < 0:
+        if self.towers is not None and self.towers < 0:
             raise ValueError(f"towers must be >= 0, got {self.towers}")
-        if self.towers:
+        if self.towers and self.sharding not in TOWER_SHARDINGS:
+            raise ValueError(
+                f"towers shard their tables {' or '.join(TOWER_SHARDINGS)} inside their host; "
+                f"--sharding={self.sharding} applies to the flat path (--towers=0)"
+            )
+        if self.uses_towers:
             from jdmt.towers.modules import tower_output_dim
 
             tower_output_dim(self.tower_module, 1, self.embedding_dim, self.tower_dim)
-            if self.sharding != "table_wise":
-                raise ValueError(
-                    "towers own their tables table-wise inside their host; "
-                    f"--sharding={self.sharding} applies to the flat path (--towers=0)"
-                )
+        elif self.tower_module != "identity" or self.tower_partitioner != "round_robin":
+            why = ("towers=0" if self.towers == 0 else
+                   "one host" if parse_mesh_spec(self.mesh)[0] == 1 else f"sharding={self.sharding}")
+            raise ValueError(
+                f"tower_module / tower_partitioner need towers, but this run is flat ({why}); "
+                "give towers >= 1"
+            )
         if (self.tower_partitioner == "learned") != (self.partition_checkpoint is not None):
             raise ValueError("tower_partitioner='learned' and partition_checkpoint go together")
         if self.keep_checkpoints < 1:
@@ -469,7 +490,11 @@ class Trainer:
             if jax.process_index() == 0:
                 print(f"jdmt: {self.plan.summary()}", file=sys.stderr)
         self.sptt = None
-        if config.towers:
+        self.num_towers = config.towers
+        if config.towers is None:  # one per host, when the mesh and the sharding allow towers
+            uses = self.hosts > 1 and config.sharding in TOWER_SHARDINGS
+            self.num_towers = min(self.hosts, len(self.features.sparse)) if uses else 0
+        if self.num_towers:
             self.sptt = self._build_towers(sparse_opt)
             self.emb = self.sptt.emb
         else:
@@ -499,25 +524,26 @@ class Trainer:
         )
         from jdmt.towers.sptt import SPTT
 
-        cfg = self.config
+        cfg, n = self.config, self.num_towers
         if cfg.tower_partitioner == "round_robin":
-            part = round_robin_partition(self.features, cfg.towers, self.hosts)
+            part = round_robin_partition(self.features, n, self.hosts)
         elif cfg.tower_partitioner == "random":
-            part = random_partition(self.features, cfg.towers, self.hosts, seed=cfg.seed)
+            part = random_partition(self.features, n, self.hosts, seed=cfg.seed)
         elif cfg.tower_partitioner == "learned":
             flat, state, _ = restore_trainer(cfg.partition_checkpoint, self.mesh, source=self.data)
-            part = partition_from_trainer(flat, state, cfg.towers, self.hosts)
+            part = partition_from_trainer(flat, state, n, self.hosts)
             if jax.process_index() == 0:
                 print(f"jdmt: learned towers from {cfg.partition_checkpoint}: "
                       f"{[list(t) for t in part.towers]}", file=sys.stderr)
         else:
             part = TowerPartition.load(cfg.tower_partitioner, self.features, self.hosts,
                                        optimizer=optimizer)
-            if part.num_towers != cfg.towers:
+            if cfg.towers is not None and part.num_towers != cfg.towers:
                 raise ValueError(
                     f"tower partition {cfg.tower_partitioner} has {part.num_towers} towers, "
                     f"but towers={cfg.towers}"
                 )
+            self.num_towers = part.num_towers
         return SPTT(self.features, self.mesh, part.towers, part.hosts, optimizer,
                     module=cfg.tower_module, tower_dim=cfg.tower_dim)
 
@@ -580,16 +606,18 @@ class Trainer:
         return TrainState(params, opt_state, tables)
 
     def _dense_init(self):
-        """Dense parameters (with DMT: `{"model", "towers"}`) and their optax state."""
+        """Dense parameters and their optax state. With compressing towers:
+        `{"model", "towers", "adapter"}`; identity towers have no parameters,
+        so their run's parameters are the flat model's (and its checkpoints
+        restore into flat runs, and back, on any mesh)."""
         nd, ns = self.features.num_dense, len(self.seq_index)
         params = self._init_params(
             self.model, self.config.seed, nd, self._model_features(), ns, self.seq_len,
             *((self._top_extra(),) if self._top_extra() else ()),
         )
-        if self.sptt is not None:
-            params = {"model": params, "towers": self.sptt.stacked_params(self.config.seed)}
-            if self.sptt.module_kind != "identity":
-                params["adapter"] = self._init_adapter()
+        if self.sptt is not None and self.sptt.module_kind != "identity":
+            params = {"model": params, "towers": self.sptt.stacked_params(self.config.seed),
+                      "adapter": self._init_adapter()}
         return params, self.tx.init(params)
 
     def _init_adapter(self):
@@ -635,13 +663,15 @@ class Trainer:
                 "bottom_mlp": list(cfg.bottom_mlp),
                 "top_mlp": list(cfg.top_mlp),
                 "sequence_pooling": cfg.sequence_pooling,
-                "towers": None if self.sptt is None else {
+                # identity towers are a layout of the flat model, not another model
+                "towers": None if self.sptt is None or self.sptt.module_kind == "identity" else {
                     "towers": [list(t) for t in self.sptt.towers],
                     "hosts": list(self.sptt.tower_hosts),
                     "module": self.sptt.module_kind,
                     "tower_dim": self.sptt.out_dim,
                 },
             },
+            "towers": None if self.sptt is None else [list(t) for t in self.sptt.towers],
             "embedding_optimizer": self.emb.optimizer.kind.value,
             "dense_optimizer": cfg.optimizer,
             "mesh": [self.hosts, self.local],
@@ -741,17 +771,16 @@ class Trainer:
         if self.sptt is None:
             embs = self.emb.output_dist(owner_out, batch.lengths)
             return self.model.apply({"params": params}, *self.model_inputs(embs, batch))
-        out = self.sptt.tower_outputs(params["towers"], owner_out, routed)  # [B, T, C]
         if self.sptt.module_kind == "identity":
+            out = self.sptt.tower_outputs({}, owner_out, routed)  # [B, T, F_max * D]
             pooled = self.sptt.flat_embeddings(out)
-        else:
-            a = params["adapter"]
-            pooled = jnp.einsum("btc,tcd->btd", out, a["kernel"]) + a["bias"]
-            pooled = pooled.reshape(out.shape[0], -1, self.config.embedding_dim)
-            if self._top_extra():
-                return self.model.apply({"params": params["model"]}, batch.dense, pooled,
-                                        extra=out.reshape(out.shape[0], -1))
-        return self.model.apply({"params": params["model"]}, batch.dense, pooled)
+            return self.model.apply({"params": params}, batch.dense, pooled)
+        out = self.sptt.tower_outputs(params["towers"], owner_out, routed)  # [B, T, C]
+        a = params["adapter"]
+        pooled = jnp.einsum("btc,tcd->btd", out, a["kernel"]) + a["bias"]
+        pooled = pooled.reshape(out.shape[0], -1, self.config.embedding_dim)
+        extra = {"extra": out.reshape(out.shape[0], -1)} if self._top_extra() else {}
+        return self.model.apply({"params": params["model"]}, batch.dense, pooled, **extra)
 
     def model_inputs(self, embs, batch: Batch) -> tuple:
         """The model's arguments: dense, pooled f32[B, F, D] and, with sequence
