@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     partition_path = os.path.join(args.out_dir, "learned_partition.json")
     tm = dict(towers=towers, tower_module=args.tower_module, tower_dim=args.tower_dim)
     runs = [
-        ("flat", dict(checkpoint_dir=flat_ck)),
+        ("flat", dict(towers=0, checkpoint_dir=flat_ck)),
         ("sptt_identity", dict(towers=towers)),
         ("sptt_tm", dict(tm, tower_partitioner="round_robin")),
         ("sptt_tm_learned", dict(tm, tower_partitioner=partition_path)),

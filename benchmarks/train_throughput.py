@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--towers", type=int, default=0,
                    help="Disaggregated Multi-Tower with this many towers (0: the flat path)")
     p.add_argument("--tower-module", default="linear",
-                   help="Tower Module with --towers (identity, linear, dcn, mlp)")
+                   help="Tower Module with --towers (identity, linear, dot, dcn, mlp)")
     p.add_argument("--tower-dim", type=int, default=32, help="C of a compressing Tower Module")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800,
