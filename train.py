@@ -177,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "by python -m jdmt.towers.partitioner)")
     p.add_argument("--partition-checkpoint", metavar="DIR", default=None,
                    help="a flat run's --checkpoint-dir, for --tower-partitioner=learned")
+    p.add_argument("--tower-row-wise", metavar="auto|NAMES", default="",
+                   help="tower tables sharded row-wise over their host's devices (the others "
+                   "sit table-wise on one device): 'auto' (tables bigger than an even share "
+                   "of their host's tables) or comma-separated feature names; the cross-host "
+                   "traffic is the same")
     p.add_argument("--embedding-optimizer", type=_choice("embedding optimizer", EMB_OPTIMIZERS),
                    default=d.embedding_optimizer,
                    help=f"fused sparse optimizer of the tables; one of: {', '.join(EMB_OPTIMIZERS)}")
@@ -351,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             tower_dim=args.tower_dim,
             tower_partitioner=args.tower_partitioner,
             partition_checkpoint=args.partition_checkpoint,
+            tower_row_wise=args.tower_row_wise,
             checkpoint_dir=args.checkpoint_dir,
             checkpoint_every=args.checkpoint_every,
             keep_checkpoints=args.keep_checkpoints,

@@ -1,5 +1,7 @@
 """SPTT and Tower Modules: the hierarchical all-to-all, semantic preservation
-against the flat path, where Tower Module gradients are reduced, and errors."""
+against the flat path (pooled and sequence features, table-wise and row-wise
+tables inside a host), sequences pooled in compressing towers, cross-host
+bytes, where Tower Module gradients are reduced, training, and errors."""
 
 import json
 import os
@@ -17,10 +19,12 @@ from jax.sharding import PartitionSpec as P
 from jdmt.comm import comm_report
 from jdmt.data import SyntheticData, make_features
 from jdmt.data.specs import FeatureSet, SparseFeature
-from jdmt.embeddings import SparseOptimizer
+from jdmt.embeddings import Placement, ShardedEmbeddings, ShardingType, SparseOptimizer
 from jdmt.mesh import DEVICES, make_mesh
+from jdmt.models.sequence import SequencePooling
 from jdmt.towers.modules import TOWER_MODULES
-from jdmt.towers.sptt import SPTT, TowerError, hierarchical_all_to_all
+from jdmt.towers.sptt import SPTT, TowerError, auto_row_wise, hierarchical_all_to_all, tower_plan
+from jdmt.train import TrainConfig, Trainer, train_and_evaluate
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 import sptt_equality  # noqa: E402
@@ -46,27 +50,69 @@ def test_hierarchical_all_to_all_equals_the_flat_one(spec):
     assert not np.array_equal(np.asarray(wrong), np.asarray(flat))
 
 
+EQUAL = {"embeddings_equal": True, "sequences_equal": True, "tables_equal": True,
+         "accumulators_equal": True}
+
+
 def test_identity_towers_equal_the_flat_path_on_2x4(mesh24):
     towers, hosts = sptt_equality.uneven_towers(sptt_equality.FEATURES.names, 2)
     assert hosts.count(0) >= 2 and len({len(t) for t in towers}) > 1  # uneven, shared host
     r = sptt_equality.run(mesh24, sptt_equality.FEATURES, towers, hosts, global_batch=32)
-    assert r == {"embeddings_equal": True, "tables_equal": True, "accumulators_equal": True,
-                 "tables_moved": 13}
+    assert {k: r[k] for k in EQUAL} == EQUAL and r["tables_moved"] == 13
+
+
+def test_identity_towers_with_sequences_equal_the_flat_path_on_2x4(mesh24):
+    towers, hosts = sptt_equality.sequence_towers(2)
+    assert ["seq_1"] in towers  # a tower of one sequence feature
+    r = sptt_equality.run(mesh24, sptt_equality.SEQ_FEATURES, towers, hosts, global_batch=32)
+    assert {k: r[k] for k in EQUAL} == EQUAL, r
+    assert r["sequence_features"] == ["seq_0", "seq_1", "seq_2"] and r["tables_moved"] == 17
 
 
 def test_identity_towers_equal_the_flat_path_on_8x8():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
     p = subprocess.run([sys.executable, str(HELPER), "8x8"], capture_output=True, text=True,
-                       env=env, timeout=300)
+                       env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    r = json.loads(p.stdout.strip().splitlines()[-1])
-    assert r["mesh"] == [8, 8] and len(r["towers"]) == 7 and r["hosts"].count(0) == 2
-    assert r["embeddings_equal"] and r["tables_equal"] and r["accumulators_equal"]
-    assert r["tables_moved"] == 13
+    pooled, seq = [json.loads(ln) for ln in p.stdout.strip().splitlines()[-2:]]
+    assert pooled["mesh"] == [8, 8] and len(pooled["towers"]) == 7 and pooled["hosts"].count(0) == 2
+    assert {k: pooled[k] for k in EQUAL} == EQUAL and pooled["tables_moved"] == 13
+    # 8 towers on 8 hosts (host 0 two, host 7 none), one of them a sequence feature alone
+    assert seq["mesh"] == [8, 8] and ["seq_1"] in seq["towers"] and len(seq["towers"]) == 8
+    assert {k: seq[k] for k in EQUAL} == EQUAL and seq["tables_moved"] == 17
+
+
+ROW_WISE = ("cat_5", "cat_10", "sum_0", "seq_1", "seq_2")
+
+
+@pytest.mark.parametrize("spec", ["2x4", "4x2"])
+def test_row_wise_towers_equal_the_flat_path(spec):
+    """Tables row-wise inside their tower's host: bit-identical to the flat path
+    with the same plan (whose table-row-wise tables sum the same partial sums
+    with the same reduce-scatter). Against the all-table-wise flat path, pooled
+    sums of several ids add in another order (each device sums the ids in
+    its row block, then the reduce-scatter adds the blocks), so pooled
+    embeddings agree to float rounding; sequences (no sums) stay exact."""
+    mesh = make_mesh(spec)
+    towers, hosts = sptt_equality.sequence_towers(mesh.devices.shape[0])
+    feats = sptt_equality.SEQ_FEATURES
+    same = sptt_equality.run(mesh, feats, towers, hosts, global_batch=32, row_wise=ROW_WISE,
+                             flat="same")
+    assert sorted(same["row_wise"]) == sorted(ROW_WISE)
+    assert {k: same[k] for k in EQUAL} == EQUAL, same
+    tw = sptt_equality.run(mesh, feats, towers, hosts, global_batch=32, row_wise=ROW_WISE)
+    assert tw["sequences_equal"] and not tw["embeddings_equal"], tw
+    assert tw["max_embedding_diff"] < 1e-6 and tw["max_table_diff"] < 1e-6, tw
+    assert tw["accumulator_rel_diff"] < 1e-6, tw
+    auto = sptt_equality.run(mesh, feats, towers, hosts, global_batch=32, row_wise="auto",
+                             flat="same")
+    assert auto["row_wise"] and {k: auto[k] for k in EQUAL} == EQUAL, auto
 
 
 def _tower_step(sp, features, batch=32, seed=0):
+    """A jitted step through the towers: (params, state, ids, lengths) -> (loss,
+    parameter gradients, new state); identity towers' sequences join the loss."""
     b = SyntheticData(features, seed=seed).batch(0, batch)
     ids, lengths = jnp.asarray(b.ids), jnp.asarray(b.lengths)
 
@@ -76,7 +122,10 @@ def _tower_step(sp, features, batch=32, seed=0):
 
         def loss(p, o):
             y = sp.tower_outputs(p, o, routed)
-            return jnp.sum(jnp.tanh(y) * jnp.arange(y.shape[-1], dtype=y.dtype))
+            total = jnp.sum(jnp.tanh(y) * jnp.arange(y.shape[-1], dtype=y.dtype))
+            if sp.identity:
+                total += sum(jnp.sum(jnp.tanh(q)) for q in sp.flat_sequences(o).values())
+            return total
 
         value, (gp, go) = jax.value_and_grad(loss, (0, 1))(params, out)
         return value, gp, sp.apply_gradients(state, routed, go, out)
@@ -141,11 +190,158 @@ def test_tower_errors(mesh24):
         SPTT(FEATS, mesh24, [FEATS.names], [2], opt)
     with pytest.raises(TowerError, match="tower 1 is empty"):
         SPTT(FEATS, mesh24, [FEATS.names, []], [0, 1], opt)
+    with pytest.raises(TowerError, match="row_wise must be 'auto' or feature names"):
+        SPTT(FEATS, mesh24, [FEATS.names], [0], opt, row_wise="cat_0")
+    with pytest.raises(TowerError, match="row_wise names unknown features: \\['nope'\\]"):
+        SPTT(FEATS, mesh24, [FEATS.names], [0], opt, row_wise=["cat_0", "nope"])
+    wide = FeatureSet(FEATS.sparse + (SparseFeature("w", 9, 16, 2),), num_dense=2)
+    with pytest.raises(TowerError, match="share one width"):
+        SPTT(wide, mesh24, [wide.names], [0], opt)
     seq = FeatureSet(FEATS.sparse + (SparseFeature("s", 9, 8, 4, kind="sequence"),), num_dense=2)
-    with pytest.raises(TowerError, match="pooled features only"):
-        SPTT(seq, mesh24, [seq.names], [0], opt)
+    with pytest.raises(TowerError, match="flat_sequences needs the identity Tower Module"):
+        SPTT(seq, mesh24, [seq.names], [0], opt, module="linear", tower_dim=4).flat_sequences({})
     with pytest.raises(ValueError, match="needs a tower_dim"):
         SPTT(FEATS, mesh24, [FEATS.names], [0], opt, module="linear")
     with pytest.raises(ValueError, match="unknown tower module 'conv'"):
         SPTT(FEATS, mesh24, [FEATS.names], [0], opt, module="conv")
     assert TOWER_MODULES == ("identity", "linear", "dot", "dcn", "mlp")
+
+
+# ---- sequence features -------------------------------------------------------------------
+
+SEQ_FEATS = sptt_equality.SEQ_FEATURES
+SEQ_TOWERS, SEQ_HOSTS = sptt_equality.sequence_towers(2)
+
+
+def test_compressing_towers_pool_sequences_in_the_tower(mesh24):
+    """A compressing tower's inputs are its pooled features and its sequences'
+    means over their valid positions, each tower's own module applied: the
+    same as the module on the flat path's embeddings, pooled like
+    `SequencePooling('mean')`. Only its C outputs cross hosts."""
+    sp = SPTT(SEQ_FEATS, mesh24, SEQ_TOWERS, SEQ_HOSTS, SparseOptimizer(), module="linear",
+              tower_dim=6, row_wise=("seq_2", "cat_5"))
+    assert sp.tower_inputs == tuple(map(tuple, SEQ_TOWERS))  # sequences are tower inputs
+    flat = ShardedEmbeddings(SEQ_FEATS, mesh24, "table_wise")
+    b = SyntheticData(SEQ_FEATS, seed=3).batch(0, 32)
+    ids, lengths = jnp.asarray(b.ids), jnp.asarray(b.lengths)
+    params = sp.init_params(1)
+
+    @jax.jit
+    def towers(params, state, ids, lengths):
+        routed = sp.route(ids, lengths)
+        return sp.tower_outputs(params, sp.lookup(state, routed), routed)
+
+    got = np.asarray(towers(params, sp.emb.init(0), ids, lengths))
+    e = jax.jit(flat.forward)(flat.init(0), ids, lengths)
+    vec = {n: np.asarray(e[n]) for n in e.pooled_names}
+    for n, q in e.sequence.items():
+        ln = np.asarray(lengths)[:, SEQ_FEATS.index(n)]
+        vec[n] = np.asarray(SequencePooling("mean").apply({}, q[:, None], jnp.asarray(ln)[:, None]))[:, 0]
+    assert got.shape == (32, len(SEQ_TOWERS), 6)
+    for t, names in enumerate(SEQ_TOWERS):
+        h, j = map(int, np.argwhere(sp.slot_tower == t)[0])
+        x = np.zeros((32, sp.f_max, 8), np.float32)
+        for i, n in enumerate(names):
+            x[:, i] = vec[n]
+        p = jax.tree.map(lambda a: a[h, j], params)
+        want = sp.module.apply({"params": p}, jnp.asarray(x))
+        np.testing.assert_allclose(got[:, t], np.asarray(want), rtol=1e-5, atol=1e-6, err_msg=str(t))
+
+
+def test_compressing_towers_with_sequences_move_fewer_cross_host_bytes(mesh24):
+    cross = {}
+    for module, dim in (("identity", None), ("linear", 8)):
+        sp = SPTT(SEQ_FEATS, mesh24, SEQ_TOWERS, SEQ_HOSTS, SparseOptimizer(lr=0.1),
+                  module=module, tower_dim=dim)
+        step, args = _tower_step(sp, SEQ_FEATS)
+        cross[module] = comm_report(step, *args, mesh=mesh24).cross_host_bytes
+        if module == "linear":  # the gradients reach the sequence tables through the tower
+            before = sp.emb.to_dense(args[1])[0]
+            after = sp.emb.to_dense(step(*args)[2])[0]
+            assert all(np.any(after[n] != before[n]) for n in SEQ_FEATS.names), module
+    # identity ships S * D values per sequence feature and sample both ways
+    assert cross["linear"] < cross["identity"] / 2, cross
+
+
+# ---- row-wise tables inside a tower's host ------------------------------------------------
+
+
+def test_tower_plan_places_row_wise_tables_over_their_host():
+    feats = make_features(7, [1000, 40, 30, 20, 10, 10, 10], 8, 2)
+    towers, hosts = [["cat_0", "cat_1", "cat_2"], ["cat_3", "cat_4", "cat_5", "cat_6"]], [1, 0]
+    # bigger than an even share of their host's tables: 1070 / 4 and 50 / 4 rows
+    assert auto_row_wise(feats, towers, hosts, 4) == {"cat_0", "cat_3"}
+    assert auto_row_wise(feats, towers, hosts, 1) == frozenset()
+    plan = tower_plan(feats, towers, hosts, 4, row_wise="auto")
+    assert plan["cat_0"] == Placement(ShardingType.TABLE_ROW_WISE, (4, 5, 6, 7))
+    assert plan["cat_3"] == Placement(ShardingType.TABLE_ROW_WISE, (0, 1, 2, 3))
+    # the table-wise ones fill their host's least loaded devices, largest first
+    assert [plan[n].devices for n in ("cat_1", "cat_2", "cat_4", "cat_5", "cat_6")] == [
+        (4,), (5,), (0,), (1,), (2,)]
+    assert tower_plan(feats, towers, hosts, 4, row_wise=["cat_4"])["cat_4"].devices == (0, 1, 2, 3)
+    assert all(p.type is ShardingType.TABLE_WISE for p in tower_plan(feats, towers, hosts, 4).values())
+
+
+@pytest.mark.parametrize("module", ["identity", "linear"])
+def test_row_wise_inside_a_host_adds_no_cross_host_bytes(mesh24, module):
+    """How a host shards its towers' tables over `local` changes only traffic
+    inside the host: the ids cross once, per destination host its tables."""
+    reports = {}
+    for rw in ((), ROW_WISE, "auto"):
+        sp = SPTT(SEQ_FEATS, mesh24, SEQ_TOWERS, SEQ_HOSTS, SparseOptimizer(lr=0.1),
+                  module=module, tower_dim=None if module == "identity" else 8, row_wise=rw)
+        assert (len(sp.row_wise) > 0) == (rw != ())
+        step, args = _tower_step(sp, SEQ_FEATS)
+        reports[rw] = comm_report(step, *args, mesh=mesh24)
+    cross = {rw: r.cross_host_bytes for rw, r in reports.items()}
+    assert len(set(cross.values())) == 1, cross
+    assert reports[ROW_WISE].intra_host_bytes != reports[()].intra_host_bytes
+
+
+# ---- training -----------------------------------------------------------------------------
+
+
+def _train(mesh, **kw):
+    base = dict(embedding_dim=8, steps=4, global_batch=64, eval_batches=1, bottom_mlp=(16,),
+                top_mlp=(16,), lr=0.01, embedding_lr=0.1, progress=False)
+    return train_and_evaluate(TrainConfig(**{**base, **kw}), mesh)
+
+
+def test_identity_towers_with_sequence_features_give_the_flat_loss_history(mesh24):
+    # attention pooling: the model queries each sequence with the bottom MLP's output
+    cfg = dict(sequence_features=2, sequence_len=6, sequence_pooling="attention", steps=3)
+    flat = _train(mesh24, towers=0, **cfg)
+    dmt = _train(mesh24, towers=2, tower_module="identity", **cfg)
+    assert dmt["towers"] and {"seq_0", "seq_1"} <= {n for t in dmt["towers"] for n in t}
+    assert dmt["sequence_features"] == ["seq_0", "seq_1"]
+    assert dmt["train_loss"] == flat["train_loss"]  # bit for bit
+    assert dmt["eval_auc"] == flat["eval_auc"]
+
+
+def test_compressing_towers_with_sequence_features_train(mesh24):
+    feats = SEQ_FEATS
+    cfg = dict(features=feats, towers=3, tower_partitioner="random")
+    dmt = _train(mesh24, tower_module="linear", tower_dim=5, steps=10, **cfg)
+    loss = dmt["train_loss"]
+    assert all(np.isfinite(loss)) and np.mean(loss[-3:]) < np.mean(loss[:3]), loss
+    ident = _train(mesh24, steps=1, **cfg)
+    assert dmt["cross_host_bytes_per_step"] < ident["cross_host_bytes_per_step"] / 2
+    with pytest.raises(ValueError, match="mean-pools sequence features inside its tower"):
+        TrainConfig(features=feats, towers=2, tower_module="dot", tower_dim=4,
+                    sequence_pooling="attention")
+
+
+def test_row_wise_towers_train_like_flat(mesh24):
+    base = dict(features=sptt_equality.FEATURES, embedding_dim=8, steps=4, global_batch=64,
+                eval_batches=1, bottom_mlp=(16,), top_mlp=(16,), lr=0.01, progress=False)
+    flat = train_and_evaluate(TrainConfig(**base, towers=0), mesh24)
+    towers = train_and_evaluate(TrainConfig(**base, towers=2), mesh24)
+    trainer = Trainer(TrainConfig(**base, towers=2, tower_row_wise="auto"), mesh24)
+    assert trainer.sptt.row_wise and all(
+        trainer.emb.plan[n].type is ShardingType.TABLE_ROW_WISE for n in trainer.sptt.row_wise)
+    rw = trainer.run()
+    np.testing.assert_allclose(rw["train_loss"], flat["train_loss"], rtol=1e-5)
+    assert rw["cross_host_bytes_per_step"] == towers["cross_host_bytes_per_step"]
+    with pytest.raises(ValueError, match="tower_row_wise shards tower tables"):
+        TrainConfig(towers=0, tower_row_wise="auto")
+    assert TrainConfig(towers=2, tower_row_wise="cat_0, cat_1").tower_row_wise == ("cat_0", "cat_1")

@@ -165,6 +165,11 @@ class TrainConfig:
         that interact strongly share a tower, hosts balanced), or the path of
         a partition JSON (`python -m jdmt.towers.partitioner`).
       partition_checkpoint: a flat run's checkpoint directory, for 'learned'.
+      tower_row_wise: tables sharded table-row-wise over their tower's host
+        (rows spread over its L devices; the others are table-wise on one of
+        them): feature names (a tuple, or one comma-separated string), or
+        'auto': tables bigger than an even share of their host's tables
+        (`jdmt.towers.sptt.auto_row_wise`). Cross-host traffic is the same.
       checkpoint_dir: write orbax checkpoints (asynchronously) here: every
         `checkpoint_every` steps and after the last step. Without `resume`
         the directory must not hold checkpoints yet.
@@ -211,6 +216,7 @@ class TrainConfig:
     tower_dim: int | None = None
     tower_partitioner: str = "round_robin"
     partition_checkpoint: str | None = None
+    tower_row_wise: str | tuple[str, ...] = ()
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     resume: bool = False
@@ -284,6 +290,9 @@ class TrainConfig:
             from jdmt.towers.modules import tower_output_dim
 
             tower_output_dim(self.tower_module, 1, self.embedding_dim, self.tower_dim)
+            has_seq = self.sequence_features > 0 or (
+                self.features is not None and any(not f.pooled for f in self.features.sparse))
+            _check_tower_sequences(self.tower_module, self.sequence_pooling, has_seq)
         elif self.tower_module != "identity" or self.tower_partitioner != "round_robin":
             why = ("towers=0" if self.towers == 0 else
                    "one host" if parse_mesh_spec(self.mesh)[0] == 1 else f"sharding={self.sharding}")
@@ -293,6 +302,14 @@ class TrainConfig:
             )
         if (self.tower_partitioner == "learned") != (self.partition_checkpoint is not None):
             raise ValueError("tower_partitioner='learned' and partition_checkpoint go together")
+        if isinstance(self.tower_row_wise, str) and self.tower_row_wise != "auto":
+            names = tuple(n.strip() for n in self.tower_row_wise.split(",") if n.strip())
+            object.__setattr__(self, "tower_row_wise", names)
+        elif not isinstance(self.tower_row_wise, str):
+            object.__setattr__(self, "tower_row_wise", tuple(self.tower_row_wise))
+        if self.tower_row_wise and not self.uses_towers:
+            raise ValueError("tower_row_wise shards tower tables inside their host; this run is "
+                             "flat (give towers >= 1)")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.resume and self.checkpoint_dir is None:
@@ -544,14 +561,22 @@ class Trainer:
                     f"but towers={cfg.towers}"
                 )
             self.num_towers = part.num_towers
+        _check_tower_sequences(cfg.tower_module, cfg.sequence_pooling, len(self.seq_index) > 0)
         return SPTT(self.features, self.mesh, part.towers, part.hosts, optimizer,
-                    module=cfg.tower_module, tower_dim=cfg.tower_dim)
+                    module=cfg.tower_module, tower_dim=cfg.tower_dim, row_wise=cfg.tower_row_wise)
 
     def _model_features(self) -> int:
         """Pooled interaction vectors the model reads (tower outputs with DMT)."""
         if self.sptt is None or self.sptt.module_kind == "identity":
             return len(self.features.sparse) - len(self.seq_index)
         return len(self.sptt.towers) * self._tower_vectors()
+
+    def _model_sequences(self) -> int:
+        """Sequence features the model pools itself: none with compressing
+        towers (they pool them inside the tower)."""
+        if self.sptt is None or self.sptt.module_kind == "identity":
+            return len(self.seq_index)
+        return 0
 
     def _top_extra(self) -> int:
         """Width of the DLRM top MLP's `extra` input: with compressing towers
@@ -610,7 +635,7 @@ class Trainer:
         `{"model", "towers", "adapter"}`; identity towers have no parameters,
         so their run's parameters are the flat model's (and its checkpoints
         restore into flat runs, and back, on any mesh)."""
-        nd, ns = self.features.num_dense, len(self.seq_index)
+        nd, ns = self.features.num_dense, self._model_sequences()
         params = self._init_params(
             self.model, self.config.seed, nd, self._model_features(), ns, self.seq_len,
             *((self._top_extra(),) if self._top_extra() else ()),
@@ -771,10 +796,15 @@ class Trainer:
         if self.sptt is None:
             embs = self.emb.output_dist(owner_out, batch.lengths)
             return self.model.apply({"params": params}, *self.model_inputs(embs, batch))
-        if self.sptt.module_kind == "identity":
+        if self.sptt.module_kind == "identity":  # exactly the flat model's inputs
             out = self.sptt.tower_outputs({}, owner_out, routed)  # [B, T, F_max * D]
-            pooled = self.sptt.flat_embeddings(out)
-            return self.model.apply({"params": params}, batch.dense, pooled)
+            args = (batch.dense, self.sptt.flat_embeddings(out))
+            if len(self.seq_index):
+                seqs = self.sptt.flat_sequences(owner_out)  # {name: [B, S, D]}
+                seq = stack_sequences([seqs[n] for n in self.seq_names])
+                args += (seq, batch.lengths[:, self.seq_index])
+            return self.model.apply({"params": params}, *args)
+        # Compressing towers: their outputs hold the sequence features, pooled in the tower.
         out = self.sptt.tower_outputs(params["towers"], owner_out, routed)  # [B, T, C]
         a = params["adapter"]
         pooled = jnp.einsum("btc,tcd->btd", out, a["kernel"]) + a["bias"]
@@ -967,6 +997,7 @@ class Trainer:
             "towers": None if self.sptt is None else [list(t) for t in self.sptt.towers],
             "tower_hosts": None if self.sptt is None else list(self.sptt.tower_hosts),
             "tower_module": None if self.sptt is None else self.sptt.module_kind,
+            "tower_row_wise": None if self.sptt is None else list(self.sptt.row_wise),
         }
 
     def _train(self, state: TrainState, start: int, ckpt: Checkpointer | None, history: dict):
@@ -1071,6 +1102,16 @@ class Trainer:
             "eval_examples": ev["examples"],
             "train_wall_s": train_wall,
         }
+
+
+def _check_tower_sequences(module: str, pooling: str, has_sequences: bool) -> None:
+    """Compressing Tower Modules mean-pool sequence features inside the tower
+    (no query there); only the identity module leaves their pooling to the model."""
+    if has_sequences and module != "identity" and pooling != "mean":
+        raise ValueError(
+            f"tower_module={module!r} mean-pools sequence features inside its tower; "
+            f"sequence_pooling={pooling!r} needs the identity Tower Module or the flat path"
+        )
 
 
 def _dense_optimizer(name: str, lr: float) -> optax.GradientTransformation:

@@ -1,10 +1,12 @@
-"""SPTT with the identity Tower Module equals the flat table-wise path.
+"""SPTT with the identity Tower Module equals the flat path.
 
 Usage: python sptt_equality.py MESH     (e.g. 8x8; emulates H*L CPU devices)
 Builds uneven towers (one host holds two, some hold none when H > towers),
 runs the lookup, a loss, its gradients and one sparse update both ways, and
-prints one JSON line: whether embeddings, gradients' effect on the tables,
-and the tables after the step are bit-identical.
+prints one JSON line per case: whether embeddings, sequences, and the
+tables and accumulators after the step are bit-identical. The cases: pooled
+features only, and pooled with sequence features of different lengths (one
+tower holds a sequence feature alone).
 """
 
 import json
@@ -22,6 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jdmt.data import SyntheticData, make_features  # noqa: E402
+from jdmt.data.specs import FeatureSet, SparseFeature  # noqa: E402
 from jdmt.embeddings import ShardedEmbeddings, SparseOptimizer  # noqa: E402
 from jdmt.mesh import make_mesh, mesh_shape  # noqa: E402
 from jdmt.towers.sptt import SPTT  # noqa: E402
@@ -29,6 +32,17 @@ from jdmt.towers.sptt import SPTT  # noqa: E402
 FEATURES = make_features(
     13, [50, 37, 5, 23, 64, 100, 9, 80, 41, 3, 70, 12, 33], 8,
     [3, 2, 1, 4, 2, 3, 2, 1, 3, 2, 4, 1, 2], combiner="mean", num_dense=2,
+)
+# FEATURES plus sequence features of two lengths (two share one length, so
+# one group holds both) and a sum-pooled feature.
+SEQ_FEATURES = FeatureSet(
+    FEATURES.sparse + (
+        SparseFeature("seq_0", 40, 8, 6, kind="sequence"),
+        SparseFeature("seq_1", 17, 8, 3, kind="sequence"),
+        SparseFeature("seq_2", 90, 8, 6, kind="sequence"),
+        SparseFeature("sum_0", 30, 8, 3),
+    ),
+    num_dense=2,
 )
 
 
@@ -41,53 +55,92 @@ def uneven_towers(names, hosts):
     return towers, [0] + [t % hosts for t in range(len(towers) - 1)]
 
 
-def run(mesh, features, towers, tower_hosts, global_batch, seed=0):
+def sequence_towers(hosts):
+    """`uneven_towers` of FEATURES, two of them given a sequence feature (and
+    one the sum-pooled feature), and one more tower of `seq_1` alone."""
+    towers, tower_hosts = uneven_towers(FEATURES.names, hosts)
+    towers[1] += ["seq_0", "sum_0"]
+    towers[-1] += ["seq_2"]
+    towers.append(["seq_1"])
+    tower_hosts.append((len(towers) - 1) % hosts)
+    return towers, tower_hosts
+
+
+def run(mesh, features, towers, tower_hosts, global_batch, seed=0, *, row_wise=(),
+        flat="table_wise"):
+    """One step both ways. `flat`: the flat path's sharding, or 'same': the
+    SPTT's own plan (with `row_wise` tables, the flat table-row-wise path)."""
     opt = SparseOptimizer(lr=0.3)
-    sp = SPTT(features, mesh, towers, tower_hosts, opt, module="identity")
-    flat = ShardedEmbeddings(features, mesh, "table_wise", opt)
+    sp = SPTT(features, mesh, towers, tower_hosts, opt, module="identity", row_wise=row_wise)
+    flat_emb = ShardedEmbeddings(features, mesh, sp.emb.plan if flat == "same" else flat, opt)
     b = SyntheticData(features, seed=seed).batch(0, global_batch)
     ids, lengths = jnp.asarray(b.ids), jnp.asarray(b.lengths)
-    w = jnp.asarray(np.random.default_rng(seed).standard_normal(
-        (global_batch, len(features.sparse), features.sparse[0].dim)), jnp.float32)
-    params = sp.init_params(0)
+    rng = np.random.default_rng(seed)
+    pooled = [f for f in features.sparse if f.pooled]
+    w = jnp.asarray(rng.standard_normal((global_batch, len(pooled), pooled[0].dim)), jnp.float32)
+    ws = {f.name: jnp.asarray(rng.standard_normal((global_batch, f.max_len, f.dim)), jnp.float32)
+          for f in features.sparse if not f.pooled}
+
+    def loss(e, seqs):
+        return jnp.sum(jnp.tanh(e) * w) + sum(jnp.sum(jnp.tanh(seqs[n]) * ws[n]) for n in ws)
+
+    def sptt_forward(o, routed):
+        return sp.flat_embeddings(sp.tower_outputs({}, o, routed)), sp.flat_sequences(o)
 
     @jax.jit
     def sptt_step(state, ids, lengths):
         routed = sp.route(ids, lengths)
         out = sp.lookup(state, routed)
-        loss = lambda o: jnp.sum(jnp.tanh(sp.flat_embeddings(sp.tower_outputs(params, o, routed))) * w)  # noqa: E731
-        e = sp.flat_embeddings(sp.tower_outputs(params, out, routed))
-        return e, sp.apply_gradients(state, routed, jax.grad(loss)(out), out)
+        g = jax.grad(lambda o: loss(*sptt_forward(o, routed)))(out)
+        return sptt_forward(out, routed), sp.apply_gradients(state, routed, g, out)
+
+    def flat_forward(o, lengths):
+        e = flat_emb.output_dist(o, lengths)
+        return e.stacked(), e.sequence
 
     @jax.jit
     def flat_step(state, ids, lengths):
-        routed = flat.route(ids, lengths)
-        out = flat.lookup(state, routed)
-        loss = lambda o: jnp.sum(jnp.tanh(flat.output_dist(o, lengths).stacked()) * w)  # noqa: E731
-        e = flat.output_dist(out, lengths).stacked()
-        return e, flat.apply_gradients(state, routed, jax.grad(loss)(out), out)
+        routed = flat_emb.route(ids, lengths)
+        out = flat_emb.lookup(state, routed)
+        g = jax.grad(lambda o: loss(*flat_forward(o, lengths)))(out)
+        return flat_forward(out, lengths), flat_emb.apply_gradients(state, routed, g, out)
 
-    e1, s1 = sptt_step(sp.emb.init(seed), ids, lengths)
-    e0, s0 = flat_step(flat.init(seed), ids, lengths)
+    (e1, q1), s1 = sptt_step(sp.emb.init(seed), ids, lengths)
+    (e0, q0), s0 = flat_step(flat_emb.init(seed), ids, lengths)
     t1, a1 = sp.emb.to_dense(s1)
-    t0, a0 = flat.to_dense(s0)
-    moved = sum(int(np.any(t0[k] != flat.to_dense(flat.init(seed))[0][k])) for k in t0)
+    t0, a0 = flat_emb.to_dense(s0)
+    start = flat_emb.to_dense(flat_emb.init(seed))[0]
+    moved = sum(int(np.any(t0[k] != start[k])) for k in t0)
+    diff = lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)), initial=0.0))  # noqa: E731
     return {
         "embeddings_equal": bool(jnp.array_equal(e0, e1)),
+        "sequences_equal": sorted(q0) == sorted(q1) and all(
+            bool(jnp.array_equal(q0[n], q1[n])) for n in q0),
         "tables_equal": all(np.array_equal(t0[k], t1[k]) for k in t0),
         "accumulators_equal": all(np.array_equal(a0[k], a1[k]) for k in a0),
         "tables_moved": moved,
+        "sequence_features": sorted(q1),
+        "row_wise": list(sp.row_wise),
+        "max_embedding_diff": max([diff(e0, e1)] + [diff(q0[n], q1[n]) for n in q0]),
+        "max_table_diff": max(diff(t0[k], t1[k]) for k in t0),
+        "accumulator_rel_diff": max(diff(a0[k], a1[k]) for k in a0) / max(
+            float(np.max(np.abs(a0[k]))) for k in a0),
     }
 
 
-def main(spec: str) -> dict:
+def main(spec: str) -> list[dict]:
     mesh = make_mesh(spec)
     hosts, local = mesh_shape(mesh)
-    towers, tower_hosts = uneven_towers(FEATURES.names, hosts)
-    result = run(mesh, FEATURES, towers, tower_hosts, global_batch=4 * hosts * local)
-    result.update(mesh=[hosts, local], towers=towers, hosts=tower_hosts)
-    return result
+    out = []
+    for features, make in ((FEATURES, lambda: uneven_towers(FEATURES.names, hosts)),
+                           (SEQ_FEATURES, lambda: sequence_towers(hosts))):
+        towers, tower_hosts = make()
+        result = run(mesh, features, towers, tower_hosts, global_batch=4 * hosts * local)
+        result.update(mesh=[hosts, local], towers=towers, hosts=tower_hosts)
+        out.append(result)
+    return out
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1])))
+    for r in main(sys.argv[1]):
+        print(json.dumps(r))
