@@ -380,8 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     if jax.process_index() != 0:  # process 0 reports for the run
         return 0
     s = summary
+    layout = s["sharding"] if not s.get("towers") else (
+        f"{len(s['towers'])} towers ({s['tower_module']})")
     print(
-        f"mesh {s['mesh'][0]}x{s['mesh'][1]}, {s['sharding']}, {s['steps']} steps of "
+        f"mesh {s['mesh'][0]}x{s['mesh'][1]}, {layout}, {s['steps']} steps of "
         f"{s['global_batch']}: final train loss {s['train_loss'][-1]:.4f}"
     )
     print(
