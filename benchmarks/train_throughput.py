@@ -146,8 +146,9 @@ def child(args) -> int:
         mesh=f"{PROCESSES}x{LOCAL}", features=features, embedding_dim=shape["dim"],
         steps=args.steps, global_batch=global_batch, sharding=args.sharding,
         bottom_mlp=shape["bottom_mlp"], top_mlp=shape["top_mlp"], eval_batches=1,
-        seed=args.seed, progress=False, towers=args.towers, tower_module=args.tower_module,
-        tower_dim=None if args.tower_module == "identity" else args.tower_dim,
+        seed=args.seed, progress=False, towers=args.towers,
+        tower_module=args.tower_module if args.towers else "identity",
+        tower_dim=None if args.tower_module == "identity" or not args.towers else args.tower_dim,
     )
     summary = Trainer(config, mesh, data).run()
     summary["backend"] = jax.default_backend()
