@@ -129,14 +129,20 @@ class TableRowWiseGroup(Group):
         send, bad = self.send_ids(ids, lengths)
         # device (h, l) now holds host h's ids for the samples of devices (h', l)
         recv = lax.all_to_all(send, HOST, 0, 0, tiled=True)  # [H(src), K, B, P]
-        # ... and, after the gather, for the samples of every device (h', l')
+        return self.row_blocks(recv), bad
+
+    def row_blocks(self, recv):
+        """Inside `shard_map`: host h's ids at device (h, l), i32[H(src host), K,
+        B, P] table rows of the samples of devices (h', l) -> the local rows of
+        this device's row blocks for the samples of every device (h', l'),
+        i32[L(src), H(src), K, B, P] (-1: none), by an all-gather over `local`."""
         allg = lax.all_gather(recv, LOCAL, axis=0, tiled=False)  # [L(src), H(src), K, B, P]
         h, l = lax.axis_index(HOST), lax.axis_index(LOCAL)
         block = jnp.asarray(self.slot_block)[h][None, None, :, None, None]
         offset = jnp.asarray(self.slot_offset)[h][None, None, :, None, None]
         rel = allg - l * block
         own = (allg >= 0) & (rel >= 0) & (rel < block)
-        return jnp.where(own, rel + offset, -1), bad
+        return jnp.where(own, rel + offset, -1)
 
     def output_dist(self, owner_out):
         # full sums for the samples of devices (h', l), h' = every host

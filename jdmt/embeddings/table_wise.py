@@ -65,7 +65,7 @@ class TableWiseGroup(Group):
             out.append(segs)
         return out
 
-    def _slot_tables(self):
+    def slot_tables(self):
         """Static routing tables, i32[N, K] each: member index (-1 = empty
         slot) and local row offset of every slot."""
         n, k = self.num_devices, self.slots
@@ -79,7 +79,7 @@ class TableWiseGroup(Group):
         return member, offset
 
     def slot_bounds(self):
-        _, offset = self._slot_tables()
+        _, offset = self.slot_tables()
         most = max(self.features.sparse[s.feature].rows for s in self.shards)
         return jnp.asarray(offset)[lax.axis_index(DEVICES)], most
 
@@ -90,7 +90,7 @@ class TableWiseGroup(Group):
         """The local batch's ids arranged for the owners: (i32[N(dest), K, B, L]
         local rows at each destination's slots, -1 = none; out-of-range count)."""
         gid, bad = self.member_ids(ids, lengths)  # [B, T, L]
-        member, offset = self._slot_tables()
+        member, offset = self.slot_tables()
         send = gid[:, np.maximum(member, 0)]  # [B, N, K, L]
         keep = (send >= 0) & jnp.asarray(member >= 0)[None, :, :, None]
         send = jnp.where(keep, send + jnp.asarray(offset)[None, :, :, None], -1)

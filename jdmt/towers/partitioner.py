@@ -796,40 +796,24 @@ class _Search:
 
     # spectral start ---------------------------------------------------------------------------
     def from_clusters(self, labels: np.ndarray) -> np.ndarray | None:
-        """Map clusters to tower slots (biggest cost first, least-loaded host),
-        then repair caps and empty towers; None if the repair gets stuck."""
+        """Pack whole clusters into the towers: largest cost first, each to a
+        still-empty tower while there are some (least-loaded host first), else
+        to a tower on the least-loaded host; then repair caps and empty
+        towers. None if the repair gets stuck.
+
+        With more clusters than towers a tower holds several of them: moving
+        one feature at a time cannot carry an interacting group across a
+        balanced split (each single move overloads a host), packing the
+        groups whole can.
+        """
         k = int(labels.max()) + 1
         ccost = np.bincount(labels, self.cost, k)
         order = sorted(range(k), key=lambda j: (-ccost[j], int(np.flatnonzero(labels == j)[0])
                                                  if np.any(labels == j) else 1 << 30))
-        free = list(range(self.t))
-        load = np.zeros(self.num_hosts)
-        slot = np.zeros(k, np.int64)
-        for j in order:
-            tw = min(free, key=lambda s: (load[self.hosts[s]], s))
-            free.remove(tw)
-            slot[j] = tw
-            load[self.hosts[tw]] += ccost[j]
-        return self.repair(slot[labels])
-
-    def pack_clusters(self, labels: np.ndarray) -> np.ndarray | None:
-        """Pack whole clusters (more of them than towers) into the towers:
-        largest cost first, each to a still-empty tower while there are
-        some, else to a tower on the least-loaded host; then repair.
-
-        With fewer towers than interacting groups a tower must hold several
-        groups; moving one feature at a time cannot carry a group across a
-        balanced split (each single move overloads a host), but packing the
-        groups whole can.
-        """
-        k = int(labels.max()) + 1
-        if k < self.t:
-            return None
-        ccost = np.bincount(labels, self.cost, k)
         load = np.zeros(self.num_hosts)
         size = np.zeros(self.t, np.int64)
         slot = np.zeros(k, np.int64)
-        for j in sorted(range(k), key=lambda j: (-ccost[j], j)):
+        for j in order:
             tw = min(range(self.t), key=lambda s: (size[s] > 0, load[self.hosts[s]], s))
             slot[j] = tw
             size[tw] += 1
@@ -996,9 +980,8 @@ def learned_partition(
     greedy_load = search.loads(greedy)[0].max()
     if greedy_load > search.cap + search.slack:
         search.cap = float(greedy_load)  # the tolerance is out of reach: use the greedy makespan
-    starts = [search.from_clusters(_spectral_labels(w, t))]
-    # Finer clusterings packed whole: towers that hold several interacting groups.
-    starts += [search.pack_clusters(_spectral_labels(w, k)) for k in range(t + 1, min(f, 3 * t + 8) + 1)]
+    # T clusters, and finer clusterings packed whole: towers that hold several groups.
+    starts = [search.from_clusters(_spectral_labels(w, k)) for k in range(t, min(f, 3 * t + 8) + 1)]
     starts = [s for s in starts if s is not None] + [greedy]
     best, best_q = None, -np.inf
     for s in starts:

@@ -285,7 +285,6 @@ class SPTT:
                    for n in names}
         for g in groups.values():
             assert isinstance(g, (TableWiseGroup, TableRowWiseGroup)), type(g)
-        self.group_names = tuple(groups)
 
         # The route: buckets of groups with one id shape; per host, its tables' slots.
         by_key: dict[tuple, list[str]] = {}
@@ -320,14 +319,8 @@ class SPTT:
                             t[h, k] = self.host_slot[g.members[m]]
                 self.owner_take[name] = t
         # Per table-wise group, i32[H, L, K]: first row of each owner slot's table.
-        self.row_offsets = {}
-        for name, g in groups.items():
-            if isinstance(g, TableWiseGroup):
-                off = np.zeros((H * L, g.slots), np.int32)
-                for d, segs in enumerate(g.segments):  # in `by_device` order
-                    for k, seg in enumerate(segs):
-                        off[d, k] = seg.offset
-                self.row_offsets[name] = off.reshape(H, L, g.slots)
+        self.row_offsets = {name: g.slot_tables()[1].reshape(H, L, g.slots)
+                            for name, g in groups.items() if isinstance(g, TableWiseGroup)}
 
         # A host's view of a group, [H(src host), V, B, ...]: V = L * K slots
         # (owner's local rank, then its slot) table-wise, K row-wise.
@@ -453,7 +446,7 @@ class SPTT:
                         x = lax.all_to_all(x, LOCAL, 1, 1, tiled=True)  # [H, L(src local), K, B, P]
                         out[name] = x.reshape((H * L,) + x.shape[2:])  # [N(src), K, B, P]
                     else:
-                        out[name] = _row_blocks(g, recv[:, take], h)  # [L(src), H(src), K, B, P]
+                        out[name] = g.row_blocks(recv[:, take])  # [L(src), H(src), K, B, P]
             return Routed(out, lax.psum(bad, DEVICES))
 
         specs = Routed({n: P(DEVICES) for n in groups}, P())
@@ -585,15 +578,3 @@ class SPTT:
         """The owners' fused sparse update (as the flat path's)."""
         return self.emb.apply_gradients(state, routed, owner_grads, owner_out, lr)
 
-
-def _row_blocks(g: TableRowWiseGroup, recv: jax.Array, host: jax.Array) -> jax.Array:
-    """Inside `shard_map`: a row-wise group's ids at its host, i32[H(src host), K,
-    B, P] table rows (of the samples of devices (h', l)) -> the local rows of
-    this device's row blocks for every sample the host serves, i32[L(src), H(src),
-    K, B, P] (-1: none), as `TableRowWiseGroup.input_dist` arranges them."""
-    allg = lax.all_gather(recv, LOCAL, axis=0, tiled=False)  # [L(src), H(src), K, B, P]
-    block = jnp.asarray(g.slot_block)[host][None, None, :, None, None]
-    offset = jnp.asarray(g.slot_offset)[host][None, None, :, None, None]
-    rel = allg - lax.axis_index(LOCAL) * block
-    own = (allg >= 0) & (rel >= 0) & (rel < block)
-    return jnp.where(own, rel + offset, -1)

@@ -224,10 +224,14 @@ class TrainConfig:
 
     @property
     def uses_towers(self) -> bool:
-        """Whether the run takes the DMT tower path (see `towers`)."""
+        """Whether the run takes the DMT tower path on `mesh` (see `towers`)."""
+        return self.towers_on(parse_mesh_spec(self.mesh)[0])
+
+    def towers_on(self, hosts: int) -> bool:
+        """Whether the run takes the DMT tower path on a mesh of `hosts` hosts."""
         if self.towers is not None:
             return self.towers > 0
-        return parse_mesh_spec(self.mesh)[0] > 1 and self.sharding in TOWER_SHARDINGS
+        return hosts > 1 and self.sharding in TOWER_SHARDINGS
 
     def __post_init__(self):
         parse_mesh_spec(self.mesh)  # MeshError (a ValueError) names a bad spec
@@ -509,7 +513,7 @@ class Trainer:
         self.sptt = None
         self.num_towers = config.towers
         if config.towers is None:  # one per host, when the mesh and the sharding allow towers
-            uses = self.hosts > 1 and config.sharding in TOWER_SHARDINGS
+            uses = config.towers_on(self.hosts)
             self.num_towers = min(self.hosts, len(self.features.sparse)) if uses else 0
         if self.num_towers:
             self.sptt = self._build_towers(sparse_opt)
@@ -635,10 +639,10 @@ class Trainer:
         `{"model", "towers", "adapter"}`; identity towers have no parameters,
         so their run's parameters are the flat model's (and its checkpoints
         restore into flat runs, and back, on any mesh)."""
-        nd, ns = self.features.num_dense, self._model_sequences()
+        nd, ns, extra = self.features.num_dense, self._model_sequences(), self._top_extra()
         params = self._init_params(
             self.model, self.config.seed, nd, self._model_features(), ns, self.seq_len,
-            *((self._top_extra(),) if self._top_extra() else ()),
+            *((extra,) if extra else ()),  # DLRM only (`_top_extra`)
         )
         if self.sptt is not None and self.sptt.module_kind != "identity":
             params = {"model": params, "towers": self.sptt.stacked_params(self.config.seed),
