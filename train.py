@@ -22,6 +22,7 @@ from jdmt.embeddings import OptimizerKind, ShardingType
 from jdmt.mesh import MeshError, initialize_distributed, parse_mesh_spec, prepare_devices
 from jdmt.models import MODELS, SEQUENCE_POOLING
 from jdmt.towers.modules import TOWER_MODULES
+from jdmt.train.supervisor import is_worker, supervise
 from jdmt.train.loop import DENSE_OPTIMIZERS, TrainConfig
 
 SHARDINGS = (*(t.value for t in ShardingType), "auto")
@@ -253,9 +254,9 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.2f} MiB ({n:,.0f} B)"
 
 
-def _start_processes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Join the multi-process run the flags describe (`jax.distributed`)."""
-    hosts, local = parse_mesh_spec(args.mesh)
+def _check_processes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit 2 with one line if the multi-process flags do not describe a run."""
+    hosts, _ = parse_mesh_spec(args.mesh)
     n = args.num_processes
     if args.coordinator is None:
         parser.error(f"--num-processes {n} needs --coordinator HOST:PORT")
@@ -268,8 +269,14 @@ def _start_processes(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             f"--num-processes {n} must equal the mesh's host count: --mesh {args.mesh} has "
             f"{hosts} hosts (one process per host)"
         )
+
+
+def _start_processes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Join the multi-process run the flags describe (`jax.distributed`)."""
+    _check_processes(parser, args)
+    _, local = parse_mesh_spec(args.mesh)
     initialize_distributed(
-        args.coordinator, n, args.process_id, local_devices=local,
+        args.coordinator, args.num_processes, args.process_id, local_devices=local,
         heartbeat_timeout_s=args.peer_timeout,
     )
 
@@ -310,10 +317,20 @@ def _train(config: TrainConfig, mesh) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    multi = args.num_processes > 1 or args.coordinator is not None
+    if multi and not is_worker():
+        # The training runs in a child whose death by a signal (gloo's abort
+        # when a peer dies) is reported in one line (jdmt/train/supervisor.py).
+        try:
+            _check_processes(parser, args)
+        except MeshError as e:
+            parser.error(f"--mesh: {e}")
+        return supervise([os.path.abspath(__file__), *(sys.argv[1:] if argv is None else argv)],
+                         args.process_id)
     # Before any JAX computation: on a CPU machine this creates the H*L devices
     # (or, with several processes, each process's L devices).
     try:
-        if args.num_processes > 1 or args.coordinator is not None:
+        if multi:
             _start_processes(parser, args)
         else:
             prepare_devices(args.mesh)
