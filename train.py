@@ -21,13 +21,15 @@ import sys
 from jdmt.embeddings import OptimizerKind, ShardingType
 from jdmt.mesh import MeshError, initialize_distributed, parse_mesh_spec, prepare_devices
 from jdmt.models import MODELS, SEQUENCE_POOLING
+from jdmt.pallas_kernels import Kernel
 from jdmt.towers.modules import TOWER_MODULES
-from jdmt.train.supervisor import is_worker, supervise
+from jdmt.train.supervisor import become_worker, is_worker, supervise
 from jdmt.train.loop import DENSE_OPTIMIZERS, TrainConfig
 
 SHARDINGS = (*(t.value for t in ShardingType), "auto")
 EMB_OPTIMIZERS = tuple(k.value for k in OptimizerKind)
 COMBINERS = ("mean", "sum")
+KERNELS = tuple(k.value for k in Kernel)
 
 
 def _number(cast, least: float, strict: bool, what: str):
@@ -183,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "sit table-wise on one device): 'auto' (tables bigger than an even share "
                    "of their host's tables) or comma-separated feature names; the cross-host "
                    "traffic is the same")
+    p.add_argument("--kernel", type=_choice("kernel", KERNELS), default=d.kernel,
+                   help="embedding lookups and sparse updates: auto (Pallas kernels on TPU and "
+                   "GPU, XLA on CPU), pallas (on CPU in interpret mode: slow, for checks) or xla")
     p.add_argument("--embedding-optimizer", type=_choice("embedding optimizer", EMB_OPTIMIZERS),
                    default=d.embedding_optimizer,
                    help=f"fused sparse optimizer of the tables; one of: {', '.join(EMB_OPTIMIZERS)}")
@@ -318,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     multi = args.num_processes > 1 or args.coordinator is not None
-    if multi and not is_worker():
+    if is_worker():
+        become_worker()
+    elif multi:
         # The training runs in a child whose death by a signal (gloo's abort
         # when a peer dies) is reported in one line (jdmt/train/supervisor.py).
         try:
@@ -378,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint_every=args.checkpoint_every,
             keep_checkpoints=args.keep_checkpoints,
             resume=args.resume,
+            kernel=args.kernel,
         )
         mesh = make_mesh(args.mesh)
         n = mesh.devices.size
@@ -400,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     layout = s["sharding"] if not s.get("towers") else (
         f"{len(s['towers'])} towers ({s['tower_module']})")
     print(
-        f"mesh {s['mesh'][0]}x{s['mesh'][1]}, {layout}, {s['steps']} steps of "
+        f"mesh {s['mesh'][0]}x{s['mesh'][1]}, {layout}, {s['kernel']} kernels, {s['steps']} steps of "
         f"{s['global_batch']}: final train loss {s['train_loss'][-1]:.4f}"
     )
     print(

@@ -8,6 +8,15 @@ tables of `--rows` x `--dim`, `--batch` bags per table of exactly
 
     python benchmarks/lookup.py                  # the defaults below
     python benchmarks/lookup.py --tuned-malloc   # re-run under a tuned glibc malloc
+    python benchmarks/lookup.py --kernel=pallas  # Pallas kernels vs XLA
+
+`--kernel=pallas` (or `auto` on a GPU or TPU) times the Pallas kernels
+(`jdmt.pallas_kernels`) and the XLA path side by side on the accelerator,
+with the forward's fraction of the memory-bandwidth roofline (bytes of
+rows gathered / time / the device's peak bandwidth, `--peak-gbps` or a
+table of known chips). On CPU the kernels only run interpreted, so it
+checks them instead: forward and one training step of every configuration
+against the XLA path, at a smaller shape (`--check-*`), no timings.
 
 Reference on a 2-core CPU (research.md): FBGEMM's CPU TBE 61-67 ms for
 forward + backward + row-wise Adagrad, 19-21 ms forward only.
@@ -46,7 +55,32 @@ def parse_args(argv=None):
                         "(side by side, one JSON object each)")
     p.add_argument("--tuned-malloc", action="store_true",
                    help="re-execute with MALLOC_ARENA_MAX=1 etc. (see research.md)")
+    p.add_argument("--kernel", default="xla", choices=["auto", "pallas", "xla"],
+                   help="xla: the XLA path (and the CPU update kernel); pallas: Pallas kernels "
+                   "vs XLA (timed on GPU/TPU, checked interpreted on CPU); auto: pallas on "
+                   "GPU/TPU, xla on CPU")
+    p.add_argument("--peak-gbps", type=float, default=None,
+                   help="the device's peak memory bandwidth in GB/s (default: a table of chips)")
+    p.add_argument("--check-rows", type=int, default=2000, help="rows per table of the CPU check")
+    p.add_argument("--check-batch", type=int, default=256, help="bags per table of the CPU check")
+    p.add_argument("--check-tables", type=int, default=4, help="tables of the CPU check")
     return p.parse_args(argv)
+
+
+# Peak memory bandwidth in GB/s by `device_kind` (vendor data sheets).
+PEAK_GBPS = {
+    "NVIDIA H200": 4800.0, "NVIDIA H100 80GB HBM3": 3350.0, "NVIDIA H100": 3350.0,
+    "NVIDIA A100-SXM4-80GB": 2039.0, "NVIDIA A100-SXM4-40GB": 1555.0, "NVIDIA L4": 300.0,
+    "TPU v4": 1228.0, "TPU v5 lite": 819.0, "TPU v5e": 819.0, "TPU v5p": 2765.0,
+    "TPU v6 lite": 1640.0, "TPU v6e": 1640.0,
+}
+
+
+def peak_gbps(device, override: float | None) -> float | None:
+    if override:
+        return override
+    kind = device.device_kind
+    return next((v for k, v in PEAK_GBPS.items() if kind.startswith(k)), None)
 
 
 def zipf_ids(rng, rows: int, alpha: float, shape) -> "np.ndarray":
@@ -71,63 +105,153 @@ def median_ms(fn, iters: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def run(args) -> list[dict]:
+def workload(args, tables: int, rows: int, batch: int):
+    """(features, ids, lengths, weights) of the benchmark's shape."""
+    import numpy as np
+
+    from jdmt.data.specs import make_features
+
+    feats = make_features(tables, rows, args.dim, args.pooling)
+    rng = np.random.default_rng(0)
+    ids = np.concatenate(
+        [zipf_ids(rng, rows, args.alpha, (batch, args.pooling)) for _ in range(tables)], axis=1)
+    lengths = np.full((batch, tables), args.pooling, np.int32)
+    weights = rng.standard_normal((batch, tables * args.dim)).astype(np.float32)
+    return feats, ids, lengths, weights
+
+
+def configs(args):
+    import jax
+
+    from jdmt.mesh import parse_mesh_spec
+
+    out = [] if args.skip_single else [("1x1", "table_wise", [jax.devices()[0]])]
+    h, l = parse_mesh_spec(args.mesh)
+    if h * l > len(jax.devices()):
+        print(f"# skipping mesh {args.mesh}: it needs {h * l} devices, {len(jax.devices())} here",
+              file=sys.stderr)
+        return out
+    for s in args.shardings.split(","):
+        out.append((args.mesh, s, jax.devices()[: h * l]))
+    return out
+
+
+def build(feats, spec, sharding, devices, kernel, ids, lengths, weights, cpu_update=None):
+    """(embeddings, state, forward(), step() with a donated state holder)."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from jdmt.data.specs import make_features
     from jdmt.embeddings import ShardedEmbeddings, SparseOptimizer
-    from jdmt.mesh import DEVICES, make_mesh, parse_mesh_spec
+    from jdmt.mesh import DEVICES, make_mesh
 
-    feats = make_features(args.tables, args.rows, args.dim, args.pooling)
-    rng = np.random.default_rng(0)
-    ids = np.concatenate(
-        [zipf_ids(rng, args.rows, args.alpha, (args.batch, args.pooling)) for _ in range(args.tables)],
-        axis=1,
-    )
-    lengths = np.full((args.batch, args.tables), args.pooling, np.int32)
-    weights = rng.standard_normal((args.batch, args.tables * args.dim)).astype(np.float32)
+    mesh = make_mesh(spec, devices=devices)
+    emb = ShardedEmbeddings(feats, mesh, sharding, SparseOptimizer("rowwise_adagrad", lr=0.01),
+                            cpu_kernels=cpu_update, kernel=kernel)
+    sh = NamedSharding(mesh, P(DEVICES))
+    ids_d, len_d, w_d = (jax.device_put(x, sh) for x in (ids, lengths, weights))
+    fwd = jax.jit(lambda s, i, n: emb.forward(s, i, n).pooled)
+    step = jax.jit(lambda s, i, n, w: emb.step(s, i, n, lambda e, w: jnp.sum(e.pooled * w), w)[1],
+                   donate_argnums=0)
+    holder = [emb.init(seed=0)]
+
+    def one_step():
+        holder[0] = step(holder[0], ids_d, len_d, w_d)
+        return holder[0]
+
+    return emb, holder, (lambda: fwd(holder[0], ids_d, len_d)), one_step
+
+
+def check_kernels(args) -> list[dict]:
+    """CPU: the interpreted Pallas kernels vs the XLA path, forward and one step."""
+    import jax
+    import numpy as np
+
+    feats, ids, lengths, weights = workload(args, args.check_tables, args.check_rows,
+                                            args.check_batch)
+    results = []
+    for spec, sharding, devices in configs(args):
+        runs = {}
+        for kernel in ("xla", "pallas"):
+            emb, holder, fwd, step = build(feats, spec, sharding, devices, kernel, ids, lengths,
+                                           weights, cpu_update=False)
+            t0 = time.perf_counter()
+            out = np.asarray(fwd())
+            step()
+            tables, _ = emb.to_dense(holder[0])
+            runs[kernel] = (out, tables, time.perf_counter() - t0)
+        fwd_err = float(np.max(np.abs(runs["xla"][0] - runs["pallas"][0])))
+        tab_err = max(float(np.max(np.abs(runs["xla"][1][k] - runs["pallas"][1][k])))
+                      for k in runs["xla"][1])
+        results.append({
+            "benchmark": "lookup_kernel_check",
+            "mesh": spec, "sharding": "single_device" if spec == "1x1" else sharding,
+            "tables": args.check_tables, "rows": args.check_rows, "dim": args.dim,
+            "batch": args.check_batch, "pooling": args.pooling,
+            "target": emb.impl.target, "interpreted": bool(emb.impl.interpret),
+            "fwd_max_abs_diff": fwd_err, "tables_after_step_max_abs_diff": tab_err,
+            "matches_xla": fwd_err <= 1e-5 and tab_err <= 1e-5,
+            "interpret_wall_s": round(runs["pallas"][2], 2),
+            "backend": jax.default_backend(),
+        })
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def time_kernels(args) -> list[dict]:
+    """GPU/TPU: Pallas kernels vs XLA, timed side by side, with the roofline."""
+    import jax
+
+    feats, ids, lengths, weights = workload(args, args.tables, args.rows, args.batch)
     lookups = args.batch * args.tables * args.pooling
-    unique = np.mean([len(np.unique(ids[:, feats.columns(f.name)])) for f in feats.sparse])
+    row_bytes = lookups * args.dim * 4  # f32 rows gathered by the forward
+    results = []
+    for spec, sharding, devices in configs(args):
+        row = {"benchmark": "lookup_kernels", "mesh": spec,
+               "sharding": "single_device" if spec == "1x1" else sharding,
+               "tables": args.tables, "rows": args.rows, "dim": args.dim, "batch": args.batch,
+               "pooling": args.pooling, "alpha": args.alpha, "device": devices[0].device_kind}
+        peak = peak_gbps(devices[0], args.peak_gbps)
+        for kernel in ("xla", "pallas"):
+            _, _, fwd, step = build(feats, spec, sharding, devices, kernel, ids, lengths, weights)
+            f_ms, s_ms = median_ms(fwd, args.iters), median_ms(step, args.iters)
+            per_device_gbps = row_bytes / len(devices) / (f_ms / 1e3) / 1e9
+            row[f"{kernel}_fwd_ms"] = round(f_ms, 3)
+            row[f"{kernel}_fwd_bwd_update_ms"] = round(s_ms, 3)
+            row[f"{kernel}_fwd_gbps_per_device"] = round(per_device_gbps, 1)
+            row[f"{kernel}_fwd_roofline_fraction"] = (
+                None if peak is None else round(per_device_gbps / peak, 3))
+        row["peak_gbps"] = peak
+        row["pallas_speedup_fwd"] = round(row["xla_fwd_ms"] / row["pallas_fwd_ms"], 3)
+        row["pallas_speedup_step"] = round(
+            row["xla_fwd_bwd_update_ms"] / row["pallas_fwd_bwd_update_ms"], 3)
+        row["backend"] = jax.default_backend()
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    return results
 
-    configs = []
-    if not args.skip_single:
-        configs.append(("1x1", "table_wise", [jax.devices()[0]]))
-    h, l = parse_mesh_spec(args.mesh)
-    for s in args.shardings.split(","):
-        configs.append((args.mesh, s, jax.devices()[: h * l]))
+
+def run(args) -> list[dict]:
+    """The XLA path: every configuration with each sparse update."""
+    import jax
+    import numpy as np
 
     from jdmt.embeddings import cpu_kernels
 
+    feats, ids, lengths, weights = workload(args, args.tables, args.rows, args.batch)
+    lookups = args.batch * args.tables * args.pooling
+    unique = np.mean([len(np.unique(ids[:, feats.columns(f.name)])) for f in feats.sparse])
     updates = ["xla", "cpu"] if args.update == "both" else [args.update]
     if "cpu" in updates and not cpu_kernels.available():
         print(f"# CPU kernel unavailable: {cpu_kernels.unavailable_reason()}", file=sys.stderr)
         updates = [u for u in updates if u != "cpu"]
     results = []
-    for (spec, sharding, devices), update in [(c, u) for c in configs for u in updates]:
-        mesh = make_mesh(spec, devices=devices)
-        emb = ShardedEmbeddings(feats, mesh, sharding, SparseOptimizer("rowwise_adagrad", lr=0.01),
-                                cpu_kernels=update == "cpu")
-        sh = NamedSharding(mesh, P(DEVICES))
-        ids_d, len_d, w_d = (jax.device_put(x, sh) for x in (ids, lengths, weights))
-        state = emb.init(seed=0)
-        fwd = jax.jit(lambda s, i, n: emb.forward(s, i, n).pooled)
-        fwd_ms = median_ms(lambda: fwd(state, ids_d, len_d), args.iters)
-
-        def loss(e, w):
-            return jnp.sum(e.pooled * w)
-
-        step = jax.jit(lambda s, i, n, w: emb.step(s, i, n, loss, w)[1], donate_argnums=0)
-        holder = [state]
-
-        def one_step():
-            holder[0] = step(holder[0], ids_d, len_d, w_d)
-            return holder[0]
-
-        step_ms = median_ms(one_step, args.iters)
+    for (spec, sharding, devices), update in [(c, u) for c in configs(args) for u in updates]:
+        _, _, fwd, step = build(feats, spec, sharding, devices, "xla", ids, lengths, weights,
+                                cpu_update=update == "cpu")
+        fwd_ms = median_ms(fwd, args.iters)
+        step_ms = median_ms(step, args.iters)
         results.append({
             "benchmark": "lookup",
             "mesh": spec,
@@ -159,6 +283,17 @@ def main(argv=None):
 
     hosts, local = parse_mesh_spec(args.mesh)
     emulate_cpu_devices(hosts * local)
+    import jax
+
+    kernel = args.kernel
+    if kernel == "auto":
+        kernel = "xla" if jax.default_backend() == "cpu" else "pallas"
+    if kernel == "pallas":
+        if jax.default_backend() == "cpu":
+            check_kernels(args)
+        else:
+            time_kernels(args)
+        return
     run(args)
 
 

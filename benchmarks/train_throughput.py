@@ -70,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--tower-module", default="linear",
                    help="Tower Module with --towers (identity, linear, dot, dcn, mlp)")
     p.add_argument("--tower-dim", type=int, default=32, help="C of a compressing Tower Module")
+    p.add_argument("--kernel", default="auto", choices=("auto", "pallas", "xla"),
+                   help="lookups and sparse updates: auto (Pallas on TPU/GPU, XLA on CPU), "
+                   "pallas (interpreted on CPU: slow) or xla")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800,
                    help="seconds to wait for the two processes")
@@ -149,6 +152,7 @@ def child(args) -> int:
         seed=args.seed, progress=False, towers=args.towers,
         tower_module=args.tower_module if args.towers else "identity",
         tower_dim=None if args.tower_module == "identity" or not args.towers else args.tower_dim,
+        kernel=args.kernel,
     )
     summary = Trainer(config, mesh, data).run()
     summary["backend"] = jax.default_backend()
@@ -179,7 +183,7 @@ def launch(args) -> dict | int:
                "--result", result, "--steps", str(args.steps), "--sharding", args.sharding,
                "--seed", str(args.seed), "--towers", str(args.towers),
                "--tower-module", args.tower_module, "--tower-dim", str(args.tower_dim),
-               *(["--quick"] if args.quick else [])]
+               "--kernel", args.kernel, *(["--quick"] if args.quick else [])]
         load_before = os.getloadavg()[0]
         t0 = time.perf_counter()
         # The children's output (gloo's connection lines included) goes to stderr.
@@ -248,6 +252,7 @@ def report(args, s: dict, wall_s: float, load: list[float]) -> dict:
         "mesh": s["mesh"],
         "processes": PROCESSES,
         "sharding": s["sharding"],
+        "kernel": s.get("kernel"),
         "towers": s.get("towers"),
         "tower_module": s.get("tower_module"),
         "tower_dim": args.tower_dim if args.towers and args.tower_module != "identity" else None,

@@ -166,6 +166,61 @@ def test_lookup_and_step_match_reference(mesh24, batch, sharding, optimizer, ker
             np.testing.assert_allclose(got_a[f.name], want_a[f.name], rtol=2e-5, atol=1e-7)
 
 
+# Pallas kernels, interpreted on CPU: every sharding type, with the optimizers
+# spread over them (column-wise: row-wise Adagrad over column shards, whose row
+# statistics are summed across devices).
+PALLAS_CASES = [
+    ("data_parallel", "sgd"), ("table_wise", "rowwise_adagrad"), ("row_wise", "adagrad"),
+    ("column_wise", "rowwise_adagrad"), ("table_row_wise", "adagrad"),
+]
+
+
+def _check_step(emb, batch, seed=3):
+    """Forward and one sparse step of `emb` vs the numpy reference; untouched
+    rows bit-identical."""
+    ids, lengths = batch
+    state = emb.init(seed=seed)
+    tables, accs = emb.to_dense(state)
+    out = jax.jit(emb.forward)(state, ids, lengths)
+    ref = ref_lookup(emb.features, tables, ids, lengths)
+    for f in emb.features.sparse:
+        np.testing.assert_allclose(np.asarray(out[f.name]), ref[f.name], rtol=1e-6, atol=1e-6)
+    grads = random_grads(emb.features, {k: v.shape for k, v in ref.items()})
+    new, bad = run_step(emb, state, ids, lengths, grads)
+    assert bad == 0
+    got_t, got_a = emb.to_dense(new)
+    want_t, want_a, touched = ref_step(emb.features, tables, accs or {}, ids, lengths, grads,
+                                       emb.optimizer)
+    for f in emb.features.sparse:
+        np.testing.assert_allclose(got_t[f.name], want_t[f.name], rtol=2e-5, atol=2e-6)
+        assert np.array_equal(got_t[f.name][~touched[f.name]], tables[f.name][~touched[f.name]])
+        if want_a[f.name] is not None:
+            np.testing.assert_allclose(got_a[f.name], want_a[f.name], rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("sharding, optimizer", PALLAS_CASES)
+def test_pallas_tpu_kernels_in_every_sharding(mesh24, batch, sharding, optimizer):
+    opt = SparseOptimizer(optimizer, lr=0.5, initial_accumulator=0.1)
+    emb = ShardedEmbeddings(FEATURES, mesh24, sharding, opt, kernel="pallas")
+    assert (emb.impl.target, emb.impl.interpret, emb.cpu_kernels) == ("tpu", True, False)
+    _check_step(emb, batch)
+
+
+@pytest.mark.parametrize("sharding, optimizer", PALLAS_CASES[1:2])
+def test_pallas_gpu_kernels_in_the_sharded_step(batch, sharding, optimizer):
+    """The Mosaic GPU kernels in the same pipeline, on a one-device mesh: jax
+    0.10.2's Mosaic GPU interpreter keeps its simulated shared memory in one
+    process-wide table and fails when several emulated devices run kernels at
+    once (the TPU kernels cover the multi-device layouts above)."""
+    from jdmt.mesh import make_mesh
+    from jdmt.pallas_kernels import Impl
+
+    mesh = make_mesh("1x1", devices=jax.devices()[:1])
+    opt = SparseOptimizer(optimizer, lr=0.5, initial_accumulator=0.1)
+    emb = ShardedEmbeddings(FEATURES, mesh, sharding, opt, kernel=Impl("pallas", "gpu", True))
+    _check_step(emb, batch)
+
+
 def test_mixed_plan_with_explicit_placements(mesh24, batch):
     """One model with every sharding type at once, owners chosen by hand."""
     ids, lengths = batch

@@ -19,7 +19,7 @@ def _script(tmp_path, body: str) -> str:
 def test_exit_status_passes_through(tmp_path):
     worker = _script(tmp_path, """
         import os, sys
-        assert os.environ["%s"] == "1"
+        assert os.environ["%s"] == str(os.getppid())
         sys.exit(3)
     """ % WORKER_ENV)
     assert supervise([worker], 0) == 3
@@ -37,6 +37,8 @@ def test_the_worker_dies_with_its_parent(tmp_path):
     pid_file = tmp_path / "worker.pid"
     worker = _script(tmp_path, f"""
         import os, time
+        from jdmt.train.supervisor import become_worker
+        become_worker()
         open({str(pid_file)!r}, "w").write(str(os.getpid()))
         time.sleep(120)
     """)

@@ -27,6 +27,9 @@ from jax.sharding import PartitionSpec as P
 
 from jdmt.data.specs import FeatureSet, Kind
 from jdmt.mesh import DEVICES
+from jdmt.pallas_kernels.common import XLA, Impl
+from jdmt.pallas_kernels.pooled_lookup import pooled_gather
+from jdmt.pallas_kernels.sequence_lookup import sequence_gather
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +138,9 @@ class Group(abc.ABC):
         bad = jnp.sum(valid & ~in_range, dtype=jnp.int32)
         return jnp.where(valid & in_range, gid, -1), bad
 
-    def gather(self, buf: jax.Array, lid: jax.Array, slot_axis: int = 0) -> jax.Array:
+    def gather(
+        self, buf: jax.Array, lid: jax.Array, slot_axis: int = 0, impl: Impl = XLA
+    ) -> jax.Array:
         """Look up local rows: pooled sum over the last id axis, or not.
 
         Args:
@@ -143,6 +148,8 @@ class Group(abc.ABC):
           lid: i32[..., L] local row ids, -1 = none; axis `slot_axis` indexes
             the buffer's tables.
           slot_axis: the axis of `lid` that indexes the tables.
+          impl: a Pallas implementation runs the pooled or sequence gather
+            kernel over all bags at once (`jdmt.pallas_kernels`).
 
         Returns:
           f32[..., D] (pooled) or f32[..., L, D] (sequence).
@@ -153,6 +160,13 @@ class Group(abc.ABC):
         XLA cannot fuse the lookup into its consumers in another order (which
         interleaves tables and ran 2-4x slower on CPU).
         """
+        if impl.pallas:
+            ln = lid.shape[-1]
+            flat = lid.reshape(-1, ln)
+            flat = jnp.where((flat >= 0) & (flat < buf.shape[0]), flat, -1)
+            if self.pooled:
+                return pooled_gather(impl, buf, flat, None).reshape(lid.shape[:-1] + buf.shape[1:])
+            return sequence_gather(impl, buf, flat).reshape(lid.shape + buf.shape[1:])
         lid = jnp.where(lid >= 0, lid, buf.shape[0])  # past the end: reads as 0
         lid = jnp.moveaxis(lid, slot_axis, 0)
         take = lambda i: buf.at[i].get(mode="fill", fill_value=0)  # noqa: E731
@@ -178,9 +192,9 @@ class Group(abc.ABC):
 
     slot_axis: ClassVar[int] = 0  # the axis of `input_dist`'s ids that indexes tables
 
-    def lookup(self, buf: jax.Array, owner_ids: jax.Array) -> jax.Array:
+    def lookup(self, buf: jax.Array, owner_ids: jax.Array, impl: Impl = XLA) -> jax.Array:
         """Local lookup at the owner."""
-        return self.gather(buf, owner_ids, self.slot_axis)
+        return self.gather(buf, owner_ids, self.slot_axis, impl)
 
     @abc.abstractmethod
     def output_dist(self, owner_out: jax.Array) -> list[jax.Array]:

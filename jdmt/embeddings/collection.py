@@ -43,6 +43,7 @@ from jdmt.embeddings.types import (
     plan_sharding,
 )
 from jdmt.mesh import DEVICES, mesh_shape
+from jdmt.pallas_kernels.common import Impl, resolve
 
 
 @jax.tree_util.register_dataclass
@@ -212,6 +213,11 @@ class ShardedEmbeddings:
         communicate (all but column-sharded tables) as the C++ FFI kernel
         (`jdmt.embeddings.cpu_kernels`). None (default): when every device of
         the mesh is a CPU and the kernel builds; False: always the XLA path.
+        Not used with Pallas kernels.
+      kernel: the lookups' and updates' implementation: "xla", "pallas"
+        (`jdmt.pallas_kernels`: the target's kernels; interpreted on a CPU
+        mesh) or "auto" (Pallas on TPU and GPU, XLA on CPU); or a resolved
+        `pallas_kernels.Impl`.
     """
 
     def __init__(
@@ -223,8 +229,15 @@ class ShardedEmbeddings:
         *,
         unique_capacity: float | None = 0.5,
         cpu_kernels: bool | None = None,
+        kernel: str | Impl = "auto",
     ):
         self.features = features
+        platform = mesh.devices.flat[0].platform
+        self.impl = kernel if isinstance(kernel, Impl) else resolve(kernel, platform=platform)
+        if self.impl.pallas:
+            if cpu_kernels:
+                raise ValueError("cpu_kernels=True and Pallas kernels exclude each other")
+            cpu_kernels = False
         self.unique_capacity = unique_capacity
         self.mesh = mesh
         self.num_devices = int(mesh.devices.size)
@@ -371,12 +384,15 @@ class ShardedEmbeddings:
         """Local gathers (pooled or not) at the owners."""
 
         def body(weights, ids):
-            return {name: g.lookup(weights[name], ids[name]) for name, g in self.groups.items()}
+            return {name: g.lookup(weights[name], ids[name], self.impl)
+                    for name, g in self.groups.items()}
 
         w = {k: v.weights for k, v in state.items()}
+        # Pallas calls inside shard_map need the varying-axes check off
+        # (research.md); this stage is never differentiated.
         return self._shard_map(
             body, (self._specs(lambda g: g.spec), self._specs(lambda g: P(DEVICES))),
-            self._specs(lambda g: P(DEVICES)),
+            self._specs(lambda g: P(DEVICES)), check_vma=not self.impl.pallas,
         )(w, routed.ids)
 
     def output_dist(self, owner_out: Mapping[str, jax.Array], lengths: jax.Array) -> "Embeddings":
@@ -483,6 +499,7 @@ class ShardedEmbeddings:
                     opt, st.weights, st.accum, kid, kg, base=base, max_rows=most, lr=lr,
                     row_mean_sq=g.row_mean_sq, capacity=cap, agree=agree,
                     cpu_kernel=self.cpu_kernels and not getattr(g, "communicating_update", False),
+                    impl=self.impl,
                 )
                 new[name] = TableState(w, acc)
                 over = over + o

@@ -16,44 +16,15 @@ import jax.numpy as jnp
 from jax import lax
 
 from jdmt.embeddings.types import OptimizerKind, SparseOptimizer
-
-
-_NO_KEY = 0xFFFFFFFF
-
-
-def sort_by_row(
-    ids: jax.Array, base: jax.Array, max_rows: int, sentinel: int
-) -> tuple[jax.Array, jax.Array]:
-    """Sort the ids of each slot by row, keeping where each came from.
-
-    Args:
-      ids: i32[K, n] local row ids; negative = no id.
-      base: i32[K] first local row of each slot's table (all ids of slot k
-        lie in `[base[k], base[k] + max_rows)`).
-      max_rows: static bound on the rows of any slot's table.
-      sentinel: the row reported for "no id" (past the end of the table).
-
-    Returns:
-      rows: i32[K, n] sorted rows (no-id positions last, as `sentinel`).
-      src: i32[K, n] the position in `ids` each sorted row came from.
-
-    When `max_rows * n` fits in 32 bits (the common case), row and position
-    are packed into one uint32 key and sorted alone, which is several times
-    faster than sorting a key with a payload.
-    """
-    k, n = ids.shape
-    pos = lax.broadcasted_iota(jnp.int32, (k, n), 1)
-    valid = ids >= 0
-    if max_rows * n < _NO_KEY:
-        rel = (ids - base[:, None]).astype(jnp.uint32)
-        key = jnp.where(valid, rel * jnp.uint32(n) + pos.astype(jnp.uint32), jnp.uint32(_NO_KEY))
-        key = lax.sort(key, dimension=1)
-        found = key != jnp.uint32(_NO_KEY)
-        rows = (key // jnp.uint32(n)).astype(jnp.int32) + base[:, None]
-        src = (key % jnp.uint32(n)).astype(jnp.int32)
-        return jnp.where(found, rows, sentinel), src
-    key = jnp.where(valid, ids, sentinel).astype(jnp.int32)
-    return lax.sort((key, pos), dimension=1, num_keys=1)
+from jdmt.pallas_kernels.common import XLA, Impl
+from jdmt.pallas_kernels.row_gradients import (  # noqa: F401  (re-exported)
+    run_bounds,
+    run_index,
+    run_segment_sum,
+    sort_by_row,
+    unique_count,
+)
+from jdmt.pallas_kernels.sparse_update import run_update
 
 
 def segment_rows(
@@ -82,7 +53,7 @@ def segment_rows(
     k, n = rows.shape
     cap = n if capacity is None else min(capacity, n)
     per = n // grads.shape[1]
-    seg = _segments(rows) - first
+    seg = run_index(rows) - first
     seg = jnp.where((seg >= 0) & (seg < cap), seg, cap)  # cap: dropped
 
     def per_slot(rows, src, seg, g):
@@ -94,20 +65,6 @@ def segment_rows(
         return uniq, summed
 
     return jax.vmap(per_slot)(rows, src, seg, grads)
-
-
-def _segments(rows: jax.Array) -> jax.Array:
-    """i32[K, n]: index of each sorted position's row among its slot's unique rows."""
-    k = rows.shape[0]
-    first = jnp.concatenate([jnp.ones((k, 1), bool), rows[:, 1:] != rows[:, :-1]], axis=1)
-    return jnp.cumsum(first, axis=1, dtype=jnp.int32) - 1
-
-
-def unique_count(rows: jax.Array, sentinel: int) -> jax.Array:
-    """i32[]: the most unique rows (not counting "no id") any slot has."""
-    seg = _segments(rows)
-    last = jnp.where(rows == sentinel, -1, seg)
-    return jnp.max(last) + 1
 
 
 def init_accumulator(opt: SparseOptimizer, rows: int, dim: int, dtype=jnp.float32):
@@ -188,6 +145,7 @@ def sparse_step(
     capacity: int | None = None,
     agree: Callable[[jax.Array], jax.Array] | None = None,
     cpu_kernel: bool = False,
+    impl: Impl = XLA,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
     """De-duplicate and apply: the whole fused update of one local shard.
 
@@ -211,6 +169,11 @@ def sparse_step(
         plain mean over this shard's columns (no column-sharded tables);
         `row_mean_sq`, `capacity` and `agree` are then unused (nothing is
         chunked or dropped).
+      impl: with a Pallas implementation, each unique row's run of
+        gradients is summed by the `segment_sum` kernel and the rows are
+        written by the `row_update` kernel, in place
+        (`jdmt.pallas_kernels`); the sort stays in XLA. Ignored when
+        `cpu_kernel` is set.
 
     Returns:
       (table, accum, overflowed): overflowed is 1 if more than one chunk ran.
@@ -228,12 +191,31 @@ def sparse_step(
     rows, src = sort_by_row(ids.reshape(k, n), base, max_rows, sentinel)
     grads = grads.reshape(k, -1, d)
 
-    def update(cap, first, table, accum):
+    def xla_update(cap, first, table, accum):
         uniq, g = segment_rows(rows, src, grads, sentinel, cap, first)
         msq = None
         if row_mean_sq is not None and opt.kind is OptimizerKind.ROWWISE_ADAGRAD:
             msq = row_mean_sq(g).reshape(-1)
         return apply_rows(opt, table, accum, uniq.reshape(-1), g.reshape(-1, d), lr=lr, row_mean_sq=msq)
+
+    per = n // grads.shape[1]
+    # every slot's occurrences, flattened: sorted position j of slot k is
+    # k * n + j, and its gradient row is that of its bag (pooled) or position
+    g_rows = grads.reshape(-1, d)
+    src_rows = ((src // per if per > 1 else src)
+                + grads.shape[1] * jnp.arange(k, dtype=jnp.int32)[:, None]).reshape(-1)
+    slot0 = n * jnp.arange(k, dtype=jnp.int32)[:, None]
+
+    def kernel_update(cap, first, table, accum):
+        uniq, begin, end = run_bounds(rows, sentinel, cap, first)  # [K, cap]
+        g = run_segment_sum(impl, g_rows, src_rows, (begin + slot0).reshape(-1),
+                            (end + slot0).reshape(-1), None)  # [K * cap, D]
+        msq = None
+        if row_mean_sq is not None and opt.kind is OptimizerKind.ROWWISE_ADAGRAD:
+            msq = row_mean_sq(g.reshape(k, cap, d)).reshape(-1)
+        return run_update(impl, table, accum, uniq.reshape(-1), g, lr, msq, kind=opt.kind, eps=opt.eps)
+
+    update = kernel_update if impl.pallas else xla_update
 
     if capacity is None or capacity >= n:
         return (*update(n, 0, table, accum), jnp.zeros((), jnp.int32))

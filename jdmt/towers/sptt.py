@@ -6,10 +6,10 @@ table-wise (one device per table, the default) or table-row-wise (a table's
 rows spread over the host's L devices; `row_wise`). One step, with H hosts, L
 local devices and B samples per device:
 
-    route     ids -> the tower's host by an all-to-all over `host` (to the peer
-              of the same local rank), which carries per destination host only
-              that host's tables (ids of features sharing a shape travel
-              together: i32[H, K_h, B, P], K_h the most such tables on a host);
+    route     ids -> the tower's host by one all-to-all over `host` (to the
+              peer of the same local rank), which carries per destination host
+              only that host's tables' ids, packed side by side: i32[H, B, Q],
+              Q the most id positions (sum of the tables' id caps) of any host;
               inside the host, an all-to-all over `local` to a table-wise
               table's owner, or an all-gather over `local` for a row-wise one
               (each device keeps the ids of its row block). The ids arrive
@@ -192,7 +192,7 @@ class SPTT:
       row_wise: tables sharded table-row-wise over their tower's host (the
         others are table-wise on one of its devices), or `'auto'`: those
         bigger than an even share of their host (`auto_row_wise`).
-      cpu_kernels: passed to `ShardedEmbeddings`.
+      cpu_kernels, kernel: passed to `ShardedEmbeddings`.
 
     Attributes:
       emb: the `ShardedEmbeddings` of the tower plan (state, update, checkpoints).
@@ -221,6 +221,7 @@ class SPTT:
         tower_dim: int | None = None,
         row_wise: Collection[str] | str = (),
         cpu_kernels: bool | None = None,
+        kernel: str = "auto",
     ):
         self.features = features
         self.mesh = mesh
@@ -233,7 +234,8 @@ class SPTT:
         self.module_kind = module
         plan = tower_plan(features, self.towers, self.tower_hosts, self.local, row_wise)
         self.row_wise = tuple(n for n in features.names if plan[n].type is ShardingType.TABLE_ROW_WISE)
-        self.emb = ShardedEmbeddings(features, mesh, plan, optimizer, cpu_kernels=cpu_kernels)
+        self.emb = ShardedEmbeddings(features, mesh, plan, optimizer, cpu_kernels=cpu_kernels,
+                                     kernel=kernel)
         self._layout()
         self.out_dim = tower_output_dim(module, self.f_max, self.dim, tower_dim)
         self.module = TowerModule(module, self.out_dim)
@@ -302,6 +304,23 @@ class SPTT:
                     take[h, j] = members.index(f)
                     self.host_slot[f] = j
             self.buckets.append(_Bucket(tuple(names), members, tuple(tuple(v) for v in per_host), take))
+        # The host all-to-all's packing: the buckets' sends i32[H(dest), B, K_b * P_b]
+        # side by side are W columns (W = none); destination h takes its own
+        # tables' columns, Q_h of them, padded to Q. The receiver unpacks.
+        widths = [b.slots * groups[b.groups[0]].max_len for b in self.buckets]
+        starts = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
+        w_all = int(starts[-1])
+        cols = [[int(starts[i]) + j * groups[b.groups[0]].max_len + p
+                 for i, b in enumerate(self.buckets)
+                 for j in range(len(b.host_slots[h]))
+                 for p in range(groups[b.groups[0]].max_len)] for h in range(H)]
+        q = max(1, max(len(c) for c in cols))
+        self.id_pack = np.full((H, q), w_all, np.int32)  # dest h: column of each packed position
+        self.id_unpack = np.full((H, w_all), q, np.int32)  # at h: packed position of each column
+        for h, c in enumerate(cols):
+            self.id_pack[h, : len(c)] = c
+            self.id_unpack[h, c] = np.arange(len(c))
+        self.id_widths = widths
         # Inside the host: per group, the host slot each owner slot reads.
         self.owner_take: dict[str, np.ndarray] = {}
         for b in self.buckets:
@@ -419,14 +438,16 @@ class SPTT:
     # ---- the step's stages -------------------------------------------------------------
 
     def route(self, ids: jax.Array, lengths: jax.Array) -> Routed:
-        """Ids to their owners: an all-to-all over `host` carrying each host its
-        tables' ids, then one over `local` (table-wise) or an all-gather over
-        `local` (row-wise). `Routed` as the flat path's for the same plan."""
+        """Ids to their owners: one all-to-all over `host` carrying each host
+        its tables' ids (packed: `id_pack`), then one over `local` (table-wise)
+        or an all-gather over `local` (row-wise). `Routed` as the flat path's
+        for the same plan."""
         groups, H, L = self.emb.groups, self.hosts, self.local
 
         def body(ids, lengths):
             h = lax.axis_index(HOST)
-            out, bad = {}, jnp.zeros((), jnp.int32)
+            bad = jnp.zeros((), jnp.int32)
+            sends = []
             for b in self.buckets:
                 gids = []
                 for name in b.groups:
@@ -434,8 +455,19 @@ class SPTT:
                     gids.append(gid)
                     bad = bad + n
                 gid = jnp.concatenate(gids + [jnp.full_like(gids[0][:, :1], -1)], axis=1)
-                send = jnp.transpose(gid[:, b.send_take], (1, 2, 0, 3))  # [H(dest), K, B, P]
-                recv = lax.all_to_all(send, HOST, 0, 0, tiled=True)  # [H(src), K, B, P]
+                send = gid[:, b.send_take]  # [B, H(dest), K, P]
+                sends.append(jnp.transpose(send, (1, 0, 2, 3)).reshape(H, send.shape[0], -1))
+            cat = jnp.concatenate(sends + [jnp.full_like(sends[0][:, :, :1], -1)], axis=2)
+            packed = jnp.take_along_axis(cat, jnp.asarray(self.id_pack)[:, None, :], axis=2)
+            recv = lax.all_to_all(packed, HOST, 0, 0, tiled=True)  # [H(src), B, Q]
+            recv = jnp.concatenate([recv, jnp.full_like(recv[:, :, :1], -1)], axis=2)
+            cols = jnp.take(recv, jnp.asarray(self.id_unpack)[h], axis=2)  # [H, B, W]
+            out, start = {}, 0
+            for b, width in zip(self.buckets, self.id_widths):
+                part = cols[:, :, start : start + width]
+                start += width
+                part = part.reshape(H, part.shape[1], b.slots, -1)  # [H(src), B, K, P]
+                recv = jnp.transpose(part, (0, 2, 1, 3))  # [H(src), K, B, P]
                 recv = jnp.concatenate([recv, jnp.full_like(recv[:, :1], -1)], axis=1)
                 for name in b.groups:
                     g, take = groups[name], jnp.asarray(self.owner_take[name])[h]

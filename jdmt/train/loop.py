@@ -58,6 +58,7 @@ from jdmt.embeddings import (
     dense_from_buffers,
 )
 from jdmt.mesh import DEVICES, HOST, Topology, make_mesh, mesh_shape, parse_mesh_spec
+from jdmt.pallas_kernels.common import Kernel
 from jdmt.models import (
     DCN,
     DLRM,
@@ -179,6 +180,10 @@ class TrainConfig:
         step's loss equals the uninterrupted run's bit for bit (on CPU, same
         mesh). Without a checkpoint there, training starts from step 0.
       keep_checkpoints: how many of the newest checkpoints to keep.
+      kernel: the embedding lookups' and sparse updates' implementation:
+        'auto' (Pallas kernels on TPU and GPU, XLA on CPU), 'pallas'
+        (`jdmt.pallas_kernels`; in interpret mode on CPU: slow, for checks)
+        or 'xla'.
     """
 
     mesh: str = "2x4"
@@ -221,6 +226,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     resume: bool = False
     keep_checkpoints: int = 3
+    kernel: str = "auto"
 
     @property
     def uses_towers(self) -> bool:
@@ -267,6 +273,7 @@ class TrainConfig:
         if self.sharding != "auto":
             _choice("sharding", self.sharding, ShardingType)
         _choice("embedding_optimizer", self.embedding_optimizer, OptimizerKind)
+        _choice("kernel", self.kernel, Kernel)
         if self.combiner is not None:
             _choice("combiner", self.combiner, Combiner)
         for name in ("steps", "global_batch", "embedding_dim", "eval_batches", "num_tables",
@@ -519,7 +526,8 @@ class Trainer:
             self.sptt = self._build_towers(sparse_opt)
             self.emb = self.sptt.emb
         else:
-            self.emb = ShardedEmbeddings(self.features, self.mesh, sharding, sparse_opt)
+            self.emb = ShardedEmbeddings(self.features, self.mesh, sharding, sparse_opt,
+                                         kernel=config.kernel)
         if config.model == "dcn":
             self.model = DCN(config.embedding_dim, bottom=config.bottom_mlp, top=config.top_mlp,
                              sequence_pooling=config.sequence_pooling)
@@ -567,7 +575,16 @@ class Trainer:
             self.num_towers = part.num_towers
         _check_tower_sequences(cfg.tower_module, cfg.sequence_pooling, len(self.seq_index) > 0)
         return SPTT(self.features, self.mesh, part.towers, part.hosts, optimizer,
-                    module=cfg.tower_module, tower_dim=cfg.tower_dim, row_wise=cfg.tower_row_wise)
+                    module=cfg.tower_module, tower_dim=cfg.tower_dim, row_wise=cfg.tower_row_wise,
+                    kernel=cfg.kernel)
+
+    def _kernel_name(self) -> str:
+        """What runs the lookups and updates: 'xla' (with the C++ update on
+        CPU: 'xla+cpu_update') or 'pallas:<target>' (', interpreted' on CPU)."""
+        impl = self.emb.impl
+        if not impl.pallas:
+            return "xla+cpu_update" if self.emb.cpu_kernels else "xla"
+        return f"pallas:{impl.target}" + (", interpreted" if impl.interpret else "")
 
     def _model_features(self) -> int:
         """Pooled interaction vectors the model reads (tower outputs with DMT)."""
@@ -968,6 +985,7 @@ class Trainer:
             "global_batch": cfg.global_batch,
             "mesh": [self.hosts, self.local],
             "sharding": cfg.sharding,
+            "kernel": self._kernel_name(),
             "embedding_dim": cfg.embedding_dim,
             "embedding_optimizer": cfg.embedding_optimizer,
             "embedding_lr": cfg.embedding_lr,

@@ -8,9 +8,9 @@ handler runs then, so `train.py` runs the training in a child process and
 its parent, which imports nothing heavy and holds no devices, turns a death
 by signal into one clear line and exit status 1.
 
-The child dies with the parent (Linux `PR_SET_PDEATHSIG`): killing the
-parent, as a cluster scheduler does, never leaves a training process
-behind. SIGINT, SIGTERM and SIGHUP sent to the parent are passed on.
+The child dies with the parent (Linux `PR_SET_PDEATHSIG`, which the child
+sets first thing: `become_worker`): killing the parent, as a cluster
+scheduler does, never leaves a training process behind. SIGINT, SIGTERM and SIGHUP sent to the parent are passed on.
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 def is_worker() -> bool:
     """True inside the child that `supervise` started."""
-    return os.environ.get(WORKER_ENV) == "1"
+    return bool(os.environ.get(WORKER_ENV))
 
 
-def _die_with_parent(parent: int) -> None:
-    """In the child, before exec: get SIGKILL when the parent dies."""
+def become_worker() -> None:
+    """In the child, first thing: get SIGKILL when the parent dies (Linux),
+    and exit at once if it died already."""
+    parent = int(os.environ[WORKER_ENV])
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -48,11 +50,8 @@ def supervise(argv: Sequence[str], process_id: int) -> int:
     A worker killed by a signal is reported as
     `train.py: error: process N: ... died of SIGNAME ...` and gives status 1.
     """
-    parent = os.getpid()
-    env = dict(os.environ, **{WORKER_ENV: "1"})
-    child = subprocess.Popen(
-        [sys.executable, *argv], env=env, preexec_fn=lambda: _die_with_parent(parent)
-    )
+    env = dict(os.environ, **{WORKER_ENV: str(os.getpid())})
+    child = subprocess.Popen([sys.executable, *argv], env=env)
 
     def forward(signum, _frame):
         if child.poll() is None:
@@ -82,4 +81,4 @@ def supervise(argv: Sequence[str], process_id: int) -> int:
     return 1
 
 
-__all__ = ["WORKER_ENV", "is_worker", "supervise"]
+__all__ = ["WORKER_ENV", "become_worker", "is_worker", "supervise"]
