@@ -17,6 +17,14 @@ hierarchical path) and SPTT with each compressing Tower Module (linear, dcn,
 mlp) to `--tower-dim` values per tower. One JSON object per path, then a
 summary object with each path's cross-host bytes as a fraction of flat
 table_wise (the issue's target for SPTT with a compressing module: <= 1/8).
+
+Static shapes pad: flat table-wise sends every device a slot per fused
+group (tables of one id cap) whether or not it owns a table of it, so with
+fewer tables than devices most of its bytes are zeros. The summary also
+gives the *payload* a ragged exchange would move for flat table-wise (ids
+forward, pooled rows forward, their gradients backward, for the samples of
+other hosts: an analytic count, not a measurement) and every path's
+fraction of it, so the saving that is DMT's own can be told from padding.
 """
 
 from __future__ import annotations
@@ -123,13 +131,29 @@ def main() -> None:
         results.append(row)
         print(json.dumps(row), flush=True)
     base = results[0]["cross_host_bytes"]
+    payload = flat_payload_cross_host_bytes(features, batch, hosts)
     print(json.dumps({
         "benchmark": "comm_volume_summary", "mesh": [hosts, local],
         "cross_host_fraction_of_flat_table_wise": {
             f"{r['path']}:{r['variant']}": round(r["cross_host_bytes"] / base, 4) for r in results
         },
         "target_sptt_tm_at_most": 0.125,
+        "flat_table_wise_payload_cross_host_bytes": payload,
+        "flat_table_wise_padding_factor": round(base / payload, 2),
+        "cross_host_fraction_of_flat_payload": {
+            f"{r['path']}:{r['variant']}": round(r["cross_host_bytes"] / payload, 4)
+            for r in results
+        },
     }))
+
+
+def flat_payload_cross_host_bytes(features, global_batch: int, hosts: int) -> float:
+    """Bytes a ragged flat table-wise step would move across hosts: for each
+    table, the ids (int32) of the samples on other hosts, their pooled rows
+    (a sequence's rows) and the rows' gradients (float32)."""
+    other = global_batch * (hosts - 1) / hosts
+    return float(sum(other * 4 * (f.max_len + 2 * f.dim * (1 if f.pooled else f.max_len))
+                     for f in features.sparse))
 
 
 if __name__ == "__main__":
