@@ -4,7 +4,7 @@
     python benchmarks/dmt_speedup.py                    # 2 processes x 4 CPU devices
     python benchmarks/dmt_speedup.py --quick            # tiny smoke run
     python benchmarks/dmt_speedup.py --project-mesh=64x8   # the issue's scale (slow to compile on 2 cores)
-    sudo python benchmarks/dmt_speedup.py --link-mbit=0,2000,400   # also over a throttled loopback
+    sudo python benchmarks/dmt_speedup.py --links=loopback,veth,1000,200   # two-level networks
 
 Runs `benchmarks/train_throughput.py` twice, one after the other on the same
 model and data (26 tables x 100k x 64, 10 ids per bag, 4096 examples per
@@ -18,22 +18,22 @@ that many emulated devices (at `--project-batch-per-device` examples per
 device, with the same tables) and times its per-device bytes with the
 `Topology` model (600 GB/s inside a host, 12.5 GB/s across).
 
-The two processes talk over loopback, which on a small CPU machine is far
-faster relative to its compute than a data centre's network is relative to
-accelerators: there the cross-host bytes DMT saves hardly show in the step
-time. `--link-mbit` repeats the pair of runs with the loopback device
-throttled to each rate (a `tc` token-bucket qdisc on `lo`, removed
-afterwards; needs root and iproute2; 0 = not throttled), one JSON object per
-rate: how the speedup grows as the link gets slower relative to compute.
+The two processes talk over loopback, as do the devices inside each process
+(gloo carries every collective over TCP): on this machine a host's "fast"
+network is no faster than the one between hosts, and compute is slow, so
+the cross-host bytes DMT saves hardly show. `--links` repeats the pair of
+runs over other links, one JSON object each: `veth` puts each process in its
+own network namespace (`two_hosts.py`: traffic inside a process stays on
+its own loopback, traffic between them crosses a veth pair), and a number
+caps that veth at so many Mbit/s per direction, a slow link between hosts as
+in a data centre. Needs root and iproute2.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -42,15 +42,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_throughput  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+PROJECTION_ROWS = 1000
 
 
 def project(mesh: str, batch_per_device: int, tower_module: str, tower_dim: int, quick: bool) -> dict:
     """Embedding-step communication time (s) of flat table_wise and of DMT on `mesh`."""
     shape = train_throughput.QUICK if quick else train_throughput.FULL
+    # Bytes moved do not depend on a table's rows, but every emulated device
+    # holds a buffer of the largest table's rows: 1,000 rows keep 512 devices small.
     cmd = [sys.executable, os.path.join(HERE, "comm_volume.py"), "--mesh", mesh,
-           "--shape", "uniform", "--tables", str(shape["tables"]), "--rows", str(shape["rows"]),
+           "--shape", "uniform", "--tables", str(shape["tables"]),
+           "--rows", str(min(shape["rows"], PROJECTION_ROWS)),
            "--dim", str(shape["dim"]), "--pooling", str(shape["ids_per_bag"]),
-           "--batch-per-device", str(batch_per_device), "--tower-dim", str(tower_dim)]
+           "--batch-per-device", str(batch_per_device), "--tower-dim", str(tower_dim),
+           "--paths", f"flat:table_wise,sptt:{tower_module}"]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.setdefault("JAX_PLATFORMS", "cpu")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
@@ -67,28 +72,6 @@ def project(mesh: str, batch_per_device: int, tower_module: str, tower_dim: int,
         "dmt_cross_host_bytes_per_device": dmt["cross_host_bytes_per_device"],
         "towers": dmt["towers"],
     }
-
-
-@contextlib.contextmanager
-def shaped_loopback(mbit: int):
-    """Throttle the loopback device to `mbit` Mbit/s for the block (0: leave it)."""
-    if mbit <= 0:
-        yield
-        return
-    if shutil.which("tc") is None or os.geteuid() != 0:
-        raise SystemExit("dmt_speedup: --link-mbit needs root and tc (iproute2)")
-    shown = subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True,
-                           text=True, check=True).stdout
-    if "tbf" in shown or "netem" in shown:
-        raise SystemExit(f"dmt_speedup: lo already has a qdisc, not touching it: {shown.strip()}")
-    # The bucket must hold a loopback packet (64 KiB) and about 10 ms of traffic.
-    burst = max(256 * 1024, mbit * 1_000_000 // 8 // 100)
-    subprocess.run(["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", f"{mbit}mbit",
-                    "burst", str(burst), "latency", "500ms"], check=True)
-    try:
-        yield
-    finally:
-        subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], check=False)
 
 
 def compare(common: list[str], args) -> dict | None:
@@ -125,29 +108,30 @@ def main(argv=None) -> int:
     p.add_argument("--tower-dim", type=int, default=32)
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run")
     p.add_argument("--tuned-malloc", action="store_true")
-    p.add_argument("--link-mbit", default="0",
-                   type=lambda t: [int(x) for x in t.split(",")],
-                   help="comma-separated loopback rates in Mbit/s, one pair of runs each "
-                   "(0: not throttled; others need root and tc)")
+    p.add_argument("--kernel", default="auto", choices=("auto", "pallas", "xla"),
+                   help="lookups and sparse updates of both runs (train_throughput.py --kernel)")
+    p.add_argument("--links", default="loopback",
+                   help="comma-separated links, one pair of runs each: loopback, veth (two "
+                   "network namespaces), or a veth rate in Mbit/s (root, iproute2); '' for "
+                   "the projection alone")
     p.add_argument("--project-mesh", default="16x8",
                    help="mesh of the communication projection ('' to skip it)")
     p.add_argument("--project-batch-per-device", type=int, default=8,
                    help="examples per device of the projection's compiled step (bytes "
                    "scale linearly with it; the ratio does not depend on it)")
     args = p.parse_args(argv)
-    common = ["--steps", str(args.steps), *(["--quick"] if args.quick else []),
+    common = ["--steps", str(args.steps), "--kernel", args.kernel,
+              *(["--quick"] if args.quick else []),
               *(["--tuned-malloc"] if args.tuned_malloc else [])]
     first = None
-    for mbit in args.link_mbit:
-        with shaped_loopback(mbit):
-            res = compare(common, args)
+    for link in filter(None, args.links.split(",")):
+        res = compare([*common, "--link", link], args)
         if res is None:
             print("dmt_speedup: a training run failed", file=sys.stderr)
             return 1
         out = {
             "benchmark": "dmt_speedup",
-            "link": "loopback" if mbit <= 0 else f"loopback throttled to {mbit} Mbit/s",
-            "link_mbit": mbit or None,
+            "link": train_throughput.link_name(train_throughput._link(link)),
             "processes": train_throughput.PROCESSES,
             "tower_module": args.tower_module,
             "tower_dim": args.tower_dim,
@@ -156,7 +140,7 @@ def main(argv=None) -> int:
         }
         first = first or out
         print(json.dumps(out), flush=True)
-    out = {"benchmark": "dmt_speedup_projection", "mesh_measured": first["mesh"]}
+    out = {"benchmark": "dmt_speedup_projection", "mesh_measured": first and first["mesh"]}
     if args.project_mesh:
         out["projection"] = project(args.project_mesh, args.project_batch_per_device,
                                     args.tower_module, args.tower_dim, args.quick)

@@ -17,6 +17,7 @@ defaults (`dlrm_main.py`): bottom (dense arch) 512-256-64, top (over arch)
     python benchmarks/train_throughput.py --sharding=row_wise
     python benchmarks/train_throughput.py --tuned-malloc     # glibc malloc tuned (research.md)
     python benchmarks/train_throughput.py --quick            # tiny smoke run
+    sudo python benchmarks/train_throughput.py --link=1000   # two namespaces, a 1 Gbit/s link
 
 The batches are made before training (a few distinct ones, cycled) so the
 timed steps measure training, not the synthetic data generator. The
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -70,6 +72,10 @@ def parse_args(argv=None):
     p.add_argument("--tower-module", default="linear",
                    help="Tower Module with --towers (identity, linear, dot, dcn, mlp)")
     p.add_argument("--tower-dim", type=int, default=32, help="C of a compressing Tower Module")
+    p.add_argument("--link", default="loopback", type=_link,
+                   help="how the two processes talk: loopback (default); veth: each in its own "
+                   "network namespace, joined by a veth pair (two_hosts.py; root); or a rate "
+                   "in Mbit/s: that veth capped to it in each direction")
     p.add_argument("--kernel", default="auto", choices=("auto", "pallas", "xla"),
                    help="lookups and sparse updates: auto (Pallas on TPU/GPU, XLA on CPU), "
                    "pallas (interpreted on CPU: slow) or xla")
@@ -86,6 +92,23 @@ def parse_args(argv=None):
     if args.steps < 2:
         p.error("--steps must be >= 2 (the first step compiles and is not timed)")
     return args
+
+
+def _link(text: str):
+    """'loopback' -> None, 'veth' -> 0 (not capped), an integer -> that Mbit/s."""
+    if text in ("loopback", "veth"):
+        return None if text == "loopback" else 0
+    try:
+        mbit = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected loopback, veth or Mbit/s, got {text!r}") from None
+    if mbit < 1:
+        raise argparse.ArgumentTypeError(f"a link rate must be >= 1 Mbit/s, got {mbit}")
+    return mbit
+
+
+def link_name(link) -> str:
+    return "loopback" if link is None else ("veth" if link == 0 else f"veth at {link} Mbit/s")
 
 
 # ---------------------------------------------------------------------------- children
@@ -172,11 +195,20 @@ def _free_port() -> int:
 
 
 def launch(args) -> dict | int:
+    if args.link is None:
+        return _launch(args, [[], []], "127.0.0.1")
+    from two_hosts import two_hosts
+
+    with two_hosts(args.link or None) as (prefixes, address):
+        return _launch(args, prefixes, address)
+
+
+def _launch(args, prefixes: list[list[str]], address: str) -> dict | int:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.setdefault("JAX_PLATFORMS", "cpu")
     if args.tuned_malloc:
         env.update(TUNED_MALLOC)
-    coordinator = f"127.0.0.1:{_free_port()}"
+    coordinator = f"{address}:{_free_port()}"
     with tempfile.TemporaryDirectory(prefix="jdmt-bench-") as tmp:
         result = os.path.join(tmp, "summary.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--child", coordinator,
@@ -187,7 +219,7 @@ def launch(args) -> dict | int:
         load_before = os.getloadavg()[0]
         t0 = time.perf_counter()
         # The children's output (gloo's connection lines included) goes to stderr.
-        procs = [subprocess.Popen([*cmd, "--process-id", str(i)], env=env,
+        procs = [subprocess.Popen([*prefixes[i], *cmd, "--process-id", str(i)], env=env,
                                   stdout=sys.stderr, stderr=sys.stderr)
                  for i in range(PROCESSES)]
         try:
@@ -251,6 +283,7 @@ def report(args, s: dict, wall_s: float, load: list[float]) -> dict:
         },
         "mesh": s["mesh"],
         "processes": PROCESSES,
+        "link": link_name(args.link),
         "sharding": s["sharding"],
         "kernel": s.get("kernel"),
         "towers": s.get("towers"),
@@ -287,6 +320,9 @@ def run(argv=None) -> dict | int:
     args = parse_args(argv)
     if args.child is not None:
         return child(args)
+    # SIGTERM unwinds (the children are killed, namespaces removed) instead of
+    # leaving them behind
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     return launch(args)
 
 
