@@ -69,6 +69,19 @@ def test_identity_towers_with_sequences_equal_the_flat_path_on_2x4(mesh24):
     assert r["sequence_features"] == ["seq_0", "seq_1", "seq_2"] and r["tables_moved"] == 17
 
 
+def test_towers_with_pallas_kernels_equal_the_flat_xla_path(mesh24):
+    """SPTT's lookups and updates by the Pallas TPU kernels (interpreted), with
+    pooled and sequence features and row-wise tables inside a host, against
+    the flat XLA path: the same embeddings, and tables after the step equal
+    to f32 rounding (the kernels add a row's gradients in their own order)."""
+    towers, hosts = sptt_equality.sequence_towers(2)
+    r = sptt_equality.run(mesh24, sptt_equality.SEQ_FEATURES, towers, hosts, global_batch=32,
+                          row_wise=("cat_5", "seq_0"), flat="same", kernel="pallas")
+    assert r["row_wise"] == ["cat_5", "seq_0"] and r["tables_moved"] == 17
+    assert r["max_embedding_diff"] <= 1e-6 and r["max_table_diff"] <= 1e-6, r
+    assert r["accumulator_rel_diff"] <= 1e-5, r
+
+
 def test_identity_towers_equal_the_flat_path_on_8x8():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"

@@ -67,12 +67,15 @@ def sequence_towers(hosts):
 
 
 def run(mesh, features, towers, tower_hosts, global_batch, seed=0, *, row_wise=(),
-        flat="table_wise"):
+        flat="table_wise", kernel="auto"):
     """One step both ways. `flat`: the flat path's sharding, or 'same': the
-    SPTT's own plan (with `row_wise` tables, the flat table-row-wise path)."""
+    SPTT's own plan (with `row_wise` tables, the flat table-row-wise path).
+    `kernel`: the SPTT side's lookups and updates (the flat side: XLA)."""
     opt = SparseOptimizer(lr=0.3)
-    sp = SPTT(features, mesh, towers, tower_hosts, opt, module="identity", row_wise=row_wise)
-    flat_emb = ShardedEmbeddings(features, mesh, sp.emb.plan if flat == "same" else flat, opt)
+    sp = SPTT(features, mesh, towers, tower_hosts, opt, module="identity", row_wise=row_wise,
+              kernel=kernel)
+    flat_emb = ShardedEmbeddings(features, mesh, sp.emb.plan if flat == "same" else flat, opt,
+                                 kernel="xla")
     b = SyntheticData(features, seed=seed).batch(0, global_batch)
     ids, lengths = jnp.asarray(b.ids), jnp.asarray(b.lengths)
     rng = np.random.default_rng(seed)
