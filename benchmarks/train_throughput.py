@@ -72,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--tower-module", default="linear",
                    help="Tower Module with --towers (identity, linear, dot, dcn, mlp)")
     p.add_argument("--tower-dim", type=int, default=32, help="C of a compressing Tower Module")
-    p.add_argument("--link", default="loopback", type=_link,
+    p.add_argument("--link", default="loopback", type=parse_link,
                    help="how the two processes talk: loopback (default); veth: each in its own "
                    "network namespace, joined by a veth pair (two_hosts.py; root); or a rate "
                    "in Mbit/s: that veth capped to it in each direction")
@@ -94,7 +94,7 @@ def parse_args(argv=None):
     return args
 
 
-def _link(text: str):
+def parse_link(text: str):
     """'loopback' -> None, 'veth' -> 0 (not capped), an integer -> that Mbit/s."""
     if text in ("loopback", "veth"):
         return None if text == "loopback" else 0

@@ -11,8 +11,8 @@ network, with a slow link between hosts.
 
 Each namespace's `/etc/hosts` (`/etc/netns/NAME/hosts`, which `ip netns
 exec` mounts) maps this machine's hostname to the namespace's own address,
-which gloo binds. Needs root and iproute2; everything is removed on exit,
-also on SIGTERM.
+which gloo binds. Needs root and iproute2; everything is removed when the
+block exits (callers turn SIGTERM into an exit, as train_throughput.py does).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 from typing import Iterator
@@ -59,7 +58,6 @@ def two_hosts(mbit: int | None) -> Iterator[tuple[list[list[str]], str]]:
     if why:
         raise SystemExit(f"two emulated hosts: {why}")
     teardown()  # leftovers of an interrupted run
-    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         for name in NAMES:
             _run("ip", "netns", "add", name)
@@ -82,11 +80,6 @@ def two_hosts(mbit: int | None) -> Iterator[tuple[list[list[str]], str]]:
         yield [["ip", "netns", "exec", name] for name in NAMES], ADDRESSES[0]
     finally:
         teardown()
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _terminate(signum, frame):
-    raise SystemExit(128 + signum)
 
 
 __all__ = ["available", "teardown", "two_hosts"]

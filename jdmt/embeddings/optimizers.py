@@ -3,7 +3,8 @@
 These functions run on one device's local shard (inside `shard_map`). They
 never form a gradient of the whole table: gradients arrive per looked-up id,
 are summed per unique row (sort + segment sum), and a single scatter-add
-writes the step into the (donated) table. Cost is proportional to the ids of
+(`pallas_kernels.sparse_update`: XLA, or the row-update kernel) writes the
+step into the (donated) table. Cost is proportional to the ids of
 the step, not to the rows of the table.
 """
 
@@ -17,13 +18,7 @@ from jax import lax
 
 from jdmt.embeddings.types import OptimizerKind, SparseOptimizer
 from jdmt.pallas_kernels.common import XLA, Impl
-from jdmt.pallas_kernels.row_gradients import (  # noqa: F401  (re-exported)
-    run_bounds,
-    run_index,
-    run_segment_sum,
-    sort_by_row,
-    unique_count,
-)
+from jdmt.pallas_kernels.row_gradients import run_index, sort_by_row, summed_runs, unique_count
 from jdmt.pallas_kernels.sparse_update import run_update
 
 
@@ -80,55 +75,6 @@ def accumulator_shape(opt: SparseOptimizer, rows: int, dim: int) -> tuple[int, .
     if opt.kind is OptimizerKind.ADAGRAD:
         return (rows, dim)
     return None
-
-
-def apply_rows(
-    opt: SparseOptimizer,
-    table: jax.Array,
-    accum: jax.Array | None,
-    uniq: jax.Array,
-    grads: jax.Array,
-    *,
-    lr: jax.Array | float,
-    row_mean_sq: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array | None]:
-    """Apply one optimizer step to the rows `uniq` of a local table shard.
-
-    Args:
-      table: f32[R, D] local shard (donated by the caller's jit).
-      accum: optimizer state: f32[R] (row-wise Adagrad), f32[R, D] (Adagrad)
-        or None (SGD).
-      uniq: i32[U] rows to update; entries >= R are ignored.
-      grads: f32[U, D] summed gradient of each row.
-      lr: learning rate (may be traced, for schedules).
-      row_mean_sq: f32[U] mean of g**2 over each row's full width, for
-        row-wise Adagrad when the shard holds only some of the columns;
-        default: the mean over this shard's columns.
-
-    The caller must make `grads` depend on this step's reads of `table`, or
-    XLA keeps the old table alive with a whole-table copy (research.md).
-
-    Returns:
-      (table, accum) updated in the touched rows only.
-    """
-    eps = jnp.asarray(opt.eps, grads.dtype)
-    lr = jnp.asarray(lr, grads.dtype)
-    if opt.kind is OptimizerKind.ROWWISE_ADAGRAD:
-        old = accum.at[uniq].get(mode="fill", fill_value=0)
-        if row_mean_sq is None:
-            row_mean_sq = jnp.mean(grads * grads, axis=-1)
-        new = old + row_mean_sq
-        accum = accum.at[uniq].set(new, mode="drop")
-        delta = -(lr * grads) / (jnp.sqrt(new)[:, None] + eps)
-    elif opt.kind is OptimizerKind.ADAGRAD:
-        old = accum.at[uniq].get(mode="fill", fill_value=0)
-        new = old + grads * grads
-        accum = accum.at[uniq].set(new, mode="drop")
-        delta = -(lr * grads) / (jnp.sqrt(new) + eps)
-    else:
-        delta = -(lr * grads)
-    table = table.at[uniq].add(delta, mode="drop")
-    return table, accum
 
 
 def sparse_step(
@@ -191,31 +137,18 @@ def sparse_step(
     rows, src = sort_by_row(ids.reshape(k, n), base, max_rows, sentinel)
     grads = grads.reshape(k, -1, d)
 
-    def xla_update(cap, first, table, accum):
-        uniq, g = segment_rows(rows, src, grads, sentinel, cap, first)
-        msq = None
+    def update(cap, first, table, accum):
+        if impl.pallas:
+            uniq, g = summed_runs(impl, rows, src, grads, sentinel, cap, first)
+        else:
+            uniq, g = segment_rows(rows, src, grads, sentinel, cap, first)
+        msq = None  # uniq i32[K, cap], g f32[K, cap, D]
         if row_mean_sq is not None and opt.kind is OptimizerKind.ROWWISE_ADAGRAD:
             msq = row_mean_sq(g).reshape(-1)
-        return apply_rows(opt, table, accum, uniq.reshape(-1), g.reshape(-1, d), lr=lr, row_mean_sq=msq)
-
-    per = n // grads.shape[1]
-    # every slot's occurrences, flattened: sorted position j of slot k is
-    # k * n + j, and its gradient row is that of its bag (pooled) or position
-    g_rows = grads.reshape(-1, d)
-    src_rows = ((src // per if per > 1 else src)
-                + grads.shape[1] * jnp.arange(k, dtype=jnp.int32)[:, None]).reshape(-1)
-    slot0 = n * jnp.arange(k, dtype=jnp.int32)[:, None]
-
-    def kernel_update(cap, first, table, accum):
-        uniq, begin, end = run_bounds(rows, sentinel, cap, first)  # [K, cap]
-        g = run_segment_sum(impl, g_rows, src_rows, (begin + slot0).reshape(-1),
-                            (end + slot0).reshape(-1), None)  # [K * cap, D]
-        msq = None
-        if row_mean_sq is not None and opt.kind is OptimizerKind.ROWWISE_ADAGRAD:
-            msq = row_mean_sq(g.reshape(k, cap, d)).reshape(-1)
-        return run_update(impl, table, accum, uniq.reshape(-1), g, lr, msq, kind=opt.kind, eps=opt.eps)
-
-    update = kernel_update if impl.pallas else xla_update
+        # The caller makes `grads` depend on this step's reads of `table`, or XLA
+        # keeps the old table alive with a whole-table copy (research.md).
+        return run_update(impl, table, accum, uniq.reshape(-1), g.reshape(-1, d), lr, msq,
+                          kind=opt.kind, eps=opt.eps)
 
     if capacity is None or capacity >= n:
         return (*update(n, 0, table, accum), jnp.zeros((), jnp.int32))

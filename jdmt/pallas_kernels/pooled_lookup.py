@@ -53,13 +53,17 @@ def pooled_gather_xla(table, ids, weights):
     """Canonical pooled gather in XLA: ids i32[N, L] (-1 = none), weights
     f32[N, L] or None -> table.dtype[N, D]. One masked gather per position,
     accumulated in f32: nothing of size [N, L, D] is formed."""
-    n, ln = ids.shape
-    safe = jnp.where(ids >= 0, ids, table.shape[0])  # past the end: reads as 0
-    out = jnp.zeros((n, table.shape[1]), jnp.float32)
-    for pos in range(ln):
-        row = table.at[safe[:, pos]].get(mode="fill", fill_value=0).astype(jnp.float32)
+    out = jnp.zeros((ids.shape[0], table.shape[1]), jnp.float32)
+    for pos, row in enumerate(_position_rows(table, ids)):
         out = out + (row if weights is None else row * weights[:, pos : pos + 1])
     return out.astype(table.dtype)
+
+
+def _position_rows(table, ids):
+    """f32[N, D] per position of canonical ids i32[N, L]: the rows, 0 where -1."""
+    safe = jnp.where(ids >= 0, ids, table.shape[0])  # past the end: reads as 0
+    for pos in range(ids.shape[1]):
+        yield table.at[safe[:, pos]].get(mode="fill", fill_value=0).astype(jnp.float32)
 
 
 def pooled_lookup(
@@ -128,10 +132,7 @@ def weight_gradients_xla(table, ids, g):
     (0 where the id is -1). One gather of [N, D] per position, reduced at
     once: no [N, L, D] buffer. (XLA for every implementation: only weighted
     lookups that are differentiated need it.)"""
-    safe = jnp.where(ids >= 0, ids, table.shape[0])
-    cols = [jnp.sum(table.at[safe[:, pos]].get(mode="fill", fill_value=0).astype(jnp.float32) * g,
-                    axis=1) for pos in range(ids.shape[1])]
-    return jnp.stack(cols, axis=1)
+    return jnp.stack([jnp.sum(row * g, axis=1) for row in _position_rows(table, ids)], axis=1)
 
 
 _pooled.defvjp(_pooled_fwd, _pooled_bwd)

@@ -189,19 +189,42 @@ def run_segment_sum(impl: Impl, grads, src, begin, end, scale):
 # ---- the whole backward of one table -------------------------------------------------------
 
 
+def summed_runs(impl: Impl, rows, src, grads, sentinel: int, capacity: int, first=0, scale=None):
+    """Each slot's unique rows `[first, first + capacity)` and their summed gradients.
+
+    Args:
+      rows, src: i32[K, n] from `sort_by_row`.
+      grads: f[K, G, D] gradient sources: sorted position j of slot k takes
+        `grads[k, src[k, j] // (n // G)]` (a pooled bag's n // G ids share
+        its gradient).
+      scale: f32[K, n] per sorted position, or None (1).
+
+    Returns:
+      uniq: i32[K, U] the unique rows (`run_bounds`).
+      summed: f32[K, U, D] their summed gradients (`segment_sum` over all
+        slots' runs at once; sorted position j of slot k is k * n + j).
+    """
+    k, n = rows.shape
+    g, d = grads.shape[1], grads.shape[2]
+    per = n // g
+    uniq, begin, end = run_bounds(rows, sentinel, capacity, first)
+    slot = jnp.arange(k, dtype=jnp.int32)[:, None]
+    src_rows = ((src // per if per > 1 else src) + g * slot).reshape(-1)
+    summed = run_segment_sum(impl, grads.reshape(k * g, d), src_rows, (begin + n * slot).reshape(-1),
+                             (end + n * slot).reshape(-1),
+                             None if scale is None else scale.reshape(-1))
+    return uniq, summed.reshape(k, capacity, d)
+
+
 def _occurrences(impl: Impl, ids, grads, weights, num_rows: int, capacity: int, first):
     """Canonical ids i32[N, L] -> (uniq i32[U], f32[U, D], unique count)."""
     n, ln = ids.shape
     rows, pos = sort_by_row(ids.reshape(1, n * ln), jnp.zeros((1,), jnp.int32), num_rows, num_rows)
-    uniq, begin, end = run_bounds(rows, num_rows, capacity, first)
-    pos = pos[0]
-    if grads.ndim == 2:  # pooled: every id of a bag shares the bag's gradient
-        src, g2 = pos // ln, grads
-    else:  # sequence: one gradient per position
-        src, g2 = pos, grads.reshape(n * ln, grads.shape[-1])
-    scale = None if weights is None else weights.reshape(-1)[pos]
-    summed = run_segment_sum(impl, g2, src, begin[0], end[0], scale)
-    return uniq[0], summed, unique_count(rows, num_rows)
+    # pooled: a bag's ids share its gradient; sequence: one gradient per position
+    g = grads[None] if grads.ndim == 2 else grads.reshape(1, n * ln, grads.shape[-1])
+    scale = None if weights is None else weights.reshape(1, -1)[:, pos[0]]
+    uniq, summed = summed_runs(impl, rows, pos, g, num_rows, capacity, first, scale)
+    return uniq[0], summed[0], unique_count(rows, num_rows)
 
 
 def check_row_gradients(ids, grads, lengths, weights, num_rows, combiner) -> None:
@@ -291,5 +314,6 @@ __all__ = [
     "segment_sum_reference",
     "segment_sum_xla",
     "sort_by_row",
+    "summed_runs",
     "unique_count",
 ]

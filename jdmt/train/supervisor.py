@@ -10,7 +10,8 @@ by signal into one clear line and exit status 1.
 
 The child dies with the parent (Linux `PR_SET_PDEATHSIG`, which the child
 sets first thing: `become_worker`): killing the parent, as a cluster
-scheduler does, never leaves a training process behind. SIGINT, SIGTERM and SIGHUP sent to the parent are passed on.
+scheduler does, never leaves a training process behind. SIGINT, SIGTERM
+and SIGHUP sent to the parent are passed on.
 """
 
 from __future__ import annotations
@@ -59,19 +60,14 @@ def supervise(argv: Sequence[str], process_id: int) -> int:
 
     previous = {s: signal.signal(s, forward) for s in _FORWARDED}
     try:
-        while True:
-            try:
-                rc = child.wait()
-                break
-            except InterruptedError:  # pragma: no cover - wait is retried by Python
-                continue
+        rc = child.wait()
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
     if rc >= 0:
         return rc
     name = signal.Signals(-rc).name
-    if -rc in (signal.SIGKILL, *_FORWARDED) and -rc != signal.SIGABRT:
+    if -rc in (signal.SIGKILL, *_FORWARDED):
         why = "it was killed"
     else:
         why = ("a collective failed, probably because a peer process died or was killed "
