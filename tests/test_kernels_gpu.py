@@ -362,3 +362,21 @@ def test_export_serializes():
                           _sds((ROWS, 64), jnp.float32), _sds((512, 256), jnp.int32))
     blob = exported.serialize()
     assert jax.export.deserialize(blob).out_avals == exported.out_avals
+
+
+@pytest.mark.parametrize("op", ["pooled_gather", "row_update"])
+def test_odd_dim_tables_past_the_int32_view_are_refused(op):
+    """Rows that are not a multiple of 128 bytes are fetched from the operand's
+    1-D view, indexed in int32: a table of R * D >= 2**31 such elements is
+    refused with a ValueError that names the limit (no silent wrap-around)."""
+    rows, dim = 2**31 // 100 + 1, 100  # 400-byte rows
+    table = _sds((rows, dim), jnp.float32)
+    if op == "pooled_gather":
+        fn = lambda t, i: gpu.pooled_gather(t, i, None, interpret=False)  # noqa: E731
+        args = (table, _sds((64, 4), jnp.int32))
+    else:
+        fn = lambda t, r, g: gpu.row_update(t, None, r, g, jnp.float32(0.1), None, kind="sgd",  # noqa: E731
+                                            eps=1e-8, interpret=False)
+        args = (table, _sds((64,), jnp.int32), _sds((64, dim), jnp.float32))
+    with pytest.raises(ValueError, match=r"int32 \(rows \* dim < 2\*\*31\)"):
+        jax.eval_shape(fn, *args)

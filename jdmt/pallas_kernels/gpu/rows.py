@@ -37,14 +37,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax._src.pallas.mosaic_gpu.interpret.params import (  # not re-exported in jax 0.10
+    InterpretGPUParams,
+)
 from jaxlib.mlir.dialects import math as mlir_math
 
 from jdmt.pallas_kernels.gpu import tuning
-
-try:  # jax 0.10: the Mosaic GPU interpreter's parameters are not re-exported.
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-except ImportError:  # pragma: no cover - other JAX versions
-    InterpretGPUParams = None
 
 WGMMA = plgpu.Layout.WGMMA
 ROW = WGMMA.reduce(1)  # (64,): one value per tile row
@@ -64,8 +62,6 @@ def interpret_params(interpret):
     """
     if interpret is None or interpret is False:
         return False
-    if InterpretGPUParams is None:
-        raise NotImplementedError("this JAX has no Mosaic GPU interpreter")
     if interpret is True:
         return InterpretGPUParams()
     if isinstance(interpret, InterpretGPUParams):
@@ -170,11 +166,17 @@ def plan_rows(rows: int, dim: int, dtype, *, min_programs: int = 1, row_tiles: i
     overrun = num_blocks * block - dim
     tail_rows = min(rows, -(-overrun // dim))
     if rows * dim + overrun > _INT32_MAX:
-        raise NotImplementedError(
-            f"a [{rows}, {dim}] {dtype} operand: rows of {dim * dtype.itemsize} bytes are fetched "
-            "from its 1-D view, whose indices must fit in int32 (rows * dim < 2**31); "
-            "use a dim whose rows are a multiple of 128 bytes")
+        raise ValueError(_too_large(rows, dim, dtype))
     return RowPlan(rows, dim, dtype, block, num_blocks, True, tail_rows)
+
+
+def _too_large(rows: int, dim: int, dtype) -> str:
+    """The GPU kernels' one size limit: rows whose bytes are not a multiple of
+    128 are fetched from the operand's 1-D view, indexed in int32."""
+    return (f"the GPU kernels fetch rows of {dim * jnp.dtype(dtype).itemsize} bytes from a "
+            f"[{rows}, {dim}] {jnp.dtype(dtype).name} operand's 1-D view, whose indices must fit "
+            f"in int32 (rows * dim < 2**31); shard the table over more devices, or use a dim "
+            f"whose rows are a multiple of 128 bytes")
 
 
 def plan_like(base: RowPlan, rows: int, dtype) -> RowPlan:
@@ -186,7 +188,7 @@ def plan_like(base: RowPlan, rows: int, dtype) -> RowPlan:
     if not base.flat:
         return RowPlan(rows, base.dim, dtype, base.block, base.num_blocks, False, 0)
     if rows * base.dim + base.overrun > _INT32_MAX:
-        raise NotImplementedError(f"a [{rows}, {base.dim}] operand is too large for its 1-D view")
+        raise ValueError(_too_large(rows, base.dim, dtype))
     tail_rows = min(rows, -(-base.overrun // base.dim))
     return RowPlan(rows, base.dim, dtype, base.block, base.num_blocks, True, tail_rows)
 
