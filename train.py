@@ -430,8 +430,16 @@ def main(argv: list[str] | None = None) -> int:
     if s["skipped_lines"] is not None:
         print(f"data: {s['skipped_lines']:,} malformed lines skipped, epoch {s['data_epoch']}")
     print(
-        f"communication per step (all devices): cross-host "
+        f"communication per step (all devices): payload cross-host "
+        f"{_mib(s['cross_host_payload_bytes_per_step'])}, intra-host "
+        f"{_mib(s['intra_host_payload_bytes_per_step'])}; compiled program (wire) cross-host "
         f"{_mib(s['cross_host_bytes_per_step'])}, intra-host {_mib(s['intra_host_bytes_per_step'])}"
+        + (f"; {s['overflow_steps']} steps repeated after an overflow" if s["overflow_steps"] else "")
+    )
+    print(
+        f"tables and optimizer state: {_mib(s['table_bytes'])} owned, "
+        f"{_mib(s['table_bytes_allocated'])} allocated over all devices "
+        f"({s['table_bytes_allocated'] / max(s['table_bytes'], 1):.2f}x)"
     )
     if args.summary_json:
         with open(args.summary_json, "w") as f:

@@ -1,30 +1,31 @@
 #!/usr/bin/env python
 """Bytes the embedding part of a training step moves across and inside hosts.
 
-    python benchmarks/comm_volume.py                 # 8x8 emulated, MLPerf-like tables, dim 128
+    python benchmarks/comm_volume.py                 # 8x8 emulated, MLPerf tables (rows capped), dim 128
     python benchmarks/comm_volume.py --mesh=2x4 --rows 2000 --batch-per-device 32
 
-For each embedding path it compiles one step of the embedding part: route
-the ids, look the rows up, distribute (flat) or run the towers (SPTT and a
-Tower Module), a loss on the result, its backward pass and the fused sparse
-update. The bytes come from the compiled HLO's collectives (`jdmt.comm`),
-summed over all devices. The dense model's gradient all-reduce is left out:
-it is the same for every path here, and it does not depend on the batch.
+For each embedding path it compiles and runs one step of the embedding part
+on a synthetic batch: look the rows up (flat, or through the towers: SPTT
+and a Tower Module), a loss on the result, its backward pass and the fused
+sparse update. Two figures per path, summed over all devices:
 
-Paths: flat table_wise, flat table_row_wise (when the sharding type exists),
-SPTT with the identity module (the flat model's embeddings over the
-hierarchical path) and SPTT with each compressing Tower Module (linear, dcn,
-mlp) to `--tower-dim` values per tower. One JSON object per path, then a
-summary object with each path's cross-host bytes as a fraction of flat
-table_wise (the issue's target for SPTT with a compressing module: <= 1/8).
+- payload: the bytes the exchanges really send to other devices (ids,
+  lengths, rows, gradients; counted on the devices as the step runs). On
+  GPU and TPU the exchanges are `ragged_all_to_all`s that send exactly this,
+  plus one i32 size per peer and exchange (`ragged_wire`);
+- wire: the bytes of the compiled program's collectives on this CPU
+  (`jdmt.comm`), where every exchange is padded to its capacity (fitted to
+  the batch: what it needs plus a quarter).
 
-Static shapes pad: flat table-wise sends every device a slot per fused
-group (tables of one id cap) whether or not it owns a table of it, so with
-fewer tables than devices most of its bytes are zeros. The summary also
-gives the *payload* a ragged exchange would move for flat table-wise (ids
-forward, pooled rows forward, their gradients backward, for the samples of
-other hosts: an analytic count, not a measurement) and every path's
-fraction of it, so the saving that is DMT's own can be told from padding.
+The dense model's gradient all-reduce is left out: it is the same for every
+path, and it does not depend on the batch.
+
+Paths: flat table_wise, row_wise and table_row_wise; SPTT with the identity
+module (the flat model's embeddings over the two-hop path) and with each
+compressing Tower Module (linear, dcn, mlp) to `--tower-dim` values per
+tower. One JSON object per path, then a summary: each path's cross-host
+payload as a fraction of flat table-wise's (the goal for SPTT with a
+compressing module: <= 1/8), and each path's wire over payload.
 """
 
 from __future__ import annotations
@@ -82,33 +83,40 @@ def main() -> None:
     opt = SparseOptimizer(lr=0.05)
     part = round_robin_partition(features, args.towers or min(hosts, len(features.sparse)), hosts)
 
+    def fitted(emb):
+        emb.fit_caps(batch // (hosts * local), emb.measure(b.ids, b.lengths))
+        return emb
+
     def flat_step(emb):
         def step(state, ids, lengths):
-            routed = emb.route(ids, lengths)
-            out = emb.lookup(state, routed)
-            loss = lambda o: jnp.sum(jnp.tanh(emb.output_dist(o, lengths).stacked()))  # noqa: E731
-            return emb.apply_gradients(state, routed, jax.grad(loss)(out), out)
+            e, ctx, st = emb.forward(state, ids, lengths)
+            g = jax.grad(lambda e: jnp.sum(jnp.tanh(e.stacked())))(e)
+            new, ust = emb.update(state, ctx, g, ids, lengths)
+            return new, st, ust
 
         return jax.jit(step, donate_argnums=0), (emb.init(0), ids, lengths)
 
     def tower_step(sp):
         def step(params, state, ids, lengths):
-            routed = sp.route(ids, lengths)
-            out = sp.lookup(state, routed)
-            loss = lambda p, o: jnp.sum(jnp.tanh(sp.tower_outputs(p, o, routed)))  # noqa: E731
-            gp, go = jax.grad(loss, (0, 1))(params, out)
-            return gp, sp.apply_gradients(state, routed, go, out)
+            acts, ctx, st = sp.forward(state, ids, lengths)
+            loss = lambda p, a: jnp.sum(jnp.tanh(sp.tower_outputs(p, a)))  # noqa: E731
+            gp, ga = jax.grad(loss, (0, 1))(params, acts)
+            new, ust = sp.update(state, ctx, ga, ids, lengths)
+            return gp, new, st, ust
 
         return jax.jit(step, donate_argnums=1), (sp.init_params(0), sp.emb.init(0), ids, lengths)
 
-    paths = [("flat", "table_wise", lambda: flat_step(ShardedEmbeddings(features, mesh, "table_wise", opt)))]
-    if "TABLE_ROW_WISE" in ShardingType.__members__:
-        paths.append(("flat", "table_row_wise",
-                      lambda: flat_step(ShardedEmbeddings(features, mesh, "table_row_wise", opt))))
-    for module in ("identity", "linear", "dcn", "mlp"):
-        dim = None if module == "identity" else args.tower_dim
-        paths.append(("sptt", module, lambda m=module, d=dim: tower_step(
-            SPTT(features, mesh, part.towers, part.hosts, opt, module=m, tower_dim=d))))
+    def identity_step(sp):
+        return flat_step(sp.emb)
+
+    paths = [("flat", t, lambda t=t: flat_step(fitted(ShardedEmbeddings(features, mesh, t, opt))))
+             for t in ("table_wise", "row_wise", "table_row_wise")]
+    paths.append(("sptt", "identity", lambda: identity_step(_fit_sptt(
+        SPTT(features, mesh, part.towers, part.hosts, opt, module="identity"), fitted))))
+    for module in ("linear", "dcn", "mlp"):
+        paths.append(("sptt", module, lambda m=module: tower_step(_fit_sptt(
+            SPTT(features, mesh, part.towers, part.hosts, opt, module=m, tower_dim=args.tower_dim),
+            fitted))))
 
     if args.paths:
         want = args.paths.split(",")
@@ -121,6 +129,15 @@ def main() -> None:
         t0 = time.perf_counter()
         fn, fargs = build()
         rep = comm_report(fn, *fargs, mesh=mesh)
+        out = fn(*fargs)
+        st, ust = jax.device_get(out[-2]), jax.device_get(out[-1])
+        assert int(st["overflow"]) == 0, st
+        cross = float(st["payload_cross_host_bytes"] + ust["payload_cross_host_bytes"])
+        intra = float(st["payload_intra_host_bytes"] + ust["payload_intra_host_bytes"])
+        # a ragged exchange also sends each peer one i32 size
+        sizes = 4.0 * sum(c.group_size - 1 for c in rep.collectives
+                          if c.kind == "all-to-all" and c.operand_bytes == 4 * c.group_size)
+        n_dev = hosts * local
         row = {
             "benchmark": "comm_volume", "mesh": [hosts, local], "path": kind, "variant": name,
             "shape": args.shape, "tables": len(features.sparse), "dim": args.dim,
@@ -128,42 +145,41 @@ def main() -> None:
             "global_batch": batch, "id_slots": features.total_slots,
             "towers": len(part.towers) if kind == "sptt" else 0,
             "tower_dim": args.tower_dim if kind == "sptt" and name != "identity" else None,
-            "cross_host_bytes": float(rep.cross_host_bytes),
-            "intra_host_bytes": float(rep.intra_host_bytes),
-            "cross_host_bytes_per_device": float(rep.per_device_cross_host_bytes),
-            "intra_host_bytes_per_device": float(rep.per_device_intra_host_bytes),
-            # Per-device bytes at each level over the Topology's bandwidths (TorchRec's defaults).
-            "projected_comm_time_s": rep.projected_time_s(Topology.from_mesh(mesh)),
+            "cross_host_payload_bytes": cross,
+            "intra_host_payload_bytes": intra,
+            "ragged_wire_bytes": cross + intra + sizes * n_dev,
+            "cross_host_wire_bytes": float(rep.cross_host_bytes),
+            "intra_host_wire_bytes": float(rep.intra_host_bytes),
+            "cross_host_wire_over_payload": round(float(rep.cross_host_bytes) / max(cross, 1.0), 3),
+            "dedup_ratio": (round(int(st["ids_unique"]) / int(st["ids_requested"]), 4)
+                            if int(st["ids_requested"]) else None),
+            "cross_host_wire_bytes_per_device": float(rep.per_device_cross_host_bytes),
+            "intra_host_wire_bytes_per_device": float(rep.per_device_intra_host_bytes),
+            # Per-device payload at each level over the Topology's bandwidths (TorchRec's defaults).
+            "projected_comm_time_s": Topology.from_mesh(mesh).comm_time_s(
+                cross / n_dev, intra / n_dev, len(rep.collectives)),
             "by_kind": {k: {kk: float(vv) for kk, vv in v.items()} for k, v in rep.by_kind.items()},
             "compile_s": round(time.perf_counter() - t0, 1),
         }
         results.append(row)
         print(json.dumps(row), flush=True)
     flat = [r for r in results if (r["path"], r["variant"]) == ("flat", "table_wise")]
-    base = flat[0]["cross_host_bytes"] if flat else None
-    payload = flat_payload_cross_host_bytes(features, batch, hosts)
+    base = flat[0]["cross_host_payload_bytes"] if flat else None
     print(json.dumps({
         "benchmark": "comm_volume_summary", "mesh": [hosts, local],
-        "cross_host_fraction_of_flat_table_wise": None if base is None else {
-            f"{r['path']}:{r['variant']}": round(r["cross_host_bytes"] / base, 4) for r in results
+        "cross_host_payload_fraction_of_flat_table_wise": None if base is None else {
+            f"{r['path']}:{r['variant']}": round(r["cross_host_payload_bytes"] / base, 4) for r in results
         },
         "target_sptt_tm_at_most": 0.125,
-        "flat_table_wise_payload_cross_host_bytes": payload,
-        "flat_table_wise_padding_factor": None if base is None else round(base / payload, 2),
-        "cross_host_fraction_of_flat_payload": {
-            f"{r['path']}:{r['variant']}": round(r["cross_host_bytes"] / payload, 4)
-            for r in results
+        "cross_host_wire_over_payload_cpu": {
+            f"{r['path']}:{r['variant']}": r["cross_host_wire_over_payload"] for r in results
         },
     }))
 
 
-def flat_payload_cross_host_bytes(features, global_batch: int, hosts: int) -> float:
-    """Bytes a ragged flat table-wise step would move across hosts: for each
-    table, the ids (int32) of the samples on other hosts, their pooled rows
-    (a sequence's rows) and the rows' gradients (float32)."""
-    other = global_batch * (hosts - 1) / hosts
-    return float(sum(other * 4 * (f.max_len + 2 * f.dim * (1 if f.pooled else f.max_len))
-                     for f in features.sparse))
+def _fit_sptt(sp, fitted):
+    fitted(sp.emb)
+    return sp
 
 
 if __name__ == "__main__":

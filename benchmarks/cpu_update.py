@@ -60,9 +60,12 @@ def main():
     ids = zipf_ids(rng, r, (k, a.batch, a.hot), a.alpha, not a.no_permute) + base[:, None, None]
     uniq = np.mean([len(np.unique(ids[s])) for s in range(k)])
     print(f"{k} slots x {a.batch}x{a.hot} ids, {r} rows x {d}, unique rows/slot {uniq:.0f}, opt {a.opt}")
-    grads = rng.normal(size=(k, a.batch, d)).astype(np.float32)
+    # One storage buffer of k * r rows (what a device holds); each id's
+    # gradient is its bag's row (a pooled bag's ids share it).
+    rows = jnp.asarray(ids.reshape(-1))
+    src = jnp.asarray(np.repeat(np.arange(k * a.batch, dtype=np.int32), a.hot))
+    grads = jnp.asarray(rng.normal(size=(k * a.batch, d)).astype(np.float32))
     opt = SparseOptimizer(kind=a.opt, lr=0.01, eps=1e-8)
-    ids_d, grads_d, base_d = jnp.asarray(ids), jnp.asarray(grads), jnp.asarray(base)
 
     def fresh():
         t = jnp.asarray(rng.normal(size=(k * r, d)).astype(np.float32) * 0.01)
@@ -73,7 +76,7 @@ def main():
         times = []
         for i in range(a.reps + 2):
             t0 = time.perf_counter()
-            t, acc = fn(t, acc, ids_d, grads_d, base_d)
+            t, acc = fn(t, acc, rows, src, grads)
             jax.block_until_ready(t)
             if i >= 2:
                 times.append(time.perf_counter() - t0)
@@ -83,12 +86,12 @@ def main():
         return np.median(ms)
 
     if not a.skip_xla:
-        # capacity None (every id may be unique), and half the ids per slot
-        # (what ShardedEmbeddings uses by default, unique_capacity=0.5)
-        for cap in (None, a.batch * a.hot // 2):
+        # capacity None (every id may be unique), and half the ids
+        # (ShardedEmbeddings' default, unique_capacity=0.5)
+        for cap in (None, k * a.batch * a.hot // 2):
             xla = jax.jit(
-                lambda t, acc, i, g, b, cap=cap: optimizers.sparse_step(
-                    opt, t, acc, i, g, base=b, max_rows=r, lr=opt.lr, capacity=cap)[:2],
+                lambda t, acc, i, s, g, cap=cap: optimizers.sparse_step(
+                    opt, t, acc, i, s, g, lr=opt.lr, capacity=cap)[:2],
                 donate_argnums=(0, 1))
             bench(f"xla sparse_step cap={cap}", xla)
     if not cpu_kernels.available():
@@ -96,11 +99,10 @@ def main():
         return
     for th in [int(x) for x in a.threads.split(",")]:
         ker = jax.jit(
-            lambda t, acc, i, g, b, th=th: cpu_kernels.sparse_update(
-                opt.kind, t, acc, i, b, g, opt.lr, eps=opt.eps, max_rows=r, threads=th),
+            lambda t, acc, i, s, g, th=th: cpu_kernels.sparse_update(
+                opt.kind, t, acc, i, s, g, opt.lr, eps=opt.eps, threads=th),
             donate_argnums=(0, 1))
         bench(f"ffi kernel threads={th}", ker)
-
 
 if __name__ == "__main__":
     main()

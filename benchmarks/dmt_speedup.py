@@ -4,7 +4,7 @@
     python benchmarks/dmt_speedup.py                    # 2 processes x 4 CPU devices
     python benchmarks/dmt_speedup.py --quick            # tiny smoke run
     python benchmarks/dmt_speedup.py --project-mesh=64x8   # the issue's scale (slow to compile on 2 cores)
-    sudo python benchmarks/dmt_speedup.py --links=loopback,veth,1000,200   # two-level networks
+    python benchmarks/dmt_speedup.py --links=loopback,500   # as root: a 500 Mbit/s link between hosts
 
 Runs `benchmarks/train_throughput.py` twice, one after the other on the same
 model and data (26 tables x 100k x 64, 10 ids per bag, 4096 examples per
@@ -48,8 +48,8 @@ PROJECTION_ROWS = 1000
 def project(mesh: str, batch_per_device: int, tower_module: str, tower_dim: int, quick: bool) -> dict:
     """Embedding-step communication time (s) of flat table_wise and of DMT on `mesh`."""
     shape = train_throughput.QUICK if quick else train_throughput.FULL
-    # Bytes moved do not depend on a table's rows, but every emulated device
-    # holds a buffer of the largest table's rows: 1,000 rows keep 512 devices small.
+    # Bytes moved do not depend on a table's rows: 1,000 rows keep 512
+    # emulated devices' compile and memory small.
     cmd = [sys.executable, os.path.join(HERE, "comm_volume.py"), "--mesh", mesh,
            "--shape", "uniform", "--tables", str(shape["tables"]),
            "--rows", str(min(shape["rows"], PROJECTION_ROWS)),
@@ -68,8 +68,10 @@ def project(mesh: str, batch_per_device: int, tower_module: str, tower_dim: int,
         "flat_comm_s": flat["projected_comm_time_s"],
         "dmt_comm_s": dmt["projected_comm_time_s"],
         "comm_speedup": flat["projected_comm_time_s"] / dmt["projected_comm_time_s"],
-        "flat_cross_host_bytes_per_device": flat["cross_host_bytes_per_device"],
-        "dmt_cross_host_bytes_per_device": dmt["cross_host_bytes_per_device"],
+        "flat_cross_host_payload_bytes": flat["cross_host_payload_bytes"],
+        "dmt_cross_host_payload_bytes": dmt["cross_host_payload_bytes"],
+        "flat_cross_host_wire_bytes_per_device": flat["cross_host_wire_bytes_per_device"],
+        "dmt_cross_host_wire_bytes_per_device": dmt["cross_host_wire_bytes_per_device"],
         "towers": dmt["towers"],
     }
 
@@ -93,6 +95,8 @@ def compare(common: list[str], args) -> dict | None:
         "dmt_examples_per_sec": dmt["examples_per_sec"],
         "flat_cross_host_bytes_per_step": flat["cross_host_bytes_per_step"],
         "dmt_cross_host_bytes_per_step": dmt["cross_host_bytes_per_step"],
+        "flat_cross_host_payload_bytes_per_step": flat["cross_host_payload_bytes_per_step"],
+        "dmt_cross_host_payload_bytes_per_step": dmt["cross_host_payload_bytes_per_step"],
         "flat_intra_host_bytes_per_step": flat["intra_host_bytes_per_step"],
         "dmt_intra_host_bytes_per_step": dmt["intra_host_bytes_per_step"],
         "flat_final_loss": flat["final_train_loss"],

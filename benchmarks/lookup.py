@@ -18,7 +18,7 @@ table of known chips). On CPU the kernels only run interpreted, so it
 checks them instead: forward and one training step of every configuration
 against the XLA path, at a smaller shape (`--check-*`), no timings.
 
-Reference on a 2-core CPU (research.md): FBGEMM's CPU TBE 61-67 ms for
+Measured before on a 2-core CPU: FBGEMM's CPU TBE 61-67 ms for
 forward + backward + row-wise Adagrad, 19-21 ms forward only.
 """
 
@@ -54,7 +54,7 @@ def parse_args(argv=None):
                    help="the sparse update as XLA ops, as the C++ CPU kernel, or both "
                         "(side by side, one JSON object each)")
     p.add_argument("--tuned-malloc", action="store_true",
-                   help="re-execute with MALLOC_ARENA_MAX=1 etc. (see research.md)")
+                   help="re-execute with MALLOC_ARENA_MAX=1 etc. (see docs/design.md)")
     p.add_argument("--kernel", default="xla", choices=["auto", "pallas", "xla"],
                    help="xla: the XLA path (and the CPU update kernel); pallas: Pallas kernels "
                    "vs XLA (timed on GPU/TPU, checked interpreted on CPU); auto: pallas on "
@@ -151,7 +151,9 @@ def build(feats, spec, sharding, devices, kernel, ids, lengths, weights, cpu_upd
                             cpu_kernels=cpu_update, kernel=kernel)
     sh = NamedSharding(mesh, P(DEVICES))
     ids_d, len_d, w_d = (jax.device_put(x, sh) for x in (ids, lengths, weights))
-    fwd = jax.jit(lambda s, i, n: emb.forward(s, i, n).pooled)
+    # exchange capacities from this batch (as the trainer fits them from its first)
+    emb.fit_caps(ids.shape[0] // mesh.devices.size, emb.measure(ids, lengths))
+    fwd = jax.jit(lambda s, i, n: emb.forward(s, i, n)[0].pooled)
     step = jax.jit(lambda s, i, n, w: emb.step(s, i, n, lambda e, w: jnp.sum(e.pooled * w), w)[1],
                    donate_argnums=0)
     holder = [emb.init(seed=0)]

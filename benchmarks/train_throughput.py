@@ -15,7 +15,7 @@ defaults (`dlrm_main.py`): bottom (dense arch) 512-256-64, top (over arch)
 
     python benchmarks/train_throughput.py                    # table_wise, 20 steps
     python benchmarks/train_throughput.py --sharding=row_wise
-    python benchmarks/train_throughput.py --tuned-malloc     # glibc malloc tuned (research.md)
+    python benchmarks/train_throughput.py --tuned-malloc     # glibc malloc tuned (docs/design.md)
     python benchmarks/train_throughput.py --quick            # tiny smoke run
     sudo python benchmarks/train_throughput.py --link=1000   # two namespaces, a 1 Gbit/s link
 
@@ -66,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes (4 tables x 1000 x 8, 64 examples per host): a smoke run")
     p.add_argument("--tuned-malloc", action="store_true",
-                   help="run the processes with MALLOC_ARENA_MAX=1 etc. (see research.md)")
+                   help="run the processes with MALLOC_ARENA_MAX=1 etc. (see docs/design.md)")
     p.add_argument("--towers", type=int, default=0,
                    help="Disaggregated Multi-Tower with this many towers (0: the flat path)")
     p.add_argument("--tower-module", default="linear",
@@ -298,6 +298,9 @@ def report(args, s: dict, wall_s: float, load: list[float]) -> dict:
         "final_train_loss": s["train_loss"][-1],
         "cross_host_bytes_per_step": s["cross_host_bytes_per_step"],
         "intra_host_bytes_per_step": s["intra_host_bytes_per_step"],
+        "cross_host_payload_bytes_per_step": s["cross_host_payload_bytes_per_step"],
+        "intra_host_payload_bytes_per_step": s["intra_host_payload_bytes_per_step"],
+        "overflow_steps": s["overflow_steps"],
         "torchrec_reference": TORCHREC,
         # Ours over TorchRec's: a step_time above 1 and examples_per_sec below 1 are slower.
         # (None for --quick: another shape.)

@@ -584,18 +584,45 @@ def _walk(module: _Module) -> list[tuple[_Instr, _Ctx]]:
     """Collectives reachable from ENTRY, once per call site, with context."""
     found: list[tuple[_Instr, _Ctx]] = []
     visited: set[str] = set()
+    calls_of: dict[int, list[tuple[str, str]]] = {}
+    reaches: dict[str, bool] = {}
+
+    def called(ins):
+        if id(ins) not in calls_of:
+            calls_of[id(ins)] = _called(ins)
+        return calls_of[id(ins)]
+
+    def has_collective(comp: str, stack: tuple[str, ...] = ()) -> bool:
+        # whether a collective is reachable from `comp` (memoised: fusions and
+        # reducers called from thousands of sites are read once)
+        if comp in reaches:
+            return reaches[comp]
+        if comp not in module.computations or comp in stack:
+            return False
+        out = False
+        for ins in module.computations[comp]:
+            if _collective_kind(ins.opcode):
+                out = True
+                break
+            if any(has_collective(c, stack + (comp,)) for _, c in called(ins)):
+                out = True
+                break
+        reaches[comp] = out
+        return out
 
     def visit(comp: str, ctx: _Ctx, stack: tuple[str, ...]):
         if comp not in module.computations or comp in stack:
             return
         visited.add(comp)
+        if not has_collective(comp):
+            return
         for ins in module.computations[comp]:
             if _collective_kind(ins.opcode):
                 found.append((ins, ctx))
                 continue
             if ins.opcode in ("async-update", "async-done") or ins.opcode.endswith("-done"):
                 continue  # the matching start was counted
-            calls = _called(ins)
+            calls = called(ins)
             if not calls:
                 continue
             if ins.opcode == "while":

@@ -37,16 +37,36 @@ def _state(rng, opt, rows, dim):
     return table, acc
 
 
-def _xla(opt, table, acc, ids, grads, base, max_rows, lr=0.05):
-    f = jax.jit(lambda t, a, i, g, b, lr: optimizers.sparse_step(
-        opt, t, a, i, g, base=b, max_rows=max_rows, lr=lr)[:2])
-    return f(table, acc, ids, grads, base, lr)
+def _flat(ids, grads):
+    """Slot-layout ids i32[K, M, L] and gradients f32[K, M, D] (a bag's ids
+    share its row) or f32[K, M, L, D] -> (rows i32[n], src i32[n], f32[n', D])."""
+    k, m, ln = ids.shape
+    if grads.ndim == 3:
+        src, g = np.repeat(np.arange(k * m), ln), grads.reshape(k * m, -1)
+    else:
+        src, g = np.arange(k * m * ln), grads.reshape(k * m * ln, -1)
+    return ids.reshape(-1), src.astype(np.int32), g
 
 
-def _ffi(opt, table, acc, ids, grads, base, max_rows, lr=0.05, threads=1):
-    f = jax.jit(lambda t, a, i, g, b, lr: cpu_kernels.sparse_update(
-        opt.kind, t, a, i, b, g, lr, eps=opt.eps, max_rows=max_rows, threads=threads))
-    return f(table, acc, ids, grads, base, lr)
+def _slots(ids, grads):
+    """The same as K independent slots: (rows i32[K, n], src i32[K, n], f32[K, G, D])."""
+    k, m, ln = ids.shape
+    if grads.ndim == 3:
+        src, g = np.tile(np.repeat(np.arange(m), ln), (k, 1)), grads
+    else:
+        src, g = np.tile(np.arange(m * ln), (k, 1)), grads.reshape(k, m * ln, -1)
+    return ids.reshape(k, -1), src.astype(np.int32), g
+
+
+def _xla(opt, table, acc, ids, grads, base=None, max_rows=None, lr=0.05):
+    f = jax.jit(lambda t, a, i, s, g, lr: optimizers.sparse_step(opt, t, a, i, s, g, lr=lr)[:2])
+    return f(table, acc, *_flat(np.asarray(ids), np.asarray(grads)), lr)
+
+
+def _ffi(opt, table, acc, ids, grads, base=None, max_rows=None, lr=0.05, threads=1):
+    f = jax.jit(lambda t, a, i, s, g, lr: cpu_kernels.sparse_update(
+        opt.kind, t, a, i, s, g, lr, eps=opt.eps, threads=threads))
+    return f(table, acc, *_slots(np.asarray(ids), np.asarray(grads)), lr)
 
 
 def _compare(ref, out, table, acc):
@@ -152,12 +172,12 @@ def test_in_place_no_table_copy():
     rows, dim = 1000, 24
     opt = _opt("adagrad")
     f = jax.jit(lambda t, a, i, g, b: cpu_kernels.sparse_update(
-        opt.kind, t, a, i, b, g, 0.1, eps=opt.eps, max_rows=rows), donate_argnums=(0, 1))
+        opt.kind, t, a, i, b, g, 0.1, eps=opt.eps), donate_argnums=(0, 1))
     t = jnp.zeros((rows, dim))
     a = jnp.zeros((rows, dim))
-    i = jnp.arange(64, dtype=jnp.int32).reshape(2, 8, 4)
-    g = jnp.ones((2, 8, dim))
-    b = jnp.array([0, 500], jnp.int32)
+    i = jnp.arange(64, dtype=jnp.int32)
+    g = jnp.ones((16, dim))
+    b = jnp.arange(64, dtype=jnp.int32) // 4  # src: four ids share a gradient row
     hlo = f.lower(t, a, i, g, b).compile().as_text()
     assert "custom-call" in hlo
     assert not re.search(rf"f32\[{rows},{dim}\][^\n]*\bcopy\(", hlo), "table copied"
@@ -167,9 +187,9 @@ def test_in_place_no_table_copy():
     assert float(t2[0, 0]) != 0.0 and float(t2[999, 0]) == 0.0
 
     # A step that also reads the table (the lookup) stays in place when the
-    # update depends on the reads, as `apply_gradients` arranges.
+    # update depends on the reads, as `ShardedEmbeddings.update` arranges.
     def step(t, a, i, g, b):
-        out = jnp.take(t, jnp.maximum(i, 0), axis=0).sum(axis=2)
+        out = jnp.take(t, jnp.maximum(i, 0), axis=0).reshape(16, 4, dim).sum(axis=1)
         g = g + (jnp.sum(out) * 0)
         return (*cpu_kernels.sparse_update(opt.kind, t, a, i, b, g, 0.1, eps=opt.eps), out)
 
@@ -199,11 +219,11 @@ def test_shard_map(mesh24):
         args = [jax.device_put(x, sh) for x in (table, acc, ids, grads)]
         return f(*args)
 
-    b = jnp.asarray(base)
+    src = jnp.asarray(np.repeat(np.arange(k * m), ln).astype(np.int32))
     ref = run(lambda t, a, i, g: optimizers.sparse_step(
-        opt, t, a, i, g, base=b, max_rows=rows, lr=opt.lr)[:2])
+        opt, t, a, i.reshape(-1), src, g.reshape(k * m, dim), lr=opt.lr)[:2])
     out = run(lambda t, a, i, g: cpu_kernels.sparse_update(
-        opt.kind, t, a, i, b, g, opt.lr, eps=opt.eps, max_rows=rows))
+        opt.kind, t, a, i.reshape(-1), src, g.reshape(k * m, dim), opt.lr, eps=opt.eps))
     _compare(ref, out, table, acc)
     assert out[0].sharding.spec == P(DEVICES)
 
@@ -214,9 +234,9 @@ def test_bad_inputs_raise():
     with pytest.raises(TypeError):
         cpu_kernels.sparse_update(opt.kind, t, jnp.zeros((10, 4)), jnp.zeros((1, 4), jnp.int32),
                                   jnp.zeros(1, jnp.int32), jnp.zeros((1, 4, 4)), 0.1, eps=1e-8)
-    with pytest.raises(ValueError):
-        cpu_kernels.sparse_update(opt.kind, t, jnp.zeros(10), jnp.zeros((1, 6), jnp.int32),
-                                  jnp.zeros(1, jnp.int32), jnp.zeros((1, 4, 4)), 0.1, eps=1e-8)
+    with pytest.raises(TypeError):  # ids and src of different lengths
+        cpu_kernels.sparse_update(opt.kind, t, jnp.zeros(10), jnp.zeros((6,), jnp.int32),
+                                  jnp.zeros(4, jnp.int32), jnp.zeros((4, 4)), 0.1, eps=1e-8)
     assert OptimizerKind("sgd") is OptimizerKind.SGD
 
 

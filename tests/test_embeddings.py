@@ -1,4 +1,11 @@
-"""Sharded lookups and fused sparse updates vs a single-device numpy reference."""
+"""Sharded lookups and fused sparse updates vs a single-device numpy reference.
+
+Every sharding type (and mixes of them) must give the unsharded model's
+embeddings and, after one step, its tables and optimizer state; untouched
+rows stay bit-identical; each device allocates the rows it owns; the
+payload the exchanges count is the payload the batch implies; capacities
+overflow visibly and the repeated step is exact.
+"""
 
 import re
 
@@ -10,8 +17,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jdmt.data.specs import FeatureSet, SparseFeature
-from jdmt.embeddings import Placement, ShardedEmbeddings, SparseOptimizer, cpu_kernels
-from jdmt.mesh import DEVICES
+from jdmt.embeddings import OptimizerKind, Placement, ShardedEmbeddings, SparseOptimizer, cpu_kernels
+from jdmt.embeddings.layout import ROW_ALIGN, storage_name
+from jdmt.mesh import DEVICES, make_mesh
 
 B = 16  # global batch: 2 examples per device on 2x4
 
@@ -20,27 +28,28 @@ FEATURES = FeatureSet(
         SparseFeature("u", 50, 8, 4),  # pooled sum
         SparseFeature("v", 37, 8, 4, combiner="mean"),  # rows not divisible by 8
         SparseFeature("w", 5, 8, 4),  # fewer rows than devices
-        SparseFeature("x", 23, 8, 2),  # another id cap: its own group
+        SparseFeature("x", 23, 8, 2),  # another id cap
         SparseFeature("h", 11, 8, 4, hashed=True),  # ids reduced modulo rows
+        SparseFeature("o", 19, 8, 1),  # one id per bag: asks for unique rows
         SparseFeature("s", 30, 8, 5, kind="sequence"),
         SparseFeature("t", 9, 8, 5, kind="sequence"),
     ),
     num_dense=1,
 )
-TYPES = ["data_parallel", "table_wise", "row_wise", "column_wise"]
+TYPES = ["data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise"]
 
 
-def make_batch(features, seed=0, id_range=6):
+def make_batch(features, seed=0, id_range=6, batch=B):
     """Ids from a small range (many duplicates); lengths with empty and full bags."""
     rng = np.random.default_rng(seed)
-    ids = np.zeros((B, features.total_slots), np.int32)
-    lengths = np.zeros((B, len(features.sparse)), np.int32)
+    ids = np.zeros((batch, features.total_slots), np.int32)
+    lengths = np.zeros((batch, len(features.sparse)), np.int32)
     for i, f in enumerate(features.sparse):
-        ln = rng.integers(0, f.max_len + 1, B)
+        ln = rng.integers(0, f.max_len + 1, batch)
         ln[0], ln[1] = 0, f.max_len  # an empty and a full bag always
         lengths[:, i] = ln
         hi = 10 * f.rows if f.hashed else min(id_range, f.rows)
-        cols = rng.integers(-3 * f.rows if f.hashed else 0, hi, (B, f.max_len))
+        cols = rng.integers(-3 * f.rows if f.hashed else 0, hi, (batch, f.max_len))
         cols[2, :] = f.rows - 1  # the last row, repeated in one bag
         ids[:, features.columns(f.name)] = cols
     return ids, lengths
@@ -74,7 +83,7 @@ def ref_step(features, tables, accs, ids, lengths, grads, opt):
         if f.pooled and f.combiner.value == "mean":
             g_out = g_out / np.maximum(lengths[:, i : i + 1], 1)
         g = np.zeros((f.rows, f.dim), np.float64)
-        for b in range(B):
+        for b in range(ids.shape[0]):
             for p in range(f.max_len):
                 if m[b, p]:
                     g[c[b, p]] += g_out[b] if f.pooled else g_out[b, p]
@@ -95,75 +104,70 @@ def ref_step(features, tables, accs, ids, lengths, grads, opt):
     return new_t, new_a, touched_all
 
 
-def assert_step_matches(emb, new_state, tables, accs, ids, lengths, grads):
-    """Tables and accumulators after a sharded step equal `ref_step`'s."""
-    got_t, got_a = emb.to_dense(new_state)
-    want_t, want_a, _ = ref_step(emb.features, tables, accs, ids, lengths, grads, emb.optimizer)
-    for f in emb.features.sparse:
-        np.testing.assert_allclose(got_t[f.name], want_t[f.name], rtol=2e-5, atol=2e-6)
-        np.testing.assert_allclose(got_a[f.name], want_a[f.name], rtol=2e-5, atol=1e-7)
-
-
 def random_grads(features, out_shapes, seed=1):
     rng = np.random.default_rng(seed)
-    return {
-        f.name: rng.standard_normal(out_shapes[f.name]).astype(np.float32)
-        for f in features.sparse
-    }
+    return {f.name: rng.standard_normal(out_shapes[f.name]).astype(np.float32) for f in features.sparse}
 
 
-def run_step(emb, state, ids, lengths, grads):
-    """A jitted sparse step whose loss is sum(emb * grads): d loss / d emb = grads."""
+def run_step(emb, state, ids, lengths, grads, embeddings=False):
+    """A jitted sparse step whose loss is sum(emb * grads): d loss / d emb = grads.
+    Returns (new state, stats) and, with `embeddings`, the step's lookups."""
     pooled_names = [f.name for f in emb.features.sparse if f.pooled]
     wp = jnp.concatenate([grads[n] for n in pooled_names], axis=1)
     seq = {n: grads[n] for n in grads if n not in pooled_names}
 
-    def loss_fn(e, wp, seq):
-        return jnp.sum(e.pooled * wp) + sum(jnp.sum(e.sequence[k] * seq[k]) for k in seq)
+    def step(state, ids, lengths):
+        embs, ctx, stats = emb.forward(state, ids, lengths)
+        g = jax.grad(lambda e: jnp.sum(e.pooled * wp) + sum(jnp.sum(e.sequence[k] * seq[k]) for k in seq))(embs)
+        new, ust = emb.update(state, ctx, g, ids, lengths, skip=emb.must_skip(stats))
+        return embs, new, {**stats, **{f"update_{k}": v for k, v in ust.items()}}
 
-    step = jax.jit(lambda s, i, l: emb.step(s, i, l, loss_fn, wp, seq), donate_argnums=0)
-    _, new, _, bad = step(state, ids, lengths)
-    return new, int(bad)
+    embs, new, stats = jax.jit(step, donate_argnums=0)(state, ids, lengths)
+    stats = jax.device_get(stats)
+    return (new, stats, embs) if embeddings else (new, stats)
+
+
+def check_step(emb, batch, seed=3, grad_seed=1):
+    """Forward and one sparse step of `emb` vs the numpy reference; untouched
+    rows bit-identical. Returns the step's stats."""
+    ids, lengths = batch
+    state = emb.init(seed=seed)
+    tables, accs = emb.to_dense(state)
+    ref = ref_lookup(emb.features, tables, np.asarray(ids), np.asarray(lengths))
+    grads = random_grads(emb.features, {k: v.shape for k, v in ref.items()}, seed=grad_seed)
+    new, stats, embs = run_step(emb, state, ids, lengths, grads, embeddings=True)
+    assert int(stats["overflow"]) == 0 and int(stats["out_of_range"]) == 0
+    for f in emb.features.sparse:
+        np.testing.assert_allclose(np.asarray(embs[f.name]), ref[f.name], rtol=1e-6, atol=1e-6)
+    got_t, got_a = emb.to_dense(new)
+    want_t, want_a, touched = ref_step(emb.features, tables, accs or {}, ids, lengths, grads,
+                                       emb.optimizer)
+    for f in emb.features.sparse:
+        np.testing.assert_allclose(got_t[f.name], want_t[f.name], rtol=2e-5, atol=2e-6)
+        assert np.array_equal(got_t[f.name][~touched[f.name]], tables[f.name][~touched[f.name]])
+        if want_a[f.name] is not None:
+            np.testing.assert_allclose(got_a[f.name], want_a[f.name], rtol=2e-5, atol=2e-6)
+    return stats
 
 
 @pytest.fixture(scope="module")
-def batch():
-    return make_batch(FEATURES)
+def batch(mesh24):
+    ids, lengths = make_batch(FEATURES)
+    sh = NamedSharding(mesh24, P(DEVICES))
+    return jax.device_put(ids, sh), jax.device_put(lengths, sh)
 
 
 @pytest.mark.parametrize("sharding", TYPES)
-@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "sgd", "adagrad"])
-@pytest.mark.parametrize("kernel", ["xla", "cpu"])
+@pytest.mark.parametrize("optimizer, kernel", [("rowwise_adagrad", "xla"), ("rowwise_adagrad", "cpu"),
+                                               ("adagrad", "cpu"), ("sgd", "xla")])
 def test_lookup_and_step_match_reference(mesh24, batch, sharding, optimizer, kernel):
-    """kernel: the update as XLA ops, or as the C++ CPU kernel (cpu_kernels)."""
+    """kernel: the update as XLA ops, or as the C++ CPU kernel (cpu_kernels);
+    each optimizer on each path somewhere, every pair on every type."""
     if kernel == "cpu" and not cpu_kernels.available():
         pytest.skip(f"CPU kernel unavailable: {cpu_kernels.unavailable_reason()}")
-    ids, lengths = batch
     opt = SparseOptimizer(optimizer, lr=0.5, initial_accumulator=0.1)
     emb = ShardedEmbeddings(FEATURES, mesh24, sharding, opt, cpu_kernels=kernel == "cpu")
-    state = emb.init(seed=3)
-    tables, accs = emb.to_dense(state)
-    sh = NamedSharding(mesh24, P(DEVICES))
-    ids_d, len_d = jax.device_put(ids, sh), jax.device_put(lengths, sh)
-
-    out = jax.jit(emb.forward)(state, ids_d, len_d)
-    ref = ref_lookup(FEATURES, tables, ids, lengths)
-    for f in FEATURES.sparse:
-        np.testing.assert_allclose(np.asarray(out[f.name]), ref[f.name], rtol=1e-6, atol=1e-6)
-
-    grads = random_grads(FEATURES, {k: v.shape for k, v in ref.items()})
-    new, bad = run_step(emb, state, ids_d, len_d, grads)
-    assert bad == 0
-    got_t, got_a = emb.to_dense(new)
-    ref_accs = accs if accs is not None else {}
-    want_t, want_a, touched = ref_step(FEATURES, tables, ref_accs, ids, lengths, grads, opt)
-    for f in FEATURES.sparse:
-        np.testing.assert_allclose(got_t[f.name], want_t[f.name], rtol=2e-5, atol=2e-6)
-        # untouched rows are bit-identical
-        assert np.array_equal(got_t[f.name][~touched[f.name]], tables[f.name][~touched[f.name]])
-        assert touched[f.name].any() and not touched[f.name].all() or f.rows <= 6
-        if want_a[f.name] is not None:
-            np.testing.assert_allclose(got_a[f.name], want_a[f.name], rtol=2e-5, atol=1e-7)
+    check_step(emb, batch)
 
 
 # Pallas kernels, interpreted on CPU: every sharding type, with the optimizers
@@ -175,76 +179,135 @@ PALLAS_CASES = [
 ]
 
 
-def _check_step(emb, batch, seed=3):
-    """Forward and one sparse step of `emb` vs the numpy reference; untouched
-    rows bit-identical."""
-    ids, lengths = batch
-    state = emb.init(seed=seed)
-    tables, accs = emb.to_dense(state)
-    out = jax.jit(emb.forward)(state, ids, lengths)
-    ref = ref_lookup(emb.features, tables, ids, lengths)
-    for f in emb.features.sparse:
-        np.testing.assert_allclose(np.asarray(out[f.name]), ref[f.name], rtol=1e-6, atol=1e-6)
-    grads = random_grads(emb.features, {k: v.shape for k, v in ref.items()})
-    new, bad = run_step(emb, state, ids, lengths, grads)
-    assert bad == 0
-    got_t, got_a = emb.to_dense(new)
-    want_t, want_a, touched = ref_step(emb.features, tables, accs or {}, ids, lengths, grads,
-                                       emb.optimizer)
-    for f in emb.features.sparse:
-        np.testing.assert_allclose(got_t[f.name], want_t[f.name], rtol=2e-5, atol=2e-6)
-        assert np.array_equal(got_t[f.name][~touched[f.name]], tables[f.name][~touched[f.name]])
-        if want_a[f.name] is not None:
-            np.testing.assert_allclose(got_a[f.name], want_a[f.name], rtol=2e-5, atol=1e-7)
-
-
 @pytest.mark.parametrize("sharding, optimizer", PALLAS_CASES)
 def test_pallas_tpu_kernels_in_every_sharding(mesh24, batch, sharding, optimizer):
     opt = SparseOptimizer(optimizer, lr=0.5, initial_accumulator=0.1)
     emb = ShardedEmbeddings(FEATURES, mesh24, sharding, opt, kernel="pallas")
     assert (emb.impl.target, emb.impl.interpret, emb.cpu_kernels) == ("tpu", True, False)
-    _check_step(emb, batch)
+    check_step(emb, batch)
 
 
 @pytest.mark.parametrize("sharding, optimizer", PALLAS_CASES[1:2])
-def test_pallas_gpu_kernels_in_the_sharded_step(batch, sharding, optimizer):
+def test_pallas_gpu_kernels_in_the_sharded_step(sharding, optimizer):
     """The Mosaic GPU kernels in the same pipeline, on a one-device mesh: jax
     0.10.2's Mosaic GPU interpreter keeps its simulated shared memory in one
     process-wide table and fails when several emulated devices run kernels at
     once (the TPU kernels cover the multi-device layouts above)."""
-    from jdmt.mesh import make_mesh
     from jdmt.pallas_kernels import Impl
 
     mesh = make_mesh("1x1", devices=jax.devices()[:1])
     opt = SparseOptimizer(optimizer, lr=0.5, initial_accumulator=0.1)
     emb = ShardedEmbeddings(FEATURES, mesh, sharding, opt, kernel=Impl("pallas", "gpu", True))
-    _check_step(emb, batch)
+    check_step(emb, make_batch(FEATURES))
 
 
-def test_mixed_plan_with_explicit_placements(mesh24, batch):
-    """One model with every sharding type at once, owners chosen by hand."""
-    ids, lengths = batch
-    plan = {
-        "u": Placement("table_wise", (5,)),
-        "v": Placement("column_wise", (7, 1)),
-        "w": Placement("row_wise", tuple(range(8))),
-        "x": Placement("data_parallel", tuple(range(8))),
-        "h": Placement("table_wise", (5,)),
-        "s": Placement("column_wise", (0, 3, 6, 2)),
-        "t": Placement("row_wise", tuple(range(8))),
-    }
-    opt = SparseOptimizer(lr=0.3)
-    emb = ShardedEmbeddings(FEATURES, mesh24, plan, opt)
-    state = emb.init(seed=1)
-    tables, accs = emb.to_dense(state)
-    ref = ref_lookup(FEATURES, tables, ids, lengths)
-    grads = random_grads(FEATURES, {k: v.shape for k, v in ref.items()}, seed=5)
-    new, _ = run_step(emb, state, ids, lengths, grads)
-    assert_step_matches(emb, new, tables, accs, ids, lengths, grads)
+MIXED_PLAN = {
+    "u": Placement("table_wise", (5,)),
+    "v": Placement("column_wise", (7, 1)),
+    "w": Placement("row_wise", tuple(range(8))),
+    "x": Placement("data_parallel", tuple(range(8))),
+    "h": Placement("table_row_wise", (4, 5, 6, 7)),
+    "o": Placement("table_wise", (5,)),
+    "s": Placement("column_wise", (0, 3, 6, 2)),
+    "t": Placement("table_row_wise", (0, 1, 2, 3)),
+}
+
+
+@pytest.mark.parametrize("exchange", ["padded", "emulated"])
+def test_mixed_plan_with_every_type(mesh24, batch, exchange):
+    """One model with every sharding type at once, owners chosen by hand;
+    `emulated` runs the ragged all-to-all's arguments through its definition."""
+    emb = ShardedEmbeddings(FEATURES, mesh24, MIXED_PLAN, SparseOptimizer(lr=0.3), exchange=exchange)
+    check_step(emb, batch, seed=1, grad_seed=5)
+
+
+@pytest.mark.parametrize("sharding", TYPES)
+def test_ragged_arguments_give_the_padded_result_bit_for_bit(mesh24, batch, sharding):
+    """The exchange's ragged arguments (offsets, sizes), run by the definition
+    of `ragged_all_to_all`, give exactly what the padded CPU exchange gives."""
+    out = []
+    for mode in ("padded", "emulated"):
+        emb = ShardedEmbeddings(FEATURES, mesh24, sharding, SparseOptimizer(lr=0.3), exchange=mode)
+        ids, lengths = batch
+        grads = random_grads(FEATURES, {f.name: (B, f.dim) if f.pooled else (B, f.max_len, f.dim)
+                                        for f in FEATURES.sparse})
+        new, stats = run_step(emb, emb.init(seed=4), ids, lengths, grads)
+        out.append((emb.to_dense(new), stats))
+    (t0, a0), s0 = out[0]
+    (t1, a1), s1 = out[1]
+    for n in t0:
+        assert np.array_equal(t0[n], t1[n]) and np.array_equal(a0[n], a1[n])
+    assert s0["payload_cross_host_bytes"] == s1["payload_cross_host_bytes"]
+
+
+@pytest.mark.parametrize("spec", ["4x2", "8x1", "1x8"])
+@pytest.mark.parametrize("sharding", ["row_wise", "table_row_wise", "table_wise"])
+def test_other_mesh_shapes(spec, sharding):
+    mesh = make_mesh(spec)
+    emb = ShardedEmbeddings(FEATURES, mesh, sharding, SparseOptimizer(lr=0.3, initial_accumulator=0.1),
+                            cpu_kernels=False)
+    check_step(emb, make_batch(FEATURES, seed=7), seed=1, grad_seed=4)
+
+
+MIXED_SIZES = FeatureSet(
+    (SparseFeature("big", 1_000_000, 8, 3),
+     *(SparseFeature(f"small{i}", 1000, 8, 2 + i % 3) for i in range(7))),
+    num_dense=1,
+)
+
+
+@pytest.mark.parametrize("sharding", ["table_wise", "row_wise", "table_row_wise"])
+def test_a_million_rows_beside_thousand_row_tables(mesh24, sharding):
+    """Mixed table sizes: every type equals the reference; a balanced plan
+    allocates what it owns; table-wise allocates the largest device's share
+    on every device (one SPMD program: one buffer shape), and no more."""
+    ids, lengths = make_batch(MIXED_SIZES, seed=3, id_range=1000, batch=32)
+    emb = ShardedEmbeddings(MIXED_SIZES, mesh24, sharding, SparseOptimizer(lr=0.2))
+    check_step(emb, (ids, lengths))
+    m = emb.memory()
+    owned_rows = emb.layout.owned_rows[8]
+    assert m.allocated == 8 * (-(-owned_rows.max() // ROW_ALIGN) * ROW_ALIGN) * 4 * (8 + 1)
+    if sharding == "table_wise":
+        assert owned_rows.max() == 1_000_000 and 7.8 < m.ratio < 8.0
+    elif sharding == "table_row_wise":  # a host holds the big table: its devices a quarter each
+        assert owned_rows.max() == 250_000 and m.ratio < 2.0
+    else:
+        assert m.ratio < 1.001, m.ratio
+
+
+@pytest.mark.parametrize("sharding", ["row_wise", "table_row_wise", "table_wise", "column_wise"])
+def test_each_device_stores_only_what_it_owns(mesh24, sharding):
+    """A device's storage holds its shards' rows, one after another, and zeros
+    past them (at most the alignment and the plan's imbalance); row-wise rows
+    are spread id mod S, so Zipf-hot low ids land on different devices."""
+    feats = FeatureSet(tuple(SparseFeature(f"f{i}", 40 + 13 * i, 8, 2) for i in range(8)), num_dense=1)
+    emb = ShardedEmbeddings(feats, mesh24, sharding)
+    rng = np.random.default_rng(0)
+    tables = {f.name: rng.standard_normal((f.rows, f.dim)).astype(np.float32) + 5 for f in feats.sparse}
+    state = emb.from_dense(tables)
+    w = emb.layout.widths[0]
+    rows = emb.layout.rows[w]
+    owned = emb.layout.owned_rows[w]
+    buf = state[storage_name(w)].weights
+    assert buf.shape[0] == 8 * rows and rows == -(-owned.max() // ROW_ALIGN) * ROW_ALIGN
+    assert owned.sum() == sum(f.rows * (f.dim // w) for f in feats.sparse)
+    for shard in buf.addressable_shards:
+        d = shard.index[0].start // rows
+        local = np.asarray(shard.data)
+        assert np.all(local[owned[d]:] == 0) and np.all(local[: owned[d]] != 0)
+    if sharding in ("row_wise", "table_row_wise"):
+        p = emb.layout.pieces[0]
+        for s, (d, off) in enumerate(zip(p.devices, p.offsets)):
+            local = np.asarray(buf.addressable_shards[d].data)
+            np.testing.assert_array_equal(local[off : off + 3], tables["f0"][s :: p.stride][:3])
+    back, _ = emb.to_dense(state)
+    for n in tables:
+        assert np.array_equal(back[n], tables[n])
 
 
 def test_init_is_independent_of_the_plan(mesh24):
-    embs = [ShardedEmbeddings(FEATURES, mesh24, t) for t in TYPES]
+    embs = [ShardedEmbeddings(FEATURES, mesh24, t) for t in TYPES] + [
+        ShardedEmbeddings(FEATURES, mesh24, MIXED_PLAN)]
     dense = [e.to_dense(e.init(seed=7))[0] for e in embs]
     for other in dense[1:]:
         for name in dense[0]:
@@ -264,34 +327,123 @@ def test_from_dense_round_trip(mesh24):
             assert np.array_equal(back[name], tables[name])
 
 
-def test_tables_are_really_sharded(mesh24):
-    emb = ShardedEmbeddings(FEATURES, mesh24, "row_wise")
-    state = emb.init()
-    for name, st in state.items():
-        shards = st.weights.addressable_shards
-        assert len(shards) == 8
-        assert shards[0].data.shape[0] * 8 == st.weights.shape[0]
-
-
-def test_out_of_range_ids_are_counted_not_wrapped(mesh24, batch):
-    ids, lengths = batch
-    ids = ids.copy()
+@pytest.mark.parametrize("sharding", ["table_wise", "table_row_wise"])
+def test_out_of_range_ids_are_counted_and_nothing_is_written(mesh24, sharding):
+    ids, lengths = make_batch(FEATURES)
     col = FEATURES.columns("u").start
-    lengths = lengths.copy()
     lengths[3, FEATURES.index("u")] = 2
-    ids[3, col] = 50  # rows = 50
-    ids[3, col + 1] = -1
-    emb = ShardedEmbeddings(FEATURES, mesh24, "table_wise")
+    ids[3, col], ids[3, col + 1] = 50, -1  # rows = 50
+    emb = ShardedEmbeddings(FEATURES, mesh24, sharding)
     state = emb.init()
-    routed = jax.jit(emb.route)(ids, lengths)
-    assert int(routed.out_of_range) == 2
-    # the bad ids read as nothing: the bag's embedding is zero
-    out = jax.jit(emb.forward)(state, ids, lengths)
-    assert np.all(np.asarray(out["u"])[3] == 0)
+    before, _ = emb.to_dense(state)
+    grads = random_grads(FEATURES, {f.name: (B, f.dim) if f.pooled else (B, f.max_len, f.dim)
+                                    for f in FEATURES.sparse})
+    new, stats, embs = run_step(emb, state, ids, lengths, grads, embeddings=True)
+    assert stats["out_of_range"] == 2
+    assert np.all(np.asarray(embs["u"])[3] == 0)  # the bad ids read as nothing
+    after, _ = emb.to_dense(new)
+    for n in before:
+        assert np.array_equal(before[n], after[n])
+
+
+def test_an_overflowing_batch_changes_nothing_and_the_repeat_is_exact(mesh24):
+    """Capacities fitted to a spread batch; a batch whose ids all hit one row
+    shard overflows: the step reports it and writes nothing; with the
+    capacities grown the repeated step equals the unsharded reference."""
+    feats = FeatureSet((SparseFeature("a", 4000, 8, 6), SparseFeature("q", 4000, 8, 4, kind="sequence")),
+                       num_dense=1)
+    opt = SparseOptimizer(lr=0.2)
+    emb = ShardedEmbeddings(feats, mesh24, "row_wise", opt)
+    spread = make_batch(feats, seed=1, id_range=4000, batch=64)
+    b = 64 // 8
+    emb.fit_caps(b, emb.measure(*spread))
+    ids, lengths = make_batch(feats, seed=2, id_range=400, batch=64)
+    ids = np.minimum(ids, 499) * 8  # every id is 0 mod 8: all on row shard 0
+    need = emb.measure(ids, lengths)
+    assert need["w8/rows"] > emb.caps(b)["flat"][8].rows
+    state = emb.init(seed=3)
+    before, _ = emb.to_dense(state)
+    grads = random_grads(feats, {"a": (64, 8), "q": (64, 4, 8)})
+    new, stats = run_step(emb, state, ids, lengths, grads)
+    assert stats["overflow"] > 0 and stats["need"]["w8/rows"] == need["w8/rows"]
+    after, _ = emb.to_dense(new)
+    for n in before:
+        assert np.array_equal(before[n], after[n])
+    emb.grow(b, stats)
+    assert emb.caps(b)["flat"][8].rows >= need["w8/rows"]
+    stats = check_step(emb, (ids, lengths), seed=3)
+    assert stats["overflow"] == 0
+
+
+def _payload(emb, ids, lengths):
+    """Payload of one step computed from the batch alone (numpy): per flat
+    piece, the bags or unique rows each device asks of each other device."""
+    ids, lengths = np.asarray(ids), np.asarray(lengths)
+    n, ln = emb.num_devices, emb.local
+    b = ids.shape[0] // n
+    cross = intra = 0.0
+    feats = emb.features.sparse
+    for d in range(n):
+        sl = slice(d * b, (d + 1) * b)
+        asked = {}  # (owner, feature, piece col0, row) -> asked for once (unique rows)
+        for i, p in enumerate(emb.layout.pieces):
+            f = feats[p.feature]
+            c = ids[sl, emb.features.columns(f.name)]
+            valid = np.arange(f.max_len)[None, :] < lengths[sl, p.feature : p.feature + 1]
+            rows = np.mod(c, f.rows) if f.hashed else c
+            width = 4 * p.width
+            if p.stride == 1 and f.pooled and p.feature in emb.bag_features:
+                o = p.devices[0]
+                if o == d:
+                    continue
+                nbytes = 4 * valid.sum() + 4 * b + 2 * b * width  # ids, lengths, rows, gradients
+                cross, intra = (cross + nbytes, intra) if o // ln != d // ln else (cross, intra + nbytes)
+                continue
+            for r in rows[valid]:
+                asked[(p.devices[r % p.stride], i, r)] = width
+        for (o, _, _), width in asked.items():
+            if o == d:
+                continue
+            nbytes = 4 + 2 * width  # the id, the row, its gradient
+            cross, intra = (cross + nbytes, intra) if o // ln != d // ln else (cross, intra + nbytes)
+    if emb.optimizer.kind is OptimizerKind.ROWWISE_ADAGRAD:
+        # a table cut into column shards: each holder sends every other the
+        # squared-gradient sum of each unique row of the step (4 bytes)
+        for i, f in enumerate(feats):
+            holders = [p.devices[0] for p in emb.layout.pieces_of(i)]
+            if len(holders) < 2 or emb.layout.pieces_of(i)[0].stride != 1:
+                continue
+            c = ids[:, emb.features.columns(f.name)]
+            valid = np.arange(f.max_len)[None, :] < lengths[:, i : i + 1]
+            u = len(np.unique(c[valid]))
+            for d in holders:
+                for o in holders:
+                    if o != d:
+                        cross, intra = (cross + 4 * u, intra) if o // ln != d // ln else (cross, intra + 4 * u)
+    return cross, intra
+
+
+@pytest.mark.parametrize("sharding", ["table_wise", "row_wise", "column_wise"])
+def test_payload_is_what_the_batch_needs(mesh24, sharding):
+    """The payload the exchanges count equals the bytes the batch implies:
+    bags (ids, one length, one row and one gradient per bag) to the owner of
+    a whole-table piece, and one request, row and gradient per unique row
+    asked of another device; sending to oneself is free."""
+    feats = FeatureSet(tuple(f for f in FEATURES.sparse if not f.hashed), num_dense=1)
+    ids, lengths = make_batch(feats, seed=5, id_range=12, batch=32)
+    emb = ShardedEmbeddings(feats, mesh24, sharding)
+    grads = random_grads(feats, {f.name: (32, f.dim) if f.pooled else (32, f.max_len, f.dim)
+                                 for f in feats.sparse})
+    _, stats = run_step(emb, emb.init(), ids, lengths, grads)
+    cross = stats["payload_cross_host_bytes"] + stats["update_payload_cross_host_bytes"]
+    intra = stats["payload_intra_host_bytes"] + stats["update_payload_intra_host_bytes"]
+    assert (cross, intra) == _payload(emb, ids, lengths)
+    assert 0 < stats["ids_unique"] < stats["ids_requested"]  # de-duplication did something
 
 
 TABLE_OPS = {
     "parameter", "scatter", "bitcast", "tuple", "get-tuple-element", "gather", "fusion", "while",
+    "dynamic-slice",  # a row-block read inside the fused lookup loop
     "custom-call",  # the in-place CPU kernel (cpu_kernels), aliased to its output
 }
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%[\w.-]+ = .*? ([a-z][\w-]*)\(")
@@ -304,18 +456,20 @@ def _instructions(hlo_text):
             yield m.group(1), line.strip()
 
 
-def _big_features(rows):
-    return FeatureSet(tuple(SparseFeature(f"t{i}", rows, 16, 4) for i in range(4)), num_dense=1)
+def _mixed_features(rows):
+    """Tables of different sizes: a plan that pads would show a table-sized buffer."""
+    sizes = (rows, rows // 10, 3, 700)
+    return FeatureSet(tuple(SparseFeature(f"t{i}", r, 16, 4) for i, r in enumerate(sizes)), num_dense=1)
 
 
 @pytest.mark.parametrize("sharding", TYPES)
 def test_step_cost_does_not_grow_with_rows(mesh24, sharding):
     """The compiled step has no table-sized temporary: no dense gradient, no
-    copy of a table; its scratch memory is the same for 2k and 200k rows, and
+    copy of a table; its scratch memory is the same for 20k and 2M rows, and
     the tables are updated in place (donated, aliased to the outputs)."""
     temps = []
-    for rows in (2_000, 200_000):
-        feats = _big_features(rows)
+    for rows in (20_000, 2_000_000):
+        feats = _mixed_features(rows)
         emb = ShardedEmbeddings(feats, mesh24, sharding)
         ids, lengths = make_batch(feats, id_range=rows)
         shapes = emb.state_shapes()
@@ -328,12 +482,13 @@ def test_step_cost_does_not_grow_with_rows(mesh24, sharding):
         compiled = lowered.compile()
         temps.append(compiled.memory_analysis().temp_size_in_bytes)
         text = compiled.as_text()
-        local = next(iter(emb.groups.values())).local_rows
+        sizes = {r for r, _, _ in emb.layout.storages().values()}
         for op, line in _instructions(text):
-            if f"[{local}," in line or f"[{local}]" in line:
-                # a table-sized value may only be the table itself, read or
-                # written in place: never copied, broadcast, added, sorted
-                assert op in TABLE_OPS, line
+            for r in sizes:
+                if f"[{r}," in line or f"[{r}]" in line:
+                    # a table-sized value may only be the table itself, read or
+                    # written in place: never copied, broadcast, added, sorted
+                    assert op in TABLE_OPS, line
         assert "input_output_alias" in text
     assert temps[1] <= temps[0] * 1.01 + 4096, temps
 
@@ -341,53 +496,27 @@ def test_step_cost_does_not_grow_with_rows(mesh24, sharding):
 @pytest.mark.parametrize("sharding", TYPES)
 def test_update_in_chunks_when_unique_rows_exceed_capacity(mesh24, sharding):
     """Many unique ids and a tiny capacity: the update runs several chunks,
-    says so, and still equals the reference exactly (nothing dropped)."""
+    says so, and still equals the reference exactly (nothing dropped).
+    (Column shards with row-wise Adagrad never chunk: their row statistics
+    are summed over the shards in one pass; Adagrad here.)"""
     feats = FeatureSet(
         (SparseFeature("a", 500, 8, 4), SparseFeature("b", 300, 8, 3, kind="sequence")),
         num_dense=1,
     )
     ids, lengths = make_batch(feats, seed=4, id_range=500)
-    opt = SparseOptimizer(lr=0.2)
     # the XLA path (the CPU kernel never chunks)
-    emb = ShardedEmbeddings(feats, mesh24, sharding, opt, unique_capacity=0.05, cpu_kernels=False)
-    state = emb.init(seed=2)
-    tables, accs = emb.to_dense(state)
-    ref = ref_lookup(feats, tables, ids, lengths)
-    grads = random_grads(feats, {k: v.shape for k, v in ref.items()})
-    wp, seq = jnp.asarray(grads["a"]), {"b": jnp.asarray(grads["b"])}
-
-    def step(state, ids, lengths):
-        routed = emb.route(ids, lengths)
-        out = emb.lookup(state, routed)
-
-        def loss(o):
-            e = emb.output_dist(o, lengths)
-            return jnp.sum(e.pooled * wp) + jnp.sum(e.sequence["b"] * seq["b"])
-
-        g = jax.grad(loss)(out)
-        return emb.apply_gradients_with_stats(state, routed, g, out)
-
-    new, stats = jax.jit(step)(state, ids, lengths)
-    assert int(stats["unique_overflow"]) > 0
-    assert_step_matches(emb, new, tables, accs, ids, lengths, grads)
+    emb = ShardedEmbeddings(feats, mesh24, sharding, SparseOptimizer("adagrad", lr=0.2),
+                            unique_capacity=0.05, cpu_kernels=False)
+    stats = check_step(emb, (ids, lengths), seed=2)
+    assert stats["update_unique_overflow"] > 0
 
 
-def test_table_wise_forward_moves_the_expected_bytes(mesh24):
-    """The flat table-wise lookup: one all-to-all of ids and one of pooled rows,
-    each device receiving 1/8 of its peers' payload from each of them."""
-    from jdmt.comm import comm_report
-
-    feats = FeatureSet(tuple(SparseFeature(f"f{i}", 30, 8, 3) for i in range(8)), num_dense=1)
-    emb = ShardedEmbeddings(feats, mesh24, "table_wise")
-    assert all(len(p.devices) == 1 for p in emb.plan.values())
-    assert len({p.devices[0] for p in emb.plan.values()}) == 8  # one table per device
-    ids, lengths = make_batch(feats)
-    rep = comm_report(jax.jit(lambda s, i, n: emb.forward(s, i, n).pooled), emb.init(), ids,
-                      lengths, mesh=mesh24)
-    ids_payload = 8 * 1 * 2 * 3 * 4  # [N, K, B_local, L] int32 per device
-    emb_payload = 8 * 1 * 2 * 8 * 4  # [N, K, B_local, D] f32 per device
-    per_peer = (ids_payload + emb_payload) / 8
-    assert rep.by_kind["all-to-all"]["count"] == 2
-    assert rep.per_device_cross_host_bytes == 4 * per_peer  # 4 peers on the other host
-    assert rep.per_device_intra_host_bytes == 3 * per_peer
-    assert rep.cross_host_bytes == 8 * 4 * per_peer
+def test_bags_or_rows_give_the_same_model(mesh24, batch):
+    """Whether a pooled feature's bags go to their owner or its ids ask for
+    unique rows is a routing choice: the same embeddings and update."""
+    opt = SparseOptimizer(lr=0.3)
+    outs = []
+    for bags in ((), [f.name for f in FEATURES.sparse if f.pooled]):
+        emb = ShardedEmbeddings(FEATURES, mesh24, "table_wise", opt, bag_features=bags)
+        outs.append(check_step(emb, batch))
+    assert outs[0]["ids_requested"] > outs[1]["ids_requested"]  # only rows ask for rows

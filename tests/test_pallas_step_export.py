@@ -1,7 +1,7 @@
 """A whole local sparse step with Pallas kernels, exported for TPU and CUDA
 from the CPU: the gather, the de-duplicating backward and the fused update of
-a 200k-row shard, as the trainer runs them on one device (`Group.gather`,
-`optimizers.sparse_step`). The exported StableHLO shows the table touched in
+a 200k-row storage buffer, as the owner runs them on one device
+(`flat.owner_pool`, `optimizers.sparse_step`). The exported StableHLO shows the table touched in
 place only: table-sized values appear in the signature (donated, aliased to
 the outputs), as operands and results of the Mosaic custom calls, as the
 operand of a gather (reads of the touched rows), as a loop carry (the
@@ -34,11 +34,15 @@ def _step(kind: str, target: str, capacity):
     impl = Impl("pallas", target, False)
     base = jnp.arange(K, dtype=jnp.int32) * (R // K)
 
+    src = jnp.repeat(jnp.arange(K * M, dtype=jnp.int32), L)  # a bag's ids share its gradient
+
     def step(table, accum, ids, bag_grads):
-        out = pooled_gather(impl, table, (ids + base[:, None, None]).reshape(K * M, L), None)
-        after = jnp.sum(out) * 0  # the update depends on the reads (research.md)
-        t, a, _ = sparse_step(opt, table, accum, ids + base[:, None, None], bag_grads + after,
-                              base=base, max_rows=R // K, lr=opt.lr, capacity=capacity, impl=impl)
+        rows = (ids + base[:, None, None]).reshape(K * M, L)
+        out = pooled_gather(impl, table, rows, None)
+        after = jnp.sum(out) * 0  # the update depends on the reads (docs/design.md)
+        t, a, _ = sparse_step(opt, table, accum, rows.reshape(-1), src,
+                              bag_grads.reshape(K * M, D) + after, lr=opt.lr, capacity=capacity,
+                              impl=impl)
         return t, a, out
 
     acc = {"rowwise_adagrad": (R,), "adagrad": (R, D), "sgd": None}[kind]

@@ -258,7 +258,8 @@ def test_train_py_tiny_run(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "eval AUC" in r.stdout and "Bayes" in r.stdout
-    assert "cross-host" in r.stdout.splitlines()[-1]
+    assert any("payload cross-host" in ln for ln in r.stdout.splitlines()[-3:])
+    assert "tables and optimizer state" in r.stdout.splitlines()[-1]
     import json
 
     s = json.loads(out.read_text())
@@ -389,7 +390,7 @@ def test_identity_towers_give_the_flat_loss_history(mesh24):
     assert dmt["eval_auc"] == flat["eval_auc"]
 
 
-@pytest.mark.parametrize("module", ["linear", "dcn"])
+@pytest.mark.parametrize("module", ["linear"])  # dcn's gradients and step: test_towers.py
 def test_compressing_towers_train_and_resume(mesh24, tmp_path, module):
     cfg = dict(steps=8, towers=3, tower_module=module, tower_dim=5, tower_partitioner="random")
     full = train_and_evaluate(tiny_config(**cfg), mesh24)

@@ -3,12 +3,10 @@
 from jdmt.embeddings.collection import (
     Embeddings,
     OutOfRangeIdError,
-    Routed,
     ShardedEmbeddings,
     TableState,
-    build_groups,
-    dense_from_buffers,
 )
+from jdmt.embeddings.layout import Layout, Memory, Piece
 from jdmt.embeddings.types import (
     OptimizerKind,
     Placement,
@@ -21,16 +19,16 @@ from jdmt.embeddings.types import (
 
 __all__ = [
     "Embeddings",
+    "Layout",
+    "Memory",
     "OptimizerKind",
     "OutOfRangeIdError",
+    "Piece",
     "Placement",
-    "Routed",
     "ShardedEmbeddings",
     "ShardingType",
     "SparseOptimizer",
     "TableState",
-    "build_groups",
-    "dense_from_buffers",
     "check_plan",
     "host_devices",
     "plan_sharding",

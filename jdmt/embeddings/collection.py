@@ -1,18 +1,24 @@
 """Sharded embedding collection: every table of a model, placed by a plan.
 
-A step uses four `shard_map` stages, each a single program over the
-`('host', 'local')` mesh:
+A training step is two `shard_map` programs around the dense model:
 
-    routed    = emb.route(ids, lengths)          # input distribution (ids only)
-    owner_out = emb.lookup(state, routed)        # local gathers at the owners
-    embs      = emb.output_dist(owner_out, lengths)   # differentiable
-    ...loss(embs)... -> d loss / d owner_out    # jax.grad through the collectives
-    state     = emb.apply_gradients(state, routed, d_owner_out, owner_out)
+    embs, ctx, stats = emb.forward(state, ids, lengths)   # ids to owners, rows back
+    loss, g_embs = jax.value_and_grad(dense_loss)(embs)    # the dense part (GSPMD)
+    state, ustats = emb.update(state, ctx, g_embs, ids, lengths,
+                               skip=emb.must_skip(stats))  # gradients to owners, fused update
 
-The gradient is taken with respect to the owners' lookup outputs, never the
-tables: JAX transposes the output distribution's collectives, so the row
-gradients arrive at the owners, where `optimizers.sparse_step` de-duplicates
-them and updates the touched rows in place.
+The gradient is taken with respect to the embeddings, never the tables:
+`update` sends each bag's (or each unique row's) gradient back to the owner
+of its rows, where `optimizers.sparse_step` sums the gradients of every
+touched row and updates those rows in place. `forward` and `update` are
+not differentiated (their exchanges are written out both ways).
+
+Where the step cannot be exact it says so and changes nothing:
+`stats["overflow"]` > 0 means some exchange block had more rows than its
+capacity, `stats["out_of_range"]` > 0 counts ids outside their table. With
+`skip=must_skip(stats)`, `update` then writes nothing; the caller raises the
+capacities (`grow`) and repeats the step, or reports the bad ids. Nothing
+is ever dropped silently.
 """
 
 from __future__ import annotations
@@ -28,40 +34,37 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jdmt.data.specs import Combiner, FeatureSet
-from jdmt.embeddings import optimizers
-from jdmt.embeddings.base import Group
-from jdmt.embeddings.column_wise import column_wise_shards
-from jdmt.embeddings.data_parallel import DataParallelGroup
-from jdmt.embeddings.row_wise import RowWiseGroup
-from jdmt.embeddings.table_row_wise import TableRowWiseGroup, table_row_wise_hosts
-from jdmt.embeddings.table_wise import TableWiseGroup, table_wise_shards
+from jdmt.embeddings import optimizers, routing
+from jdmt.embeddings.exchange import MODES, broadcast, payload_bytes
+from jdmt.embeddings.flat import Caps, Stats, WidthRoute, owner_rows
+from jdmt.embeddings.hosted import HostCaps, HostPath
+from jdmt.embeddings.layout import Layout, Memory, storage_name
 from jdmt.embeddings.types import (
+    OptimizerKind,
     Placement,
     ShardingType,
     SparseOptimizer,
     check_plan,
     plan_sharding,
 )
-from jdmt.mesh import DEVICES, mesh_shape
+from jdmt.mesh import DEVICES, HOST, mesh_shape
 from jdmt.pallas_kernels.common import Impl, resolve
+
+__all__ = [
+    "Embeddings",
+    "OutOfRangeIdError",
+    "ShardedEmbeddings",
+    "TableState",
+]
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TableState:
-    """A group's fused buffer and its optimizer state (global arrays)."""
+    """A storage buffer and its optimizer state (global arrays)."""
 
     weights: jax.Array  # f32[N * R, D] sharded over devices, or f32[R, D] replicated
     accum: jax.Array | None  # f32[N * R] / f32[N * R, D] / None
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class Routed:
-    """What the input distribution produced: ids at their owners."""
-
-    ids: dict[str, jax.Array]  # per group, i32 local rows at the owner (-1 = none)
-    out_of_range: jax.Array  # i32[] ids outside [0, rows) of non-hashed features
 
 
 @dataclasses.dataclass
@@ -94,8 +97,7 @@ class Embeddings:
         return self.pooled[:, start : start + self.pooled_dims[i]]
 
     def to_dict(self) -> dict[str, jax.Array]:
-        """Every feature's embedding by name (slices: avoid inside a loss over
-        many features, whose gradient then pads each slice)."""
+        """Every feature's embedding by name."""
         return {n: self[n] for n in (*self.pooled_names, *self.sequence)}
 
 
@@ -108,94 +110,6 @@ class OutOfRangeIdError(ValueError):
     """Ids outside a table's rows reached the device path."""
 
 
-def _family(t: ShardingType) -> str:
-    return {
-        ShardingType.TABLE_WISE: "tw",
-        ShardingType.COLUMN_WISE: "tw",
-        ShardingType.ROW_WISE: "rw",
-        ShardingType.DATA_PARALLEL: "dp",
-        ShardingType.TABLE_ROW_WISE: "trw",
-    }[t]
-
-
-def build_groups(
-    features: FeatureSet, plan: Mapping[str, Placement], num_devices: int,
-    local: int | None = None,
-) -> dict[str, Group]:
-    """The fused groups of a plan: tables of one sharding family, kind, width
-    and length cap share one buffer per device. Depends only on the features,
-    the plan and the device count (not on a mesh), so the layout of a saved
-    state can be rebuilt anywhere (`dense_from_buffers`). `local` (devices
-    per host) matters to table-row-wise tables only; by default it is read
-    from their placements (the devices of one host)."""
-    n = num_devices
-    plan = {f.name: plan[f.name] for f in features.sparse}
-    trw_host, trw_local = table_row_wise_hosts(plan, local)
-    buckets: dict[tuple, list] = {}
-    shards = {}
-    for t, fn in ((ShardingType.TABLE_WISE, table_wise_shards), (ShardingType.COLUMN_WISE, column_wise_shards)):
-        sub = {k: p for k, p in plan.items() if p.type is t}
-        shards.update(fn(features, sub))
-    for f in features.sparse:
-        p = plan[f.name]
-        fam = _family(p.type)
-        width = f.dim // len(p.devices) if p.type is ShardingType.COLUMN_WISE else f.dim
-        key = (fam, f.kind.value, width, f.max_len)
-        buckets.setdefault(key, []).append(f.name)
-    groups: dict[str, Group] = {}
-    for (fam, kind, width, ln), names in buckets.items():
-        name = f"{fam}_{kind}_d{width}_l{ln}"
-        idx = [features.index(x) for x in names]
-        if fam == "tw":
-            group_shards = [s for x in names for s in shards[x]]
-            groups[name] = TableWiseGroup(name, features, group_shards, width, n)
-        elif fam == "rw":
-            groups[name] = RowWiseGroup(name, features, idx, width, n)
-        elif fam == "trw":
-            hosts = [trw_host[x] for x in names]
-            groups[name] = TableRowWiseGroup(name, features, idx, hosts, width, n, trw_local)
-        else:
-            groups[name] = DataParallelGroup(name, features, idx, width, n)
-    return groups
-
-
-def dense_from_buffers(
-    features: FeatureSet,
-    groups: Mapping[str, Group],
-    num_devices: int,
-    buffers: Mapping[str, tuple[np.ndarray, np.ndarray | None]],
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
-    """Full per-table arrays from host copies of the fused group buffers.
-
-    Args:
-      buffers: `{group: (weights f32[global_rows, width], accumulators or
-        None)}`, the global arrays of a state laid out by `groups`.
-    Returns:
-      `({name: f32[rows, dim]}, {name: accumulators} or None)`: row-wise
-      accumulators are f32[rows], element-wise ones f32[rows, dim].
-    """
-    names = [f.name for f in features.sparse]
-    tables = {i: np.zeros((f.rows, f.dim), np.float32) for i, f in enumerate(features.sparse)}
-    accs = None
-    for name, g in groups.items():
-        for k, (arr, out) in enumerate(zip(buffers[name], (tables, accs))):
-            if arr is None:
-                continue
-            arr = np.asarray(arr, np.float32)
-            if k == 1 and out is None:
-                per_row = arr.ndim == 1
-                accs = out = {
-                    i: np.zeros((f.rows,) if per_row else (f.rows, f.dim), np.float32)
-                    for i, f in enumerate(features.sparse)
-                }
-            parts = [arr] if g.replicated else np.split(arr, num_devices)
-            g.scatter_into(parts, out)
-    return (
-        {names[i]: t for i, t in tables.items()},
-        None if accs is None else {names[i]: a for i, a in accs.items()},
-    )
-
-
 class ShardedEmbeddings:
     """All embedding tables of a model, sharded over a `('host','local')` mesh.
 
@@ -205,19 +119,32 @@ class ShardedEmbeddings:
       sharding: a sharding type for all tables, a type per table, or a full
         plan (`{name: Placement}`).
       optimizer: the fused sparse optimizer.
-      unique_capacity: fraction of a slot's ids that one chunk of the update
-        holds as unique rows (None: all of them). A step with more unique
+      unique_capacity: fraction of a storage's gradient rows that one chunk of
+        the update holds as unique rows (None: all). A step with more unique
         rows runs more chunks: nothing is dropped; only the time changes.
-        Zipf-distributed ids rarely need more than half.
-      cpu_kernels: run the optimizer step of each group whose update does not
-        communicate (all but column-sharded tables) as the C++ FFI kernel
-        (`jdmt.embeddings.cpu_kernels`). None (default): when every device of
-        the mesh is a CPU and the kernel builds; False: always the XLA path.
-        Not used with Pallas kernels.
-      kernel: the lookups' and updates' implementation: "xla", "pallas"
+      cpu_kernels: run the optimizer step of each storage whose update does
+        not communicate (all but those holding column shards, with row-wise
+        Adagrad) as the C++ FFI kernel (`jdmt.embeddings.cpu_kernels`). None
+        (default): when every device of the mesh is a CPU and the kernel
+        builds; False: always the XLA path. Not used with Pallas kernels.
+      kernel: the owners' lookups and updates: "xla", "pallas"
         (`jdmt.pallas_kernels`: the target's kernels; interpreted on a CPU
         mesh) or "auto" (Pallas on TPU and GPU, XLA on CPU); or a resolved
         `pallas_kernels.Impl`.
+      exchange: "auto" (ragged all-to-alls on GPU/TPU, padded on CPU),
+        "ragged", "padded" or "emulated" (`jdmt.embeddings.exchange`).
+      bag_features: names of the pooled features whose whole-table pieces
+        (table-wise, column shards) send bags to their owner, which pools
+        them; the others' ids ask for unique rows. Default: the features
+        with more than one id per bag (a one-id bag costs the same row
+        either way, and de-duplication can only save).
+      host_features: names of table-wise features (placed inside one host)
+        that take the host path (`jdmt.embeddings.hosted`: to the host
+        first, then inside it) instead of the flat one; table-row-wise
+        features always do. SPTT routes every feature so.
+      towers: the host path stops at the entry devices: `forward` returns
+        the hosted bags pooled there (the Tower Modules' inputs) instead of
+        embeddings at the requesters (every feature must be hosted).
     """
 
     def __init__(
@@ -230,6 +157,10 @@ class ShardedEmbeddings:
         unique_capacity: float | None = 0.5,
         cpu_kernels: bool | None = None,
         kernel: str | Impl = "auto",
+        exchange: str = "auto",
+        bag_features=None,
+        host_features=None,
+        towers: bool = False,
     ):
         self.features = features
         platform = mesh.devices.flat[0].platform
@@ -238,10 +169,13 @@ class ShardedEmbeddings:
             if cpu_kernels:
                 raise ValueError("cpu_kernels=True and Pallas kernels exclude each other")
             cpu_kernels = False
+        if exchange not in MODES:
+            raise ValueError(f"exchange must be one of {MODES}, got {exchange!r}")
+        self.exchange_mode = exchange
         self.unique_capacity = unique_capacity
         self.mesh = mesh
-        self.num_devices = int(mesh.devices.size)
-        self.local = mesh_shape(mesh)[1]
+        self.hosts, self.local = mesh_shape(mesh)
+        self.num_devices = self.hosts * self.local
         self.optimizer = optimizer
         if cpu_kernels is None or cpu_kernels:
             from jdmt.embeddings import cpu_kernels as ck
@@ -258,17 +192,191 @@ class ShardedEmbeddings:
             plan = plan_sharding(features, self.num_devices, sharding, local=self.local)
         check_plan(features, plan, self.num_devices, self.local)
         self.plan = {f.name: plan[f.name] for f in features.sparse}
-        self.groups: dict[str, Group] = build_groups(features, self.plan, self.num_devices, self.local)
+        self.layout = Layout(features, self.plan, self.hosts, self.local)
+        if bag_features is None:
+            bag = frozenset(i for i, f in enumerate(features.sparse) if f.pooled and f.max_len > 1)
+        else:
+            bag = frozenset(features.index(n) for n in bag_features)
+        self.bag_features = bag
+        hosted = {i for i, f in enumerate(features.sparse)
+                  if self.plan[f.name].type is ShardingType.TABLE_ROW_WISE}
+        hosted |= {features.index(n) for n in (host_features or ())}
+        self.towers = bool(towers)
+        if self.towers and len(hosted) != len(features.sparse):
+            raise ValueError("towers=True needs every feature on the host path (host_features)")
+        self.host = None
+        exclude = frozenset()
+        if hosted:
+            host_bags = frozenset(hosted) if self.towers else frozenset(
+                i for i in hosted if features.sparse[i].pooled and i in bag)
+            self.host = HostPath(self.layout, frozenset(hosted), host_bags, towers=self.towers)
+            exclude = frozenset(self.host.piece.values())
+        self.routes = {w: WidthRoute(self.layout, w, bag, exclude) for w in self.layout.widths}
+        self.routes = {w: r for w, r in self.routes.items() if r.pieces}
+        self._caps: dict[int, dict[int, Caps]] = {}
+        self.version = 0  # bumped when capacities change (re-trace jitted steps)
+        self._static_tables()
 
-    def _specs(self, leaf_spec: Callable[[Group], P]):
-        return {name: leaf_spec(g) for name, g in self.groups.items()}
+    # ---- static tables -----------------------------------------------------------------------
+
+    def _static_tables(self) -> None:
+        feats = self.features.sparse
+        offs = self.features.offsets
+        slots = self.features.total_slots
+        self._col_feature = np.concatenate([[i] * f.max_len for i, f in enumerate(feats)]).astype(np.int32)
+        self._col_pos = np.concatenate([np.arange(f.max_len) for f in feats]).astype(np.int32)
+        self._col_rows = np.array([feats[i].rows for i in self._col_feature], np.int32)
+        self._col_hashed = np.array([feats[i].hashed for i in self._col_feature], bool)
+        self._dp: dict[int, list[int]] = {}
+        for i, p in enumerate(self.layout.pieces):
+            if p.replicated:
+                self._dp.setdefault(p.width, []).append(i)
+        self._dp_cols = {
+            w: np.concatenate([offs[self.layout.pieces[i].feature] + np.arange(feats[self.layout.pieces[i].feature].max_len)
+                               for i in v]).astype(np.int64)
+            for w, v in self._dp.items()
+        }
+        self._dp_pos = {}
+        for w, v in self._dp.items():
+            start, pos = 0, []
+            for i in v:
+                m = feats[self.layout.pieces[i].feature].max_len
+                pos.append(np.arange(start, start + m))
+                start += m
+            self._dp_pos[w] = pos
+        self.pooled_idx = [i for i, f in enumerate(feats) if f.pooled]
+        self.seq_idx = [i for i, f in enumerate(feats) if not f.pooled]
+        self._mean = [i for i in self.pooled_idx if feats[i].combiner is Combiner.MEAN]
+        del slots
+
+    # ---- capacities ---------------------------------------------------------------------------
+
+    def caps(self, batch: int) -> dict:
+        """Block capacities for a local batch of `batch` samples:
+        `{"flat": {width: Caps}, "host": HostCaps or None}`."""
+        if batch not in self._caps:
+            self._caps[batch] = {
+                "flat": {w: r.default_caps(batch) for w, r in self.routes.items()},
+                "host": None if self.host is None else self.host.default_caps(batch),
+            }
+        return self._caps[batch]
+
+    def set_caps(self, batch: int, caps: Mapping) -> None:
+        self._caps[batch] = dict(caps)
+        self.version += 1
+
+    def grow(self, batch: int, stats: Mapping) -> dict:
+        """Raise the capacities that `stats` (a step's, host values) say were
+        too small, to what was needed plus a quarter (never past the bounds
+        that cannot overflow); returns the new capacities."""
+        old = self.caps(batch)
+        need = {k: int(v) for k, v in stats["need"].items()}
+
+        def up(have, key, bound):
+            want = need.get(key, 0)
+            if want <= have:
+                return have
+            return int(min(bound, -(-int(want * 1.25 + 8) // 8) * 8))
+
+        flat = {w: Caps(up(c.bag_ids, f"w{w}/bag_ids", r.bag_bound(batch)),
+                        up(c.rows, f"w{w}/rows", r.row_bound(batch)))
+                for (w, c), r in zip(old["flat"].items(), self.routes.values())}
+        host = old["host"]
+        if host is not None:
+            bd = self.host.bound(batch)
+            host = HostCaps(
+                up(host.bag_ids, "host/bag_ids", bd.bag_ids),
+                {w: up(v, f"host/local_bag_ids_{w}", bd.local_bag_ids[w]) for w, v in host.local_bag_ids.items()},
+                {w: up(v, f"host/local_rows_{w}", bd.local_rows[w]) for w, v in host.local_rows.items()},
+                {w: up(v, f"host/host_rows_{w}", bd.host_rows[w]) for w, v in host.host_rows.items()},
+                {w: up(v, f"host/fwd_rows_{w}", bd.fwd_rows[w]) for w, v in host.fwd_rows.items()},
+            )
+        new = {"flat": flat, "host": host}
+        self.set_caps(batch, new)
+        return new
+
+    def measure(self, ids: np.ndarray, lengths: np.ndarray) -> dict[str, int]:
+        """What each exchange of a step needs for a global batch (host numpy,
+        no device work): the keys and meaning of `forward`'s `stats["need"]`."""
+        ids, lengths = np.asarray(ids), np.asarray(lengths)
+        valid = self._col_pos[None, :] < lengths[:, self._col_feature]
+        rows = self._col_rows[None, :].astype(np.int64)
+        r = np.where(self._col_hashed[None, :], np.mod(ids, rows), ids)
+        canon = np.where(valid & (r >= 0) & (r < rows), r, -1).astype(np.int32)
+        canon = np.concatenate([canon, np.full((canon.shape[0], 1), -1, np.int32)], axis=1)
+        canon = canon.reshape(self.num_devices, -1, canon.shape[1])
+        out = {}
+        for r_ in self.routes.values():
+            out.update(r_.measure(canon))
+        if self.host is not None:
+            out.update(self.host.measure(canon))
+        return out
+
+    def fit_caps(self, batch: int, need: Mapping[str, int], headroom: float = 1.25) -> dict:
+        """Capacities from measured needs (`measure` over a few batches, max
+        taken): each `headroom` times its need plus 8, in multiples of 8, never
+        past the bound that cannot overflow. A later batch that needs more
+        overflows visibly (`stats["overflow"]`) and `grow` raises it."""
+        def fit(key, bound):
+            want = int(np.ceil(need.get(key, 0) * headroom)) + 8
+            return int(min(bound, max(8, -(-want // 8) * 8)))
+
+        flat = {w: Caps(fit(f"w{w}/bag_ids", r.bag_bound(batch)), fit(f"w{w}/rows", r.row_bound(batch)))
+                for w, r in self.routes.items()}
+        host = None
+        if self.host is not None:
+            bd = self.host.bound(batch)
+            host = HostCaps(
+                fit("host/bag_ids", bd.bag_ids),
+                {w: fit(f"host/local_bag_ids_{w}", v) for w, v in bd.local_bag_ids.items()},
+                {w: fit(f"host/local_rows_{w}", v) for w, v in bd.local_rows.items()},
+                {w: fit(f"host/host_rows_{w}", v) for w, v in bd.host_rows.items()},
+                {w: fit(f"host/fwd_rows_{w}", v) for w, v in bd.fwd_rows.items()},
+            )
+        self.set_caps(batch, {"flat": flat, "host": host})
+        return self._caps[batch]
+
+    def describe_caps(self, batch: int) -> dict[str, int]:
+        """The capacities for a local batch, flat: `{key: rows per block}` (the
+        keys of `stats["need"]`, only those of exchanges this plan has)."""
+        c = self.caps(batch)
+        out = {}
+        for w, r in self.routes.items():
+            if r.bag_pieces:
+                out[f"w{w}/bag_ids"] = c["flat"][w].bag_ids
+            if r.row_pieces:
+                out[f"w{w}/rows"] = c["flat"][w].rows
+        h = c["host"]
+        if h is not None:
+            hp = self.host
+            if hp.bag_set:
+                out["host/bag_ids"] = h.bag_ids
+            for w in hp.widths:
+                if any(hp.local_bags[w]["tw"]):
+                    out[f"host/local_bag_ids_{w}"] = h.local_bag_ids[w]
+                if any(hp.local_row[w]["trw"]):
+                    out[f"host/local_rows_{w}"] = h.local_rows[w]
+                if hp.host_row[w]["features"]:
+                    out[f"host/host_rows_{w}"] = h.host_rows[w]
+                    out[f"host/fwd_rows_{w}"] = h.fwd_rows[w]
+        return out
+
+    @staticmethod
+    def must_skip(stats) -> jax.Array:
+        """True when the step cannot be applied: an overflow or bad ids."""
+        return (stats["overflow"] > 0) | (stats["out_of_range"] > 0)
+
+    # ---- state --------------------------------------------------------------------------------
+
+    def _storage_spec(self, name: str) -> P:
+        return P() if self.layout.storages()[name][2] else P(DEVICES)
 
     def state_specs(self) -> dict[str, TableState]:
         """PartitionSpecs of the state (same tree as `init`'s output)."""
         acc = optimizers.accumulator_shape(self.optimizer, 1, 1)
         return {
-            name: TableState(g.spec, g.spec if acc is not None else None)
-            for name, g in self.groups.items()
+            name: TableState(self._storage_spec(name), self._storage_spec(name) if acc is not None else None)
+            for name in self.layout.storages()
         }
 
     def state_shardings(self):
@@ -277,35 +385,38 @@ class ShardedEmbeddings:
     def state_shapes(self) -> dict[str, TableState]:
         """`jax.ShapeDtypeStruct`s of the state with shardings (for restores)."""
         out = {}
-        for name, g in self.groups.items():
-            sh = NamedSharding(self.mesh, g.spec)
-            acc = optimizers.accumulator_shape(self.optimizer, g.global_rows, g.width)
+        for name, (rows, width, rep) in self.layout.storages().items():
+            sh = NamedSharding(self.mesh, self._storage_spec(name))
+            total = rows if rep else rows * self.num_devices
+            acc = optimizers.accumulator_shape(self.optimizer, total, width)
             out[name] = TableState(
-                jax.ShapeDtypeStruct((g.global_rows, g.width), jnp.float32, sharding=sh),
+                jax.ShapeDtypeStruct((total, width), jnp.float32, sharding=sh),
                 None if acc is None else jax.ShapeDtypeStruct(acc, jnp.float32, sharding=sh),
             )
         return out
 
-    def _shard_map(self, body, in_specs, out_specs, check_vma=True):
-        return jax.shard_map(
-            body, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma
-        )
+    def memory(self) -> Memory:
+        """Owned and allocated bytes of the tables and their optimizer state."""
+        return self.layout.memory(self.optimizer)
 
-    # ---- state ------------------------------------------------------------------------------
+    def _shard_map(self, body, in_specs, out_specs, check_vma=False):
+        return jax.shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
+                             check_vma=check_vma)
 
     def init(self, seed: int = 0) -> dict[str, TableState]:
         """Initial tables, built shard by shard on the devices (no host copy of
         any table). The values depend on (seed, feature, row, col) only, so
         every sharding plan starts from the same model."""
         scales = np.array([np.sqrt(1.0 / f.rows) for f in self.features.sparse], np.float32)
+        names = list(self.layout.storages())
 
         def body(seed):
             me = lax.axis_index(DEVICES)
             out = {}
-            for name, g in self.groups.items():
-                w = g.init_local(seed, 0 if g.replicated else me, scales)
-                acc = optimizers.init_accumulator(self.optimizer, g.local_rows, g.width)
-                out[name] = TableState(w, acc)
+            for name in names:
+                rows, width, rep = self.layout.storages()[name]
+                w = self.layout.init_local(name, seed, me, scales)
+                out[name] = TableState(w, optimizers.init_accumulator(self.optimizer, rows, width))
             return out
 
         fn = self._shard_map(body, in_specs=(P(),), out_specs=self.state_specs())
@@ -316,249 +427,460 @@ class ShardedEmbeddings:
         tables: Mapping[str, np.ndarray],
         accumulators: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, TableState]:
-        """State from full host tables `{name: f32[rows, dim]}` (tests, imports).
-
-        Each device's shard is cut from the host arrays on the process that
-        owns the device.
-        """
-        order = [np.asarray(tables[f.name], np.float32) for f in self.features.sparse]
-        for f, t in zip(self.features.sparse, order):
+        """State from full host tables `{name: f32[rows, dim]}` (tests, imports,
+        restores onto another layout). Each device's shard is cut from the
+        host arrays by the process that owns the device."""
+        feats = self.features.sparse
+        order = [np.asarray(tables[f.name], np.float32) for f in feats]
+        for f, t in zip(feats, order):
             if t.shape != (f.rows, f.dim):
                 raise ValueError(f"table {f.name!r} has shape {t.shape}, expected {(f.rows, f.dim)}")
         acc_kind = optimizers.accumulator_shape(self.optimizer, 1, 1)
+        per_row = acc_kind is not None and len(acc_kind) == 1
         if accumulators is not None:
-            accs = [np.asarray(accumulators[f.name], np.float32) for f in self.features.sparse]
+            accs = [np.asarray(accumulators[f.name], np.float32) for f in feats]
         elif acc_kind is not None:
             init = self.optimizer.initial_accumulator
-            accs = [
-                np.full((f.rows,) if len(acc_kind) == 1 else (f.rows, f.dim), init, np.float32)
-                for f in self.features.sparse
-            ]
+            accs = [np.full((f.rows,) if per_row else (f.rows, f.dim), init, np.float32) for f in feats]
         out = {}
-        for name, g in self.groups.items():
-            sh = NamedSharding(self.mesh, g.spec)
+        for name, (rows, width, rep) in self.layout.storages().items():
+            sh = NamedSharding(self.mesh, self._storage_spec(name))
+            total = rows if rep else rows * self.num_devices
 
             def make(shape, piece):
                 def cb(index):
                     start = index[0].start or 0
-                    dev = 0 if g.replicated else start // g.local_rows
-                    return piece(dev)
+                    return piece(0 if rep else start // rows)
 
                 return jax.make_array_from_callback(shape, sh, cb)
 
-            w = make((g.global_rows, g.width), lambda d: g.assemble(order, d))
+            w = make((total, width), lambda d: self.layout.assemble(name, d, order))
             acc = None
             if acc_kind is not None:
-                if len(acc_kind) == 1:
-                    acc = make((g.global_rows,), lambda d: g.assemble_rows(accs, d))
+                fill = self.optimizer.initial_accumulator
+                if per_row:
+                    acc = make((total,), lambda d: self.layout.assemble(name, d, accs, per_row=True, fill=fill))
                 else:
-                    acc = make((g.global_rows, g.width), lambda d: g.assemble(accs, d))
+                    acc = make((total, width), lambda d: self.layout.assemble(name, d, accs, fill=fill))
             out[name] = TableState(w, acc)
         return out
 
     def to_dense(self, state: Mapping[str, TableState]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
         """Full host copies of all tables and accumulators (tests, exports)."""
-        host = {
-            name: (_host_array(st.weights), None if st.accum is None else _host_array(st.accum))
-            for name, st in state.items()
-        }
-        return dense_from_buffers(self.features, self.groups, self.num_devices, host)
+        names = [f.name for f in self.features.sparse]
+        w = {k: _host_array(v.weights) for k, v in state.items()}
+        tables = dict(zip(names, self.layout.to_dense(w)))
+        accs = None
+        if any(v.accum is not None for v in state.values()):
+            a = {k: _host_array(v.accum) for k, v in state.items()}
+            per_row = next(iter(a.values())).ndim == 1
+            accs = dict(zip(names, self.layout.to_dense(a, per_row=per_row)))
+        return tables, accs
 
-    # ---- the four stages ----------------------------------------------------------------
+    # ---- the step -----------------------------------------------------------------------------
 
-    def route(self, ids: jax.Array, lengths: jax.Array) -> Routed:
-        """Input distribution: ids (i32[B_global, slots], sharded over devices)
-        to the devices that own their rows."""
+    def _canonical(self, ids, lengths):
+        """i32[B, slots + 1] table rows of the batch's ids (-1: none, and a last
+        all -1 column), and the count of out-of-range ids of non-hashed tables."""
+        valid = jnp.asarray(self._col_pos)[None, :] < lengths[:, self._col_feature]
+        rows = jnp.asarray(self._col_rows)[None, :]
+        r = jnp.where(jnp.asarray(self._col_hashed)[None, :], jnp.remainder(ids, rows), ids)
+        inside = (r >= 0) & (r < rows)
+        bad = jnp.sum(valid & ~inside, dtype=jnp.int32)
+        canon = jnp.where(valid & inside, r, -1)
+        return jnp.concatenate([canon, jnp.full((canon.shape[0], 1), -1, jnp.int32)], axis=1), bad
 
-        def body(ids, lengths):
-            out, bad = {}, jnp.zeros((), jnp.int32)
-            for name, g in self.groups.items():
-                out[name], b = g.input_dist(ids, lengths)
-                bad = bad + b
-            return Routed(out, lax.psum(bad, DEVICES))
+    def _mean_scale(self, lengths):
+        """f32[B, F_pooled] the factor of each pooled feature (1 / count for mean)."""
+        feats = self.features.sparse
+        n = jnp.maximum(lengths[:, np.array(self.pooled_idx)], 1).astype(jnp.float32)
+        mean = np.array([feats[i].combiner is Combiner.MEAN for i in self.pooled_idx])
+        return jnp.where(jnp.asarray(mean)[None, :], 1.0 / n, 1.0)
 
-        specs = Routed(self._specs(lambda g: P(DEVICES)), P())
-        return self._shard_map(body, (P(DEVICES), P(DEVICES)), specs)(ids, lengths)
+    def forward(self, state: Mapping[str, TableState], ids: jax.Array, lengths: jax.Array):
+        """Look up the batch's embeddings (not differentiable: see `update`).
 
-    def lookup(self, state: Mapping[str, TableState], routed: Routed) -> dict[str, jax.Array]:
-        """Local gathers (pooled or not) at the owners."""
-
-        def body(weights, ids):
-            return {name: g.lookup(weights[name], ids[name], self.impl)
-                    for name, g in self.groups.items()}
-
-        w = {k: v.weights for k, v in state.items()}
-        # Pallas calls inside shard_map need the varying-axes check off
-        # (research.md); this stage is never differentiated.
-        return self._shard_map(
-            body, (self._specs(lambda g: g.spec), self._specs(lambda g: P(DEVICES))),
-            self._specs(lambda g: P(DEVICES)), check_vma=not self.impl.pallas,
-        )(w, routed.ids)
-
-    def output_dist(self, owner_out: Mapping[str, jax.Array], lengths: jax.Array) -> "Embeddings":
-        """Embeddings back to each sample's device (differentiable).
+        Args:
+          state: the tables (`init`).
+          ids: i32[B_global, slots] packed ids, sharded over the devices.
+          lengths: i32[B_global, F] valid ids per feature.
 
         Returns:
-          `Embeddings`: pooled features as one f32[B, sum of dims] matrix in
-          feature order (TorchRec's KeyedTensor), sequence features as
-          `{name: f32[B, S, D]}`.
+          (embs, ctx, stats): the `Embeddings` (with `towers`: the bags pooled
+          at the entry devices, f32[N * H, J, B, D], sums); what `update`
+          needs (per-device arrays); the step's figures (global scalars):
+          `overflow`, `out_of_range`, `need` (what each exchange needed),
+          payload bytes across and inside hosts, `ids_requested` and
+          `ids_unique` (de-duplication of the row requests).
         """
         feats = self.features.sparse
-        pooled_idx = [i for i, f in enumerate(feats) if f.pooled]
-        seq_names = [f.name for f in feats if not f.pooled]
-        col0 = dict(zip(pooled_idx, np.cumsum([0] + [feats[i].dim for i in pooled_idx])[:-1]))
-        mean = np.array([feats[i].combiner is Combiner.MEAN for i in pooled_idx])
+        b = ids.shape[0] // self.num_devices
+        caps = self.caps(b)
+        mode = self.exchange_mode
+        impl = self.impl
 
-        def body(owner_out, lengths):
-            blocks, dest, seq = [], [], {}
-            for name, g in self.groups.items():
-                arr = g.output_dist(owner_out[name])
-                if g.pooled:
-                    blocks.append(arr.reshape(arr.shape[0], -1))
-                    for piece in g.pieces():
-                        start = col0[piece.feature] + piece.col0
-                        dest.extend(range(start, start + g.width))
+        def body(weights, ids, lengths):
+            canon, bad = self._canonical(ids, lengths)
+            outs, st = {}, []
+            ctx = {"flat": {}}
+            for w, route in self.routes.items():
+                bag, rows, c, s = route.forward(weights[storage_name(w)], canon, caps["flat"][w], mode, impl)
+                ctx["flat"][w] = {**c, "read": c["read"][None]}
+                st.append(s)
+                for k, i in enumerate(route.bag_pieces):
+                    outs[i] = bag[k]
+                for k, i in enumerate(route.row_pieces):
+                    outs[i] = rows[k]
+            entry = None
+            if self.host is not None:
+                tables = {w: weights[storage_name(w)] for w in self.host.widths}
+                o, c, s = self.host.forward(tables, canon, caps["host"], mode, impl)
+                ctx["host"] = c
+                st.append(s)
+                if self.towers:
+                    entry = o
                 else:
-                    for j, piece in enumerate(g.pieces()):
-                        seq.setdefault(piece.feature, []).append((piece.col0, arr[:, j]))
-            pooled = None
-            if blocks:
-                pooled = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1)
-                dest = np.asarray(dest)
-                if not np.array_equal(dest, np.arange(dest.size)):
-                    pooled = jnp.take(pooled, np.argsort(dest), axis=1)
-                if mean.any():
-                    col_feature = np.repeat(np.arange(len(pooled_idx)), [feats[i].dim for i in pooled_idx])
-                    n = jnp.maximum(lengths[:, np.array(pooled_idx)], 1).astype(pooled.dtype)
-                    scale = jnp.where(jnp.asarray(mean)[None, :], 1.0 / n, 1.0)
-                    pooled = pooled * jnp.take(scale, col_feature, axis=1)
-            sequence = {}
-            for i, parts in sorted(seq.items()):
-                parts = [a for _, a in sorted(parts, key=lambda p: p[0])]
-                sequence[feats[i].name] = parts[0] if len(parts) == 1 else jnp.concatenate(parts, -1)
-            return pooled, sequence
+                    for f, i in self.host.piece.items():
+                        outs[i] = o[f]
+            for w, pieces in self._dp.items():
+                table = weights[storage_name(w, True)]
+                at = canon[:, self._dp_cols[w]]
+                for k, i in enumerate(pieces):
+                    base = self.layout.pieces[i].offsets[0]
+                    rows = jnp.where(at[:, self._dp_pos[w][k]] >= 0, at[:, self._dp_pos[w][k]] + base, -1)
+                    outs[i] = (routing.pool_rows(table, rows) if feats[self.layout.pieces[i].feature].pooled
+                               else owner_rows(table, rows, impl))
+            stats = _reduce(st, bad)
+            if self.towers:
+                return entry, {}, ctx, stats
+            pooled, seqs = self._assemble(outs, lengths)
+            return pooled, seqs, ctx, stats
 
-        pooled, sequence = self._shard_map(
-            body, (self._specs(lambda g: P(DEVICES)), P(DEVICES)),
-            (P(DEVICES) if pooled_idx else None, {n: P(DEVICES) for n in seq_names}),
-        )(dict(owner_out), lengths)
-        return Embeddings(
-            pooled, sequence, tuple(feats[i].name for i in pooled_idx),
-            tuple(feats[i].dim for i in pooled_idx),
-        )
+        pooled_spec = P(DEVICES) if (self.pooled_idx or self.towers) else None
+        seq_specs = {} if self.towers else {feats[i].name: P(DEVICES) for i in self.seq_idx}
+        pooled, seqs, ctx, stats = self._shard_map(
+            body, (self._weight_specs(), P(DEVICES), P(DEVICES)), (pooled_spec, seq_specs, P(DEVICES), P()),
+        )({k: v.weights for k, v in state.items()}, ids, lengths)
+        if self.towers:
+            return pooled, ctx, stats
+        embs = Embeddings(pooled, seqs, tuple(feats[i].name for i in self.pooled_idx),
+                          tuple(feats[i].dim for i in self.pooled_idx))
+        return embs, ctx, stats
 
-    def apply_gradients(
+    def _assemble(self, outs, lengths):
+        """Per-piece outputs -> pooled f32[B, sum dims] (feature order, mean
+        applied) and sequences {name: f32[B, S, D]}."""
+        feats = self.features.sparse
+        pooled = None
+        if self.pooled_idx:
+            cols = []
+            for i in self.pooled_idx:
+                cols += [outs[j] for j, p in enumerate(self.layout.pieces) if p.feature == i]
+            pooled = jnp.concatenate(cols, axis=1) if len(cols) > 1 else cols[0]
+            if self._mean:
+                scale = self._mean_scale(lengths)
+                dims = [feats[i].dim for i in self.pooled_idx]
+                pooled = pooled * jnp.repeat(scale, np.array(dims), axis=1, total_repeat_length=sum(dims))
+        seqs = {}
+        for i in self.seq_idx:
+            parts = [outs[j] for j, p in enumerate(self.layout.pieces) if p.feature == i]
+            seqs[feats[i].name] = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+        return pooled, seqs
+
+    def _piece_grads(self, g_pooled, g_seqs, lengths) -> dict[int, jax.Array]:
+        """The embeddings' gradients split per piece (mean's 1/count applied)."""
+        feats = self.features.sparse
+        out = {}
+        if self.pooled_idx:
+            if self._mean:
+                dims = [feats[i].dim for i in self.pooled_idx]
+                scale = self._mean_scale(lengths)
+                g_pooled = g_pooled * jnp.repeat(scale, np.array(dims), axis=1, total_repeat_length=sum(dims))
+            start = 0
+            for i in self.pooled_idx:
+                for j, p in enumerate(self.layout.pieces):
+                    if p.feature == i:
+                        out[j] = g_pooled[:, start + p.col0 : start + p.col0 + p.width]
+                start += feats[i].dim
+        for i in self.seq_idx:
+            g = g_seqs[feats[i].name]
+            for j, p in enumerate(self.layout.pieces):
+                if p.feature == i:
+                    out[j] = g[..., p.col0 : p.col0 + p.width]
+        return out
+
+    def update(
         self,
         state: Mapping[str, TableState],
-        routed: Routed,
-        owner_grads: Mapping[str, jax.Array],
-        owner_out: Mapping[str, jax.Array],
+        ctx,
+        grads,
+        ids: jax.Array,
+        lengths: jax.Array,
+        *,
         lr: jax.Array | float | None = None,
-    ) -> dict[str, TableState]:
-        """The fused sparse optimizer step at the owners, touched rows only.
-
-        Same as `apply_gradients_with_stats` without the stats.
-        """
-        return self.apply_gradients_with_stats(state, routed, owner_grads, owner_out, lr)[0]
-
-    def apply_gradients_with_stats(
-        self,
-        state: Mapping[str, TableState],
-        routed: Routed,
-        owner_grads: Mapping[str, jax.Array],
-        owner_out: Mapping[str, jax.Array],
-        lr: jax.Array | float | None = None,
+        skip: jax.Array | bool = False,
     ) -> tuple[dict[str, TableState], dict[str, jax.Array]]:
         """The fused sparse optimizer step at the owners, touched rows only.
 
         Args:
-          owner_grads: gradient of the loss w.r.t. `lookup`'s outputs.
-          owner_out: `lookup`'s outputs (the update is made to depend on them,
-            so the in-place write is ordered after the reads).
+          ctx: `forward`'s context for the same batch and state.
+          grads: the loss's gradient with respect to `forward`'s embeddings
+            (an `Embeddings`; with `towers`, of the entry's pooled bags).
+          ids, lengths: the batch given to `forward`.
           lr: learning rate override (e.g. a schedule); default the optimizer's.
+          skip: write nothing (e.g. `must_skip(forward's stats)`).
 
         Returns:
-          (new state, stats): stats `{"unique_overflow": i32[]}` counts the
-          (device, group) updates whose unique rows exceeded the capacity and
-          needed more than one chunk (slower, never lossy).
+          (new state, stats): payload bytes of the backward exchanges and
+          `unique_overflow`, the storages whose unique rows needed more than
+          one chunk of the update (slower, never lossy).
         """
         lr = self.optimizer.lr if lr is None else lr
+        b = ids.shape[0] // self.num_devices
+        caps = self.caps(b)
+        mode = self.exchange_mode
+        feats = self.features.sparse
+
+        def body(state, ctx, g_pooled, g_seqs, ids, lengths, lr, skip):
+            streams: dict[str, list] = {}
+            st = []
+            if not self.towers:
+                gp = self._piece_grads(g_pooled, g_seqs, lengths)
+            for w, route in self.routes.items():
+                c = {**ctx["flat"][w], "read": ctx["flat"][w]["read"][0]}
+                g_bag = (jnp.stack([gp[i] for i in route.bag_pieces]) if route.bag_pieces else None)
+                g_rows = {k: gp[i] for k, i in enumerate(route.row_pieces)}
+                rows, src, g, s = route.backward(c, g_bag, g_rows, caps["flat"][w], mode)
+                st.append(s)
+                streams.setdefault(storage_name(w), []).append((rows, src, g))
+            if self.host is not None:
+                hg = g_pooled if self.towers else {f: gp[i] for f, i in self.host.piece.items()}
+                per_w, s = self.host.backward(ctx["host"], hg, b, mode)
+                st.append(s)
+                for w, x in per_w.items():
+                    streams.setdefault(storage_name(w), []).append(x)
+            new = {}
+            chunked = jnp.zeros((), jnp.int32)
+            for name, parts in streams.items():
+                rows, src, g = parts[0]
+                for r2, s2, g2 in parts[1:]:
+                    src = jnp.concatenate([src, s2 + g.shape[0]])
+                    rows = jnp.concatenate([rows, r2])
+                    g = jnp.concatenate([g, g2])
+                new[name], o = self._apply(name, state[name], rows, src, g, lr, skip, b)
+                chunked = chunked + o
+                st.append(self._split_payload(name, rows))
+            for w, pieces in self._dp.items():
+                name = storage_name(w, True)
+                canon, _ = self._canonical(ids, lengths)
+                at = canon[:, self._dp_cols[w]]
+                rows, gpos = [], []
+                for k, i in enumerate(pieces):
+                    base = self.layout.pieces[i].offsets[0]
+                    r = at[:, self._dp_pos[w][k]]
+                    rows.append(jnp.where(r >= 0, r + base, -1))
+                    g = gp[i]
+                    if feats[self.layout.pieces[i].feature].pooled:
+                        g = jnp.broadcast_to(g[:, None, :], r.shape + (w,))
+                    gpos.append(g)
+                rows = jnp.concatenate(rows, axis=1).reshape(-1)
+                gpos = jnp.concatenate(gpos, axis=1).reshape(-1, w)
+                table = state[name].weights
+                rows = jnp.where((rows >= 0) & (rows < table.shape[0]), rows, -1)
+                srows, spos = optimizers.sort_by_row(rows[None], jnp.zeros((1,), jnp.int32),
+                                                     table.shape[0], table.shape[0])
+                uniq, summed = optimizers.segment_rows(srows[0], spos[0], gpos, table.shape[0])
+                count = jnp.sum(uniq < table.shape[0], dtype=jnp.int32)
+                uniq = jnp.where(uniq < table.shape[0], uniq, -1)
+                all_rows, _ = broadcast(uniq, count, DEVICES, mode=mode, fill=-1)
+                all_g, _ = broadcast(summed, count, DEVICES, mode=mode)
+                s = Stats()
+                peer_host = np.arange(self.num_devices) // self.local
+                s.payload(jnp.full((self.num_devices,), count), 4 * (w + 1), peer_host,
+                          lax.axis_index(HOST), lax.axis_index(DEVICES))
+                st.append(s)
+                n = all_rows.size
+                new[name], o = self._apply(name, state[name], all_rows.reshape(-1),
+                                           jnp.arange(n, dtype=jnp.int32), all_g.reshape(n, w), lr, skip, b)
+                chunked = chunked + o
+            for name in state:  # storages nothing routes to (no piece of the batch): unchanged
+                new.setdefault(name, state[name])
+            red = _reduce(st, jnp.zeros((), jnp.int32))
+            return new, {"payload_cross_host_bytes": red["payload_cross_host_bytes"],
+                         "payload_intra_host_bytes": red["payload_intra_host_bytes"],
+                         "unique_overflow": lax.psum(chunked, DEVICES)}
+
+        if self.towers:
+            g_pooled, g_seqs = grads, {}
+            seq_specs = {}
+        else:
+            g_pooled, g_seqs = grads.pooled, dict(grads.sequence)
+            seq_specs = {feats[i].name: P(DEVICES) for i in self.seq_idx}
+        new, stats = self._shard_map(
+            body,
+            (self.state_specs(), P(DEVICES), P(DEVICES) if g_pooled is not None else None, seq_specs,
+             P(DEVICES), P(DEVICES), P(), P()),
+            (self.state_specs(), P()),
+        )(dict(state), ctx, g_pooled, g_seqs, ids, lengths, jnp.asarray(lr, jnp.float32),
+          jnp.asarray(skip, bool))
+        return new, stats
+
+    def _apply(self, name, st: TableState, rows, src, grads, lr, skip, batch: int):
+        """sparse_step on one storage buffer (inside the body)."""
+        rows = jnp.where(skip, -1, rows)
+        split = self._split_rows(name, batch)
         opt = self.optimizer
+        row_mean_sq = None
+        if split is not None and opt.kind is OptimizerKind.ROWWISE_ADAGRAD:
+            row_mean_sq = split
+        n = rows.shape[0]
+        cap = None
+        if self.unique_capacity is not None and row_mean_sq is None:
+            cap = max(8, -(-int(self.unique_capacity * n) // 8) * 8)
+            cap = None if cap >= n else cap
+        w, acc, o = optimizers.sparse_step(
+            opt, st.weights, st.accum, rows, src, grads, lr=lr, row_mean_sq=row_mean_sq, capacity=cap,
+            cpu_kernel=self.cpu_kernels and row_mean_sq is None, impl=self.impl,
+        )
+        return TableState(w, acc), o
 
-        def body(state, ids, grads, outs, lr):
-            new, over = {}, jnp.zeros((), jnp.int32)
-            for name, g in self.groups.items():
-                st = state[name]
-                # The write must depend on this step's reads of the table, or XLA
-                # keeps the old table alive by copying it (research.md).
-                after = jnp.sum(outs[name]) * 0
-                kid, kg = g.update_view(ids[name], grads[name] + after.astype(grads[name].dtype))
-                base, most = g.slot_bounds()
-                cap, agree = self._capacity(g, kid.shape[1] * kid.shape[2], most)
-                w, acc, o = optimizers.sparse_step(
-                    opt, st.weights, st.accum, kid, kg, base=base, max_rows=most, lr=lr,
-                    row_mean_sq=g.row_mean_sq, capacity=cap, agree=agree,
-                    cpu_kernel=self.cpu_kernels and not getattr(g, "communicating_update", False),
-                    impl=self.impl,
-                )
-                new[name] = TableState(w, acc)
-                over = over + o
-            return new, lax.psum(over, DEVICES)
+    def _split_payload(self, name: str, rows: jax.Array) -> Stats:
+        """The payload of `_split_rows`' sum (row-wise Adagrad over column
+        shards, inside the body): each holder of a column shard sends the
+        squared-gradient sum of each unique row of the table it touched this
+        step (4 bytes) to every other holder of that table's shards, split by
+        level. The psum that carries it moves more (its wire bytes)."""
+        s = Stats()
+        if self.optimizer.kind is not OptimizerKind.ROWWISE_ADAGRAD:
+            return s
+        _, width, rep = self.layout.storages()[name]
+        holders: dict[int, list] = {}
+        for p in self.layout.pieces:
+            if (p.type is ShardingType.COLUMN_WISE and not rep and p.width == width
+                    and len(self.layout.pieces_of(p.feature)) > 1):
+                holders.setdefault(p.feature, []).append(p)
+        if rep or not holders:
+            return s
+        n, ln = self.num_devices, self.local
+        # per device, per entry: (first row, rows, other holders off-host, on-host)
+        per = [[] for _ in range(n)]
+        for f, ps in holders.items():
+            devs = [q.devices[0] for q in ps]
+            for q in ps:
+                d = q.devices[0]
+                others = [e for e in devs if e != d]
+                cross = sum(e // ln != d // ln for e in others)
+                per[d].append((q.offsets[0], self.features.sparse[f].rows, cross, len(others) - cross))
+        k = max(len(v) for v in per)
+        tab = np.zeros((n, k, 4), np.int32)
+        for d, v in enumerate(per):
+            if v:
+                tab[d, : len(v)] = v
+        me = jnp.asarray(tab)[lax.axis_index(DEVICES)]  # [k, 4]
+        big = jnp.iinfo(jnp.int32).max
+        r = jnp.sort(jnp.where(rows >= 0, rows, big))
+        first = jnp.concatenate([jnp.ones((1,), bool), r[1:] != r[:-1]]) & (r < big)
+        inside = (r[None, :] >= me[:, :1]) & (r[None, :] < me[:, :1] + me[:, 1:2])  # [k, n]
+        uniq = jnp.sum(inside & first[None, :], axis=1).astype(jnp.float32)  # [k]
+        s.cross = 4.0 * jnp.sum(uniq * me[:, 2])
+        s.intra = 4.0 * jnp.sum(uniq * me[:, 3])
+        return s
 
-        dev = self._specs(lambda g: P(DEVICES))
-        # Replicated (data-parallel) tables come out of an all-gather that JAX
-        # types as varying; every replica computes the same update from the same
-        # gathered ids and gradients, so they are declared replicated. This stage
-        # is never differentiated, so turning the check off costs nothing.
-        new, over = self._shard_map(
-            body, (self.state_specs(), dev, dev, dev, P()), (self.state_specs(), P()),
-            check_vma=False,
-        )(dict(state), routed.ids, dict(owner_grads), dict(owner_out), jnp.asarray(lr, jnp.float32))
-        return new, {"unique_overflow": over}
+    def _split_rows(self, name: str, batch: int) -> Callable | None:
+        """For a storage holding column shards of a table (on any device): the
+        `row_mean_sq` that adds the other shards' squared gradients (row-wise
+        Adagrad's mean is over the whole row). All column shards of a table
+        receive the same ids, so each shard's unique rows of the table, in
+        ascending order, line up rank by rank across its devices; one psum of
+        a [tables, U] buffer adds them."""
+        rows_, width, rep = self.layout.storages()[name]
+        if rep:
+            return None
+        split = sorted({p.feature for p in self.layout.pieces
+                        if p.type is ShardingType.COLUMN_WISE and len(self.layout.pieces_of(p.feature)) > 1
+                        and p.width == width})
+        if not split:
+            return None
+        feats = self.features.sparse
+        n = self.num_devices
+        per = [[] for _ in range(n)]
+        for p in self.layout.pieces:
+            if p.feature in split and p.width == width:
+                per[p.devices[0]].append((p.offsets[0], feats[p.feature].rows, split.index(p.feature),
+                                          feats[p.feature].dim))
+        k = max(1, max(len(v) for v in per))
+        tab = np.zeros((n, k, 4), np.int64)
+        tab[:, :, 0] = np.iinfo(np.int32).max  # empty entries start past every row
+        tab[:, :, 2] = -1
+        for d, v in enumerate(per):
+            for j, e in enumerate(sorted(v)):
+                tab[d, j] = e
+        tab = tab.astype(np.int32)
+        # a table's unique rows in a step: at most its rows, and its ids
+        ubound = max(min(feats[f].rows, n * batch * feats[f].max_len) for f in split)
 
-    def _capacity(self, g: Group, ids_per_slot: int, max_rows: int):
-        """Fast-path unique-row capacity of a group's update (None: no fast
-        path), and the cross-device agreement it needs, if any."""
-        if self.unique_capacity is None:
-            return None, None
-        cap = min(max_rows, ids_per_slot, max(8, -(-int(self.unique_capacity * ids_per_slot) // 8) * 8))
-        if cap >= min(max_rows, ids_per_slot):
-            return None, None  # the fast path already holds every possible row
-        agree = None
-        if getattr(g, "communicating_update", False):
-            agree = lambda over: lax.pmax(over, DEVICES)  # noqa: E731
-        return cap, agree
+        def row_mean_sq(uniq, g):
+            ssq = jnp.sum(g * g, axis=-1)  # [U]
+            me = jnp.asarray(tab)[lax.axis_index(DEVICES)]  # [k, 4]
+            off, nrows, t, dim = me[:, 0], me[:, 1], me[:, 2], me[:, 3]
+            j = jnp.maximum(jnp.searchsorted(off, uniq, side="right") - 1, 0)
+            inside = (uniq >= off[j]) & (uniq < off[j] + nrows[j]) & (t[j] >= 0)
+            first = jnp.searchsorted(uniq, off)  # index of each entry's first unique row
+            rank = jnp.arange(uniq.shape[0], dtype=jnp.int32) - first[j]
+            u = min(ubound, uniq.shape[0])
+            total = jnp.zeros((len(split), u), ssq.dtype)
+            total = total.at[jnp.where(inside, t[j], len(split)), rank].add(ssq, mode="drop")
+            total = lax.psum(total, DEVICES)
+            full = total[jnp.maximum(t[j], 0), jnp.clip(rank, 0, u - 1)]
+            return jnp.where(inside, full / jnp.maximum(dim[j], 1).astype(ssq.dtype), ssq / width)
 
-    def forward(self, state, ids, lengths) -> Embeddings:
-        """Route, look up and distribute: the embeddings of a batch."""
-        return self.output_dist(self.lookup(state, self.route(ids, lengths)), lengths)
+        return row_mean_sq
+
+    def _weight_specs(self):
+        return {name: self._storage_spec(name) for name in self.layout.storages()}
+
+    # ---- conveniences -------------------------------------------------------------------------------
 
     def step(self, state, ids, lengths, loss_fn: Callable, *args, lr=None):
         """One sparse training step of the embeddings alone (dense parts are the
         caller's): `loss_fn(embs, *args) -> scalar`. Returns (loss, new state,
-        gradients of `args`, out-of-range id count); `embs` is an `Embeddings`."""
-        routed = self.route(ids, lengths)
-        owner_out = self.lookup(state, routed)
-
-        def f(owner_out, *args):
-            return loss_fn(self.output_dist(owner_out, lengths), *args)
-
-        loss, grads = jax.value_and_grad(f, argnums=tuple(range(1 + len(args))))(owner_out, *args)
-        new_state = self.apply_gradients(state, routed, grads[0], owner_out, lr)
-        return loss, new_state, grads[1:], routed.out_of_range
+        gradients of `args`, stats); the state is unchanged when
+        `must_skip(stats)` (an overflow: `grow` and repeat; or bad ids)."""
+        embs, ctx, stats = self.forward(state, ids, lengths)
+        loss, grads = jax.value_and_grad(loss_fn, argnums=tuple(range(1 + len(args))))(embs, *args)
+        new, ustats = self.update(state, ctx, grads[0], ids, lengths, lr=lr, skip=self.must_skip(stats))
+        return loss, new, grads[1:], {**stats, **{f"update_{k}": v for k, v in ustats.items()}}
 
     def describe(self) -> list[dict]:
-        """One line per group: its sharding family, tables and buffer shape."""
-        return [
-            {
-                "group": name,
-                "tables": [self.features.sparse[i].name for i in g.members],
-                "local_rows": g.local_rows,
-                "width": g.width,
-                "replicated": g.replicated,
-            }
-            for name, g in self.groups.items()
-        ]
+        """One line per storage buffer: its width, tables and rows per device."""
+        out = []
+        for name, (rows, width, rep) in self.layout.storages().items():
+            tables = sorted({self.features.sparse[p.feature].name for p in self.layout.pieces
+                             if p.width == width and p.replicated == rep})
+            out.append({"storage": name, "tables": tables, "rows_per_device": rows, "width": width,
+                        "replicated": rep})
+        return out
+
+
+def _reduce(stats, bad) -> dict:
+    """Per-device `Stats` of the routes -> global scalars (inside the body)."""
+    cross = sum((s.cross for s in stats), jnp.zeros((), jnp.float32))
+    intra = sum((s.intra for s in stats), jnp.zeros((), jnp.float32))
+    req = sum((s.requested for s in stats), jnp.zeros((), jnp.int32))
+    uni = sum((s.unique for s in stats), jnp.zeros((), jnp.int32))
+    over = jnp.zeros((), jnp.int32)
+    for s in stats:
+        over = jnp.maximum(over, s.overflow)
+    need = {k: lax.pmax(v, DEVICES) for s in stats for k, v in s.needs.items()}
+    return {
+        "payload_cross_host_bytes": lax.psum(cross, DEVICES),
+        "payload_intra_host_bytes": lax.psum(intra, DEVICES),
+        "ids_requested": lax.psum(req, DEVICES),
+        "ids_unique": lax.psum(uni, DEVICES),
+        "out_of_range": lax.psum(bad, DEVICES),
+        "overflow": lax.pmax(over, DEVICES),
+        "need": need,
+    }
 
 
 def _host_array(arr: jax.Array) -> np.ndarray:
@@ -567,3 +889,4 @@ def _host_array(arr: jax.Array) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(arr, tiled=True))
+

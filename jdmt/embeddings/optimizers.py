@@ -1,11 +1,12 @@
 """Fused sparse optimizers: de-duplicate touched rows, update only those, in place.
 
-These functions run on one device's local shard (inside `shard_map`). They
-never form a gradient of the whole table: gradients arrive per looked-up id,
-are summed per unique row (sort + segment sum), and a single scatter-add
-(`pallas_kernels.sparse_update`: XLA, or the row-update kernel) writes the
-step into the (donated) table. Cost is proportional to the ids of
-the step, not to the rows of the table.
+These functions run on one device's storage (inside `shard_map`). They never
+form a gradient of the whole table: gradients arrive per looked-up id (or
+per bag, shared by its ids), are summed per unique row (sort + segment sum),
+and a single scatter (`pallas_kernels.sparse_update`: XLA, or the row-update
+kernel) writes the step into the (donated) buffer. Cost is proportional to
+the ids of the step, not to the rows of the table; rows that were not
+touched are never written.
 """
 
 from __future__ import annotations
@@ -33,33 +34,25 @@ def segment_rows(
     """Sum the gradients of each unique row of a sorted stream.
 
     Args:
-      rows, src: i32[K, n] from `sort_by_row`.
-      grads: f32[K, G, D] gradient sources; sorted position j of slot k
-        takes `grads[k, src[k, j] // (n // G)]` (so pooled bags of n // G ids
-        share their bag's gradient).
+      rows: i32[n] sorted rows (`sort_by_row`), `sentinel` for "no id".
+      src: i32[n] the gradient row (in `grads`) of each sorted position.
+      grads: f32[M, D] gradient rows.
       sentinel: the "no id" row.
-      capacity: unique rows returned per slot (default n: all of them).
-      first: return the unique rows `[first, first + capacity)` of each slot.
+      capacity: unique rows returned (default n: all of them).
+      first: return the unique rows `[first, first + capacity)`.
 
     Returns:
-      uniq: i32[K, U] unique rows of each slot, ascending, then `sentinel`.
-      summed: f32[K, U, D] the summed gradient of each unique row.
+      uniq: i32[U] unique rows ascending, then `sentinel`.
+      summed: f32[U, D] the summed gradient of each unique row.
     """
-    k, n = rows.shape
+    n = rows.shape[0]
     cap = n if capacity is None else min(capacity, n)
-    per = n // grads.shape[1]
-    seg = run_index(rows) - first
-    seg = jnp.where((seg >= 0) & (seg < cap), seg, cap)  # cap: dropped
-
-    def per_slot(rows, src, seg, g):
-        uniq = jnp.full((cap,), sentinel, jnp.int32).at[seg].set(
-            rows, indices_are_sorted=True, mode="drop")
-        gs = g[src // per] if per > 1 else g[src]
-        summed = jnp.zeros((cap, g.shape[-1]), g.dtype).at[seg].add(
-            gs, indices_are_sorted=True, mode="drop")
-        return uniq, summed
-
-    return jax.vmap(per_slot)(rows, src, seg, grads)
+    seg = run_index(rows[None])[0] - first
+    seg = jnp.where((seg >= 0) & (seg < cap) & (rows != sentinel), seg, cap)  # cap: dropped
+    uniq = jnp.full((cap,), sentinel, jnp.int32).at[seg].set(rows, indices_are_sorted=True, mode="drop")
+    summed = jnp.zeros((cap, grads.shape[-1]), grads.dtype).at[seg].add(
+        grads[src], indices_are_sorted=True, mode="drop")
+    return uniq, summed
 
 
 def init_accumulator(opt: SparseOptimizer, rows: int, dim: int, dtype=jnp.float32):
@@ -81,73 +74,76 @@ def sparse_step(
     opt: SparseOptimizer,
     table: jax.Array,
     accum: jax.Array | None,
-    ids: jax.Array,
+    rows: jax.Array,
+    src: jax.Array,
     grads: jax.Array,
     *,
-    base: jax.Array,
-    max_rows: int,
     lr: jax.Array | float,
-    row_mean_sq: Callable[[jax.Array], jax.Array] | None = None,
+    row_mean_sq: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
     capacity: int | None = None,
     agree: Callable[[jax.Array], jax.Array] | None = None,
     cpu_kernel: bool = False,
     impl: Impl = XLA,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
-    """De-duplicate and apply: the whole fused update of one local shard.
+    """De-duplicate and apply: the whole fused update of one device's storage.
 
     Args:
-      ids: i32[K, M, L] local row ids of K tables (slots), M bags of L ids;
-        negative = no id.
-      grads: f32[K, M, D] bag gradients (pooled) or f32[K, M, L, D].
-      base, max_rows: where each slot's table starts, and a bound on the
-        rows of any slot's table (see `sort_by_row`).
-      row_mean_sq: maps the summed row gradients f32[K, U, D] to the mean of
-        their squares over the full row, f32[K, U] (column shards need the
-        other shards' columns); default: the mean over this shard.
-      capacity: unique rows per slot handled at once. The de-duplicated rows
-        and the table write are this size instead of M*L; a step with more
-        unique rows runs as many chunks as it needs, so no row is dropped.
-      agree: makes the chunk count identical on every device (a `pmax` over
-        the devices), needed when `row_mean_sq` communicates.
+      table: f32[R, D] the storage buffer (donated by the caller's jit).
+      accum: its optimizer state, or None.
+      rows: i32[n] storage rows of the ids whose gradients arrived; negative
+        or >= R = none.
+      src: i32[n] the row of `grads` holding each id's gradient (a pooled
+        bag's ids share their bag's row).
+      grads: f32[M, D] gradient rows.
+      row_mean_sq: maps (unique rows i32[U], their summed gradients
+        f32[U, D]) to the mean of the squared gradient over each row's full
+        width, f32[U] (column shards need the other shards' columns);
+        default: the mean over this buffer's columns.
+      capacity: unique rows handled at once. The de-duplicated rows and the
+        table write are this size instead of n; a step with more unique rows
+        runs as many chunks as it needs, so no row is dropped.
+      agree: makes the chunk count identical on every device (a `pmax`),
+        needed when `row_mean_sq` communicates.
       cpu_kernel: do the whole update in the C++ FFI kernel
         (`cpu_kernels.sparse_update`: one pass, in place; CPU only). The
-        caller checks `cpu_kernels.available()` and that `row_mean_sq` is the
-        plain mean over this shard's columns (no column-sharded tables);
-        `row_mean_sq`, `capacity` and `agree` are then unused (nothing is
-        chunked or dropped).
-      impl: with a Pallas implementation, each unique row's run of
-        gradients is summed by the `segment_sum` kernel and the rows are
-        written by the `row_update` kernel, in place
-        (`jdmt.pallas_kernels`); the sort stays in XLA. Ignored when
-        `cpu_kernel` is set.
+        caller checks `cpu_kernels.available()` and that `row_mean_sq` is
+        the plain mean over this buffer's columns.
+      impl: with a Pallas implementation, each unique row's run of gradients
+        is summed by the `segment_sum` kernel and the rows are written by the
+        `row_update` kernel, in place (`jdmt.pallas_kernels`); the sort stays
+        in XLA. Ignored when `cpu_kernel` is set.
 
     Returns:
       (table, accum, overflowed): overflowed is 1 if more than one chunk ran.
+
+    Occurrences of a row are summed in ascending position of `rows` (the sort
+    is stable), so the same ids in the same order give the same bits.
     """
+    n = rows.shape[0]
+    r = table.shape[0]
+    rows = jnp.where((rows >= 0) & (rows < r), rows, -1)
     if cpu_kernel:
         from jdmt.embeddings import cpu_kernels
 
-        table, accum = cpu_kernels.sparse_update(
-            opt.kind, table, accum, ids, base, grads, lr, eps=opt.eps, max_rows=max_rows)
+        table, accum = cpu_kernels.sparse_update(opt.kind, table, accum, rows, src, grads, lr, eps=opt.eps)
         return table, accum, jnp.zeros((), jnp.int32)
-    k, m, ln = ids.shape
     d = grads.shape[-1]
-    n = m * ln
-    sentinel = table.shape[0]
-    rows, src = sort_by_row(ids.reshape(k, n), base, max_rows, sentinel)
-    grads = grads.reshape(k, -1, d)
+    sentinel = r
+    srows, spos = sort_by_row(rows[None], jnp.zeros((1,), jnp.int32), r, sentinel)
+    srows, ssrc = srows[0], src[spos[0]]
 
     def update(cap, first, table, accum):
         if impl.pallas:
-            uniq, g = summed_runs(impl, rows, src, grads, sentinel, cap, first)
+            uniq, g = summed_runs(impl, srows[None], ssrc[None], grads[None], sentinel, cap, first, per=1)
+            uniq, g = uniq[0], g[0]
         else:
-            uniq, g = segment_rows(rows, src, grads, sentinel, cap, first)
-        msq = None  # uniq i32[K, cap], g f32[K, cap, D]
+            uniq, g = segment_rows(srows, ssrc, grads, sentinel, cap, first)
+        msq = None
         if row_mean_sq is not None and opt.kind is OptimizerKind.ROWWISE_ADAGRAD:
-            msq = row_mean_sq(g).reshape(-1)
+            msq = row_mean_sq(uniq, g)
         # The caller makes `grads` depend on this step's reads of `table`, or XLA
-        # keeps the old table alive with a whole-table copy (research.md).
-        return run_update(impl, table, accum, uniq.reshape(-1), g.reshape(-1, d), lr, msq,
+        # keeps the old table alive with a whole-table copy (docs/design.md).
+        return run_update(impl, table, accum, uniq, g.reshape(-1, d), lr, msq,
                           kind=opt.kind, eps=opt.eps)
 
     if capacity is None or capacity >= n:
@@ -155,7 +151,7 @@ def sparse_step(
     # Unique rows in chunks of `capacity`: almost always one chunk. A loop
     # (not a `lax.cond`) keeps the table update in place: XLA copies buffers
     # that flow through a conditional.
-    chunks = (unique_count(rows, sentinel) + capacity - 1) // capacity
+    chunks = (unique_count(srows[None], sentinel) + capacity - 1) // capacity
     if agree is not None:
         chunks = agree(chunks)
     table, accum = lax.fori_loop(

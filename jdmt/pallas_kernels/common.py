@@ -9,7 +9,7 @@ then runs either the reference or the Pallas kernel of a *target*:
   memory, rows fetched from HBM by DMA, double-buffered.
 - `gpu`: Mosaic GPU kernels (`jdmt/pallas_kernels/gpu/`).
 
-One compiled artifact cannot hold both (research.md: each kernel exports for
+One compiled artifact cannot hold both (docs/design.md: each kernel exports for
 its own platform), so the target is chosen when the wrapper is traced: from
 the backend, or given explicitly (exporting for TPU or CUDA from a CPU
 machine). On a CPU backend a Pallas kernel runs in interpret mode (the TPU

@@ -6,7 +6,7 @@ For every unique valid row r among the ids of a step,
     g_r = sum over the occurrences (n, s) of r of  grad[n, s]              (sequence)
 
 (scale: the per-id weight, divided by the bag's count for "mean"). This is
-the `g_r` of FBGEMM's row-wise Adagrad (research.md). It is computed in two
+the `g_r` of FBGEMM's row-wise Adagrad (docs/design.md). It is computed in two
 parts:
 
 1. XLA sorts the occurrences by row (one packed uint32 key where it fits)
@@ -189,14 +189,15 @@ def run_segment_sum(impl: Impl, grads, src, begin, end, scale):
 # ---- the whole backward of one table -------------------------------------------------------
 
 
-def summed_runs(impl: Impl, rows, src, grads, sentinel: int, capacity: int, first=0, scale=None):
+def summed_runs(impl: Impl, rows, src, grads, sentinel: int, capacity: int, first=0, scale=None,
+                per: int | None = None):
     """Each slot's unique rows `[first, first + capacity)` and their summed gradients.
 
     Args:
       rows, src: i32[K, n] from `sort_by_row`.
       grads: f[K, G, D] gradient sources: sorted position j of slot k takes
-        `grads[k, src[k, j] // (n // G)]` (a pooled bag's n // G ids share
-        its gradient).
+        `grads[k, src[k, j] // per]`, by default per = n // G (a pooled
+        bag's n // G ids share its gradient); per=1: `src` names the row.
       scale: f32[K, n] per sorted position, or None (1).
 
     Returns:
@@ -206,7 +207,7 @@ def summed_runs(impl: Impl, rows, src, grads, sentinel: int, capacity: int, firs
     """
     k, n = rows.shape
     g, d = grads.shape[1], grads.shape[2]
-    per = n // g
+    per = n // g if per is None else per
     uniq, begin, end = run_bounds(rows, sentinel, capacity, first)
     slot = jnp.arange(k, dtype=jnp.int32)[:, None]
     src_rows = ((src // per if per > 1 else src) + g * slot).reshape(-1)

@@ -2,76 +2,102 @@
 
 The planner (`jdmt.planner.search`) only ever asks a `CostModel` one
 question: what does this (possibly partial) plan cost on each device?
-`AnalyticCostModel` answers it from the shapes of the programs that
-`jdmt.embeddings` actually runs; a learned model fitted to measured lookups
-(a later issue) can answer the same question with the same `PlanCost`.
+`AnalyticCostModel` answers it from what `jdmt.embeddings` does for the
+plan; a learned model fitted to measured steps can answer the same question
+with the same `PlanCost`. Tables the placements leave out cost nothing.
 
 The analytic model
 ------------------
-Notation: N = H * L devices, B = global batch / N (local batch), a table of R
-rows and width D with an id cap P (`max_len`) and a mean of p ids per bag
-(`pooling`, default P), 4-byte ids and f32 rows, `a(D)` the optimizer state
-bytes per row (row-wise Adagrad 4, Adagrad 4*D, SGD 0).
+Notation: N = H * L devices (device d is on host d // L), B = global batch
+/ N (the local batch), a table of R rows and width D, id cap P (`max_len`),
+p ids per bag (`Problem.mean_ids`: the mean length, pooled, or valid
+positions, sequence), u = `unique_fraction`, 4-byte ids and f32 rows,
+`a(w)` the optimizer state bytes of a w-wide row (row-wise Adagrad 4,
+Adagrad 4 w, SGD 0).
 
-It mirrors `collection.build_groups`: tables of one family (table-wise and
-column-wise shards are one family), kind, shard width and id cap share one
-fused buffer and one collective per direction, and both are padded:
+Memory (`jdmt.embeddings.layout.Layout`, exactly). A table is cut into
+pieces: table-wise one (w = D) on its device, column-wise one per shard (w =
+D / shards) on each shard's device, row-wise one whose row r lives on device
+r % N, table-row-wise one whose row r lives on device r % L of its host.
+Each device keeps one storage buffer per width w holding the rows it owns
+of every piece of that width; one SPMD program means one shape on every
+device, so every device allocates the largest device's row count of that
+width, rounded up to `ROW_ALIGN` rows (at least one block), times
+4 w + a(w). Data-parallel tables add all their rows to a replicated buffer
+per width on every device. `memory_bytes` is that allocation (what the
+budget limits), `used_bytes` the rows each device owns
+(`Layout.memory().per_device_allocated` and `.per_device_owned`).
+Activations and exchange buffers are not counted: leave room for them.
 
-- memory (allocated, per device): every device allocates each group's fused
-  buffer at the largest per-device row count of the group (table-wise: the
-  most rows any device owns in it; row-wise: the sum of ceil(R/N) blocks;
-  table-row-wise: the most, over hosts, of the sum of the host's tables'
-  ceil(R/L) blocks; data-parallel: all rows) times (4 D + a(D)).
-  `used_bytes` is the unpadded share of each device, reported for
-  explanation only. Activations and workspace are not counted: leave room
-  for them in the budget.
-- communication, bytes each device *receives* from each peer per step, as
-  `jdmt.comm` counts a compiled step (K = the group's slots per device, the
-  most shards any device owns in it; T = tables in a row-wise or data-parallel
-  group; O = 4 D for a pooled output, 4 P D for a sequence):
-    table/column-wise: forward all-to-all of ids K B P 4 and of outputs K B O,
-      backward all-to-all of output gradients K B O; with row-wise Adagrad
-      and split tables, an all-reduce of the row statistics of the update
-      (2 X / N, X = 4 * split tables * unique_fraction * N B P).
-    row-wise: forward all-gather of ids B T P 4 and reduce-scatter of the
-      partial outputs B T O, backward all-gather of gradients B T O.
-    data-parallel: nothing forward or backward; the update all-gathers ids
-      and output gradients, B T (4 P + O).
-    table-row-wise (K = the most tables any host holds in the group): its
-      collectives run over one mesh axis only, so the bytes are counted per
-      level, not per peer. Across hosts (all-to-alls over `host`, H - 1
-      peers): forward ids K B P 4 and outputs K B O, backward gradients
-      K B O, from each peer host. Inside a host (over `local`, L - 1 peers):
-      forward all-gather of ids H K B P 4 and reduce-scatter of partials
-      H K B O, backward all-gather of gradients H K B O, from each peer.
-  Bytes from peers on another host (`Topology.host_of`: device d is on host
-  d // L) count as cross-host, the rest as intra-host, and the time is
-  `Topology.comm_time_s(cross, intra, collectives)`. Every collective here
-  has equal chunks and every device takes part, so every device receives
-  the same;
-  the padding (K) is real traffic, so spreading a group's tables evenly
-  over the devices is what cuts it.
-- lookup work (per device, bytes of memory traffic over `memory_bw`): per id
-  at the device, the forward read of its row (4 D) and the update's read and
-  write of row and optimizer state (`unique_fraction` * 2 (4 D + a(D))),
-  each access rounded up to whole `access_bytes`; plus `id_bytes` per id
-  position processed in each of the forward gather and the update's sort,
-  padding included. Ids at the device: N B p at the owner of a table-wise
-  or column shard, B p on each row-wise device (ids assumed spread evenly
-  over the row blocks), N B p / L on each device of a table-row-wise
-  table's host, and on each data-parallel replica B p forward and
-  all N B p in the update (every replica applies it). Id positions: K N B P
-  per table-wise or table-row-wise group and pass on every device, N B P
-  per row-wise table, B P + N B P per data-parallel table.
+Communication: the expected *payload* of every exchange, the bytes a device
+receives from each peer, split into peers on other hosts (cross-host) and on
+its own host (intra-host); what a device sends to itself is free. Three
+phases (`PHASES`): forward, backward (gradients to the owners), update.
+Routes, per table (`jdmt.embeddings.flat`, `.hosted`, `.collection`):
+
+- *bags* (pooled features with P > 1 whose piece is whole on one device:
+  table-wise, each column shard): every device sends the owner, per bag, a
+  4-byte length and its real ids (4 B (1 + p) per piece); the owner pools
+  and returns one row per bag (4 w B); backward, one gradient row per bag
+  goes back (4 w B).
+- *unique rows* (row-wise pieces, sequence features, one-id bags): a device
+  asks each owner once per distinct row, U = u B p requests of 4 B per
+  table, spread evenly over the S row shards that hold rows (S = 1 for a
+  whole piece, min(R, N) row-wise); each owner returns 4 w per request, and
+  backward receives 4 w per request.
+- *table-row-wise* (the host path, table on host h): a pooled bag (P > 1)
+  goes first to its *entry*, the device of host h with the requester's
+  local rank, over `host` (4 B (1 + p), free when the requester is on h);
+  the entry de-duplicates the ids of the H B bags it holds, U_e = u H B p,
+  asks each of the S = min(R, L) row shards inside the host for U_e / S
+  rows (4 B out, 4 w back), and returns one row per bag over `host`
+  (4 w B); backward, the gradient row per bag goes to the entry and the
+  entry sends each row shard 4 w per unique row. Sequence features and
+  one-id bags ask for unique rows: the requester's U = u B p requests go to
+  the entry (4 B, over `host`), which forwards the H requesters' H U / S to
+  each row shard; rows return the same way (4 w each hop), and gradients
+  follow them backward.
+- *data-parallel*: lookups are local; the update sends each device's U =
+  u B p unique rows with their summed gradients, 4 (w + 1) per row, to every
+  other device.
+- column-wise shards with row-wise Adagrad: the update adds the shards'
+  squared gradients with an all-reduce of f32[tables, min(R, N B P)] per
+  storage width (a fixed size, not a payload), charged as a ring all-reduce
+  (2 X / N from each peer).
+
+u is the fraction of the ids in one request (a requester's ids to one owner,
+or an entry's for its host) that are distinct (`ShardedEmbeddings` reports
+it: `stats["ids_unique"] / stats["ids_requested"]`); ids are assumed spread
+evenly over the row shards (no hot shard). `comm_s` is
+`Topology.comm_time_s(cross, intra, num_collectives)`, and
+`num_collectives` counts the step's exchanges, size exchanges and
+all-reduces as the embeddings issue them.
+
+This is the traffic of GPU and TPU steps, whose exchanges are ragged
+all-to-alls (`lax.ragged_all_to_all`): the wire carries the payload. On CPU
+the exchanges run as all-to-alls padded to each block's capacity; that
+padding (and the capacities, which depend on the data seen) is not
+modelled.
+
+Lookup work (bytes of memory traffic per device, over `memory_bw`): only
+what is routed to the device. An owner reads the rows it serves (every id
+of the bags it pools, each unique row it is asked for); whoever gets rows
+back unique (the requester, or a table-row-wise entry) reads one per id to
+pool or place them; a data-parallel replica reads its own ids' rows; the
+update reads and writes each unique row it applies and its optimizer state
+(2 (4 w + a(w))), each access rounded up to whole `access_bytes`. On top,
+`id_bytes` per id a device handles: its own ids routed, ids received and
+looked up, gradient positions sorted by the update. An owner applies
+u times the id positions it receives as unique rows (data-parallel
+replicas apply every device's unique rows).
 
 Not modelled: the dense model (its cost does not depend on the plan),
-activations, skewed ids (hot rows in one row-wise block), overlap of
-communication with compute. The constants are defaults to be replaced by
-measurements; the byte counts are exact for the current collection (tests
-check them against the compiled step and `build_groups`).
+activations, skewed ids (hot rows in one row shard), the overlap of
+communication with compute, and the small scalar all-reduces of a step's
+statistics. The constants are defaults to be replaced by measurements.
 
-The step cost is the bottleneck: the largest lookup time plus communication
-time over the devices.
+The step cost is the bottleneck: the largest lookup plus communication time
+over the devices.
 """
 
 from __future__ import annotations
@@ -84,8 +110,15 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 import numpy as np
 
 from jdmt.data.specs import FeatureSet, SparseFeature
+from jdmt.embeddings.layout import ROW_ALIGN
 from jdmt.embeddings.optimizers import accumulator_shape
-from jdmt.embeddings.types import OptimizerKind, Placement, ShardingType, SparseOptimizer
+from jdmt.embeddings.types import (
+    OptimizerKind,
+    Placement,
+    ShardingType,
+    SparseOptimizer,
+    check_plan,
+)
 from jdmt.mesh import Topology
 
 DEFAULT_MEMORY_BUDGET = 16 * 2**30  # bytes per device
@@ -184,9 +217,9 @@ class PlanCost:
     """Estimated per-device cost of a plan (arrays indexed by flat device).
 
     Attributes:
-      memory_bytes: f64[N] allocated tables and optimizer state (with the
-        fused buffers' padding): what the budget limits.
-      used_bytes: f64[N] the device's own shards, without padding.
+      memory_bytes: f64[N] tables and optimizer state each device allocates
+        (the storage buffers, as `Layout` sizes them): what the budget limits.
+      used_bytes: f64[N] the bytes of the rows each device owns.
       lookup_s: f64[N] time of the local lookups and updates.
       cross_host_bytes, intra_host_bytes: f64[3, N] bytes received per
         phase (`PHASES`: forward, backward, update) from peers on other hosts
@@ -269,20 +302,6 @@ class CostModel(Protocol):
     def to_json(self) -> dict[str, Any]: ...
 
 
-@dataclasses.dataclass
-class _Group:
-    """A fused group being costed: slots and rows per device, or tables."""
-
-    family: str
-    kind_pooled: bool
-    width: int
-    max_len: int
-    slots: np.ndarray | None = None  # tw: shards per device; trw: tables per host
-    rows: np.ndarray | None = None  # tw: rows per device; trw: row blocks per host
-    tables: int = 0  # rw/dp: member tables; tw: tables split into columns
-    local_rows: int = 0  # rw/dp: rows of the fused buffer
-
-
 @dataclasses.dataclass(frozen=True)
 class AnalyticCostModel:
     """The analytic model of the module docstring.
@@ -291,11 +310,13 @@ class AnalyticCostModel:
       memory_bw: bytes/s of the lookups' row reads and writes on one device
         (random rows reach well under the peak bandwidth: about a quarter of
         an H100's HBM peak; TorchRec's estimator uses a similar figure).
-      id_bytes: memory traffic charged per id position a device processes
-        per pass (index reads, the update's sort and segment sums).
-      unique_fraction: fraction of a step's ids that are distinct rows (the
-        rows the update reads and writes); also sizes the column-wise
-        row-statistics all-reduce, like `ShardedEmbeddings(unique_capacity=)`.
+      id_bytes: memory traffic charged per id a device handles (routing,
+        index reads, the update's sort and segment sums).
+      unique_fraction: fraction of the ids of one request (a requester's ids
+        to one owner, or a table-row-wise entry's for its host) that are
+        distinct rows: it sizes the unique-row exchanges, the rows an owner
+        reads for them and the rows the update reads and writes
+        (`ShardedEmbeddings` measures it: `ids_unique / ids_requested`).
       access_bytes: granularity of memory accesses: a row's read (or its
         optimizer state's) costs whole accesses (GPU sectors are 32 bytes),
         so very narrow column shards are not free.
@@ -319,124 +340,228 @@ class AnalyticCostModel:
     def to_json(self) -> dict[str, Any]:
         return {"name": "analytic", **dataclasses.asdict(self)}
 
-    def _row_work(self, problem: Problem, width: int) -> float:
-        """Memory traffic per id of a `width`-wide shard: the forward read,
-        and the update's read and write of row and state (distinct ids only)."""
-        state = problem.state_bytes_per_row(width) - _F32 * width
-        update = 2 * self.unique_fraction * (self._traffic(_F32 * width) + self._traffic(state))
-        return self._traffic(_F32 * width) + update
-
     def evaluate(self, problem: Problem, placements: Mapping[str, Placement]) -> PlanCost:
-        n, b, u = problem.num_devices, problem.local_batch, self.unique_fraction
-        topo = problem.topology
-        work = np.zeros(n)  # bytes of memory traffic per device
-        used = np.zeros(n)
-        groups: dict[tuple, _Group] = {}
-        for f in problem.features.sparse:
-            p = placements.get(f.name)
-            if p is None:
-                continue
-            ids = problem.mean_ids(f)
-            if p.type in (ShardingType.TABLE_WISE, ShardingType.COLUMN_WISE):
-                w = f.dim // len(p.devices)
-                g = groups.get(("tw", f.pooled, w, f.max_len))
-                if g is None:
-                    g = groups[("tw", f.pooled, w, f.max_len)] = _Group(
-                        "tw", f.pooled, w, f.max_len, np.zeros(n, np.int64), np.zeros(n, np.int64))
-                row = problem.state_bytes_per_row(w)
-                owners = p.devices[0] if len(p.devices) == 1 else list(p.devices)
-                g.slots[owners] += 1
-                g.rows[owners] += f.rows
-                used[owners] += f.rows * row
-                work[owners] += n * b * ids * self._row_work(problem, w)
-                g.tables += len(p.devices) > 1
-            elif p.type is ShardingType.TABLE_ROW_WISE:
-                ln, hosts = problem.local, problem.hosts
-                g = groups.get(("trw", f.pooled, f.dim, f.max_len))
-                if g is None:
-                    g = groups[("trw", f.pooled, f.dim, f.max_len)] = _Group(
-                        "trw", f.pooled, f.dim, f.max_len, np.zeros(hosts, np.int64),
-                        np.zeros(hosts, np.int64))
-                h = p.devices[0] // ln
-                block = -(-f.rows // ln)
-                g.slots[h] += 1
-                g.rows[h] += block
-                row = problem.state_bytes_per_row(f.dim)
-                devs = list(p.devices)
-                used[devs] += np.clip(f.rows - block * np.arange(ln), 0, block) * row
-                work[devs] += n * b * ids / ln * self._row_work(problem, f.dim)
-            else:
-                fam = "rw" if p.type is ShardingType.ROW_WISE else "dp"
-                g = groups.setdefault((fam, f.pooled, f.dim, f.max_len),
-                                      _Group(fam, f.pooled, f.dim, f.max_len))
-                g.tables += 1
-                row = problem.state_bytes_per_row(f.dim)
-                if fam == "rw":
-                    block = -(-f.rows // n)
-                    g.local_rows += block
-                    used += np.clip(f.rows - block * np.arange(n), 0, block) * row
-                    work += b * ids * self._row_work(problem, f.dim)
-                    work += 2 * n * b * f.max_len * self.id_bytes
+        return _Costing(self, problem).run(placements)
+
+
+class _Costing:
+    """One evaluation: bytes[phase, receiver, sender], memory and work."""
+
+    def __init__(self, model: AnalyticCostModel, problem: Problem):
+        self.model = model
+        self.problem = problem
+        self.n, self.hosts, self.local = problem.num_devices, problem.hosts, problem.local
+        self.b = problem.local_batch
+        self.u = model.unique_fraction
+        self.ib = model.id_bytes
+        # bytes[phase, to, from], and terms added to it at the end: what every
+        # device sends device d (to_dev), what d sends every device (from_dev),
+        # what every device sends every other (pairs)
+        self.bytes = np.zeros((len(PHASES), self.n, self.n))
+        self.to_dev = np.zeros((len(PHASES), self.n))
+        self.from_dev = np.zeros((len(PHASES), self.n))
+        self.pairs = np.zeros(len(PHASES))
+        # ... what each requester (h', l) sends entry (h, l) and gets from it, by h
+        self.to_entry = np.zeros((len(PHASES), self.hosts))
+        self.from_entry = np.zeros((len(PHASES), self.hosts))
+        self.work = np.zeros(self.n)  # memory traffic per device
+        self.work_all = 0.0  # ... and on every device
+        self.owned: dict[int, np.ndarray] = {}  # width -> rows owned per device
+        self.dp_rows: dict[int, int] = {}  # width -> replicated rows
+        self.used = np.zeros(self.n)
+        self._row_bytes: dict[int, int] = {}
+        self._apply: dict[int, float] = {}
+        # exchanges by route, for `num_collectives`
+        self.flat_bags: set[int] = set()
+        self.flat_rows: set[int] = set()
+        self.host_widths: set[int] = set()
+        self.host_bag_widths: set[int] = set()
+        self.host_row_widths: set[int] = set()
+        self.split: dict[int, list[SparseFeature]] = {}  # width -> column-split tables
+
+    # ---- per-row costs --------------------------------------------------------------------
+
+    def row_bytes(self, w: int) -> int:
+        """Bytes of a w-wide row and its optimizer state."""
+        if w not in self._row_bytes:
+            self._row_bytes[w] = self.problem.state_bytes_per_row(w)
+        return self._row_bytes[w]
+
+    def read(self, w: int) -> float:
+        """Traffic of reading one w-wide row."""
+        return self.model._traffic(_F32 * w)
+
+    def apply(self, w: int) -> float:
+        """Traffic of the update of one unique row: read and write row and state."""
+        if w not in self._apply:
+            self._apply[w] = 2 * (self.read(w) + self.model._traffic(self.row_bytes(w) - _F32 * w))
+        return self._apply[w]
+
+    # ---- memory ---------------------------------------------------------------------------
+
+    def own(self, device, w: int, rows) -> None:
+        """Device(s) `device` own(s) `rows` more rows of width w."""
+        if w not in self.owned:
+            self.owned[w] = np.zeros(self.n, np.int64)
+        self.owned[w][device] += rows
+        self.used[device] += rows * self.row_bytes(w)
+
+    # ---- routes ---------------------------------------------------------------------------
+
+    def bags(self, owner: int, w: int, p: float) -> None:
+        """Every device's bags of one piece to its owner, one row per bag back."""
+        b = self.b
+        self.to_dev[0, owner] += _F32 * b * (1 + p)  # lengths and ids
+        self.from_dev[0, owner] += _F32 * w * b  # pooled rows
+        self.to_dev[1, owner] += _F32 * w * b  # gradient rows
+        ids = self.n * b * p
+        self.work_all += self.ib * b * p  # each requester routes its ids
+        # the owner unpacks and pools every id, sorts them for the update and
+        # applies the unique rows
+        self.work[owner] += ids * (2 * self.ib + self.read(w)) + self.u * ids * self.apply(w)
+        self.flat_bags.add(w)
+
+    def rows(self, devices: list[int], w: int, p: float) -> None:
+        """Unique rows of every device's ids, asked of the row shards `devices`."""
+        per = self.u * self.b * p / len(devices)  # requests from each device to each shard
+        if len(devices) == self.n:  # every device a shard: the same between all pairs
+            self.pairs[0] += _F32 * (1 + w) * per
+            self.pairs[1] += _F32 * w * per
+        else:
+            for d in devices:
+                self.to_dev[0, d] += _F32 * per
+                self.from_dev[0, d] += _F32 * w * per
+                self.to_dev[1, d] += _F32 * w * per
+        self.work_all += self.b * p * (self.ib + self.read(w))  # de-duplicate, pool the rows back
+        self.work[devices] += self.n * per * (2 * self.ib + self.read(w) + self.apply(w))
+        self.flat_rows.add(w)
+
+    def hosted(self, host: int, shards: int, w: int, p: float, bag: bool) -> None:
+        """A table-row-wise table on `host`, rows on its first `shards` devices."""
+        b, h, ln, u = self.b, self.hosts, self.local, self.u
+        # the hop over `host`: entry (host, l) serves the requesters (h', l)
+        sent = b * (1 + p) if bag else u * b * p  # ids (and lengths) per requester
+        back = b if bag else u * b * p  # rows per requester
+        self.to_entry[0, host] += _F32 * sent
+        self.from_entry[0, host] += _F32 * w * back
+        self.to_entry[1, host] += _F32 * w * back
+        # inside the host: each entry asks each row shard for `per` rows
+        per = u * h * b * p / shards
+        owners = slice(host * ln, host * ln + shards)
+        entries = slice(host * ln, (host + 1) * ln)
+        self.bytes[0, owners, entries] += _F32 * per
+        self.bytes[0, entries, owners] += _F32 * w * per
+        self.bytes[1, owners, entries] += _F32 * w * per
+        self.work_all += self.ib * b * p  # each requester routes its ids
+        if bag:  # the entry unpacks, de-duplicates and pools the H B bags
+            self.work[entries] += h * b * p * (self.ib + self.read(w))
+            self.host_bag_widths.add(w)
+        else:  # the requester pools its rows, the entry forwards the requests
+            self.work_all += b * p * self.read(w)
+            self.work[entries] += u * h * b * p * self.ib
+            self.host_row_widths.add(w)
+        served = ln * per
+        self.work[owners] += served * (2 * self.ib + self.read(w) + self.apply(w))
+        self.host_widths.add(w)
+
+    def replicated(self, w: int, p: float) -> None:
+        """A data-parallel table: local lookups, unique rows broadcast in the update."""
+        b, n, u = self.b, self.n, self.u
+        self.pairs[2] += _F32 * (w + 1) * u * b * p
+        self.work_all += b * p * (2 * self.ib + self.read(w)) + n * u * b * p * (self.ib + self.apply(w))
+
+    # ---- the plan -------------------------------------------------------------------------
+
+    def run(self, placements: Mapping[str, Placement]) -> PlanCost:
+        pr = self.problem
+        n, ln = self.n, self.local
+        placed = [f for f in pr.features.sparse if f.name in placements]
+        for f in placed:
+            _check(f, placements[f.name], n, ln)
+        for f in placed:
+            pl = placements[f.name]
+            p = pr.mean_ids(f)
+            bag = f.pooled and f.max_len > 1  # `ShardedEmbeddings`' default bag features
+            t = pl.type
+            if t is ShardingType.DATA_PARALLEL:
+                self.dp_rows[f.dim] = self.dp_rows.get(f.dim, 0) + f.rows
+                self.used += f.rows * self.row_bytes(f.dim)
+                self.replicated(f.dim, p)
+            elif t in (ShardingType.TABLE_WISE, ShardingType.COLUMN_WISE):
+                w = f.dim // len(pl.devices)
+                for d in pl.devices:
+                    self.own(d, w, f.rows)
+                    if bag:
+                        self.bags(d, w, p)
+                    else:
+                        self.rows([d], w, p)
+                if len(pl.devices) > 1 and pr.optimizer.kind is OptimizerKind.ROWWISE_ADAGRAD:
+                    self.split.setdefault(w, []).append(f)
+            else:  # row-wise over all devices, table-row-wise over one host's
+                devs = list(pl.devices)
+                s = len(devs)
+                self.own(devs, f.dim, np.maximum(0, (f.rows - np.arange(s) + s - 1) // s))
+                shards = devs[: min(s, f.rows)]  # the shards holding rows get the ids
+                if t is ShardingType.ROW_WISE:
+                    self.rows(shards, f.dim, p)
                 else:
-                    g.local_rows += f.rows
-                    used += f.rows * row
-                    read = self._traffic(_F32 * f.dim)  # forward: the local batch only
-                    work += b * ids * read + n * b * ids * (self._row_work(problem, f.dim) - read)
-                    work += (1 + n) * b * f.max_len * self.id_bytes
+                    self.hosted(devs[0] // ln, len(shards), f.dim, p, bag)
+        for w, tables in self.split.items():
+            # the row statistics' all-reduce, f32[tables, min(R, N B P)]
+            x = _F32 * len(tables) * max(min(f.rows, n * self.b * f.max_len) for f in tables)
+            self.pairs[2] += 2 * x / n
+        self.bytes += self.to_dev[:, :, None] + self.from_dev[:, None, :] + self.pairs[:, None, None]
+        if self.host_widths:  # [phase, to host, to local, from host, from local], same local
+            v = self.bytes.reshape(len(PHASES), self.hosts, ln, self.hosts, ln)
+            ranks = np.arange(ln)
+            for ph in range(len(PHASES)):
+                v[ph][:, ranks, :, ranks] += self.to_entry[ph][None, :, None] + self.from_entry[ph][None, None, :]
 
-        memory = 0.0
-        per_peer = np.zeros(len(PHASES))  # bytes each device receives from each peer
-        # hierarchical collectives (over `host` or `local` only): bytes each
-        # device receives across / inside hosts, the same on every device
-        cross_h, intra_h = np.zeros(len(PHASES)), np.zeros(len(PHASES))
-        collectives = 0
-        rowwise = problem.optimizer.kind is OptimizerKind.ROWWISE_ADAGRAD
-        for g in groups.values():
-            out = _F32 * g.width * (1 if g.kind_pooled else g.max_len)
-            ids = _F32 * g.max_len
-            if g.family == "tw":
-                k = int(g.slots.max())
-                memory += int(g.rows.max()) * problem.state_bytes_per_row(g.width)
-                work += 2 * k * n * b * g.max_len * self.id_bytes
-                per_peer += (k * b * (ids + out), k * b * out, 0.0)
-                collectives += 3
-                if rowwise and g.tables:
-                    unique = u * n * b * g.max_len
-                    per_peer[2] += 2 * _F32 * g.tables * unique / n
-                    collectives += 1
-            elif g.family == "trw":
-                hosts, ln = problem.hosts, problem.local
-                k = int(g.slots.max())
-                memory += max(1, int(g.rows.max())) * problem.state_bytes_per_row(g.width)
-                work += 2 * k * n * b * g.max_len * self.id_bytes
-                # all-to-alls over `host`: K B per peer host (ids + outputs, then gradients)
-                cross_h += (hosts - 1) * k * b * np.array([ids + out, out, 0.0])
-                # all-gather of ids, reduce-scatter of partials, all-gather of
-                # gradients over `local`: H K B per local peer
-                intra_h += (ln - 1) * hosts * k * b * np.array([ids + out, out, 0.0])
-                collectives += 6
-            elif g.family == "rw":
-                memory += g.local_rows * problem.state_bytes_per_row(g.width)
-                per_peer += (g.tables * b * (ids + out), g.tables * b * out, 0.0)
-                collectives += 3
-            else:
-                memory += g.local_rows * problem.state_bytes_per_row(g.width)
-                per_peer += (0.0, 0.0, g.tables * b * (ids + out))
-                collectives += 2
-
-        cross_peers, intra_peers = problem.peers
-        cross = per_peer[:, None] * cross_peers[None, :] + cross_h[:, None]
-        intra = per_peer[:, None] * intra_peers[None, :] + intra_h[:, None]
-        comm = topo.comm_time_s(cross.sum(0), intra.sum(0), collectives)
+        # what each device receives, by the sender's host; sending to oneself is free
+        idx = np.arange(n)
+        self.bytes[:, idx, idx] = 0.0
+        host = idx // ln
+        other = host[:, None] != host[None, :]
+        cross = np.where(other[None], self.bytes, 0.0).sum(2)
+        intra = np.where(other[None], 0.0, self.bytes).sum(2)
+        collectives = self.collectives()
+        alloc = sum(_aligned_rows(r) * self.row_bytes(w) for w, r in self.owned.items())
+        alloc += sum(r * self.row_bytes(w) for w, r in self.dp_rows.items())
         return PlanCost(
-            memory_bytes=np.full(n, memory, np.float64),
-            used_bytes=used,
-            lookup_s=work / self.memory_bw,
+            memory_bytes=np.full(n, float(alloc)),
+            used_bytes=self.used,
+            lookup_s=(self.work + self.work_all) / self.model.memory_bw,
             cross_host_bytes=cross,
             intra_host_bytes=intra,
-            comm_s=comm,
+            comm_s=pr.topology.comm_time_s(cross.sum(0), intra.sum(0), collectives),
             num_collectives=collectives,
         )
+
+    def collectives(self) -> int:
+        """The step's collectives, as `ShardedEmbeddings` issues them: per flat
+        width, bags and unique rows each take a size exchange and three
+        exchanges; the host path one hop of bags (two) and per width their
+        return (two), the in-host unique rows (four) and the forwarded host
+        rows (eight); each data-parallel width two broadcasts (four); each
+        column-split width one all-reduce."""
+        c = 4 * (len(self.flat_bags) + len(self.flat_rows))
+        if self.host_bag_widths:
+            c += 2 + 2 * len(self.host_widths) + 4 * len(self.host_bag_widths)
+        c += 8 * len(self.host_row_widths)
+        c += 4 * len(self.dp_rows) + len(self.split)
+        return c
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _check(f: SparseFeature, placement: Placement, n: int, local: int) -> None:
+    """`check_plan` of one table's placement (the search asks again and again)."""
+    check_plan(FeatureSet((f,), num_dense=0), {f.name: placement}, n, local)
+
+
+def _aligned_rows(owned: np.ndarray) -> int:
+    """Rows every device allocates for one width (`Layout.rows`)."""
+    most = max(1, int(owned.max(initial=0)))
+    return -(-most // ROW_ALIGN) * ROW_ALIGN
 
 
 __all__ = [

@@ -4,19 +4,20 @@ A checkpoint (one directory per step, written by orbax's asynchronous
 `CheckpointManager`) holds two items:
 
 - `state`: the `TrainState` pytree as it lives on the devices: dense
-  parameters, their optax state, and every embedding group's fused buffers
-  (weights and optimizer accumulators), each shard written by the process
-  that owns it;
+  parameters, their optax state, and every storage buffer of the tables
+  (one per embedding width: the rows each device owns, and their optimizer
+  accumulators; `jdmt.embeddings.layout`), each shard written by the
+  process that owns it;
 - `meta`: JSON: the step, the data position, every step's loss so far, the
   evaluations so far, and the *layout*: features, model, optimizers, mesh
   shape and the sharding plan (`{table: placement}`).
 
 Restoring onto the same layout reads the shards straight onto their devices.
 Restoring onto another mesh or plan (8x8 -> 4x16 -> 2x4, or table_wise ->
-row_wise) rebuilds the saved fused layout from the meta (`build_groups`
-needs only features, plan and device count), cuts the full tables out of it
-on the host (`dense_from_buffers`) and lays them out for the new plan
-(`ShardedEmbeddings.from_dense`). This costs host memory of the whole model
+row_wise, or flat <-> identity towers) rebuilds the saved layout from the
+meta (`Layout` needs only features, plan and mesh shape), cuts the full
+tables out of it on the host (`Layout.to_dense`) and lays them out for the
+new plan (`ShardedEmbeddings.from_dense`). This costs host memory of the whole model
 on every process, once, at start-up.
 
 Orbax writes a step into a temporary directory and renames it when complete,
@@ -44,7 +45,7 @@ __all__ = [
     "layout_differences",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: storage per width, rows of row-wise tables spread id mod S
 
 
 class CheckpointError(ValueError):

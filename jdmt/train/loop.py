@@ -1,13 +1,16 @@
 """The end-to-end trainer: sharded embeddings + a data-parallel dense model.
 
-One jitted step (state donated) does the whole DESIGN.md data flow:
+One jitted step (state donated) does the whole data flow:
 
-    routed    = emb.route(ids, lengths)              # input distribution
-    owner_out = emb.lookup(tables, routed)           # gathers at the owners
-    loss, (g_params, g_owner) = value_and_grad(loss_fn)(params, owner_out)
-        loss_fn: emb.output_dist(owner_out, lengths).stacked() -> model -> BCE
+    embs, ctx, stats = emb.forward(tables, ids, lengths)   # ids to owners, rows back
+    loss, (g_params, g_embs) = value_and_grad(loss_fn)(params, embs)
+        loss_fn: the model on the embeddings (or on the Tower Modules' outputs) -> BCE
     params    = optax update (replicated; GSPMD all-reduces the gradient)
-    tables    = emb.apply_gradients(tables, routed, g_owner, owner_out)
+    tables    = emb.update(tables, ctx, g_embs, ids, lengths)  # gradients to owners
+
+A step whose exchanges overflowed a capacity changes nothing and is
+repeated with more (`Trainer._grow`); one with ids outside their tables
+stops the run before anything is written.
 
 `Trainer` holds the pieces (mesh, data, embeddings, model, optimizer, the
 jitted step and eval functions) so later features (other models, data
@@ -54,9 +57,8 @@ from jdmt.embeddings import (
     ShardingType,
     SparseOptimizer,
     TableState,
-    build_groups,
-    dense_from_buffers,
 )
+from jdmt.embeddings.layout import Layout
 from jdmt.mesh import DEVICES, HOST, Topology, make_mesh, mesh_shape, parse_mesh_spec
 from jdmt.pallas_kernels.common import Kernel
 from jdmt.models import (
@@ -536,11 +538,17 @@ class Trainer:
             self.model = DLRM(config.embedding_dim, bottom=config.bottom_mlp, top=config.top_mlp,
                               sequence_pooling=config.sequence_pooling)
             self._init_params = init_dlrm
+        self.emb_path = self.sptt if self.sptt is not None else self.emb
         self.tx = _dense_optimizer(config.optimizer, config.lr)
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P(DEVICES))
         self._train_step = None
+        self._train_version = -1
         self._predict = None
+        self._predict_version = -1
+        self.overflow_steps = 0  # steps repeated because an exchange overflowed
+        self.capacity_raises = 0
+        self.capacities: dict[str, dict[str, int]] = {}
 
     def _build_towers(self, optimizer: SparseOptimizer):
         """`--towers=N`: the SPTT path with the configured partition and modules."""
@@ -743,13 +751,17 @@ class Trainer:
             return ckpt.restore(step, like), meta
         # Another mesh or plan: rebuild the saved layout, cut the tables out on the host.
         old_plan = {n: Placement(p["type"], p["devices"]) for n, p in saved["plan"].items()}
-        old_n = int(np.prod(saved["mesh"]))
-        old_groups = build_groups(self.features, old_plan, old_n)
+        old = Layout(self.features, old_plan, *saved["mesh"])
         has_acc = any(t.accum is not None for t in like.tables.values())
-        old_tables = {name: TableState(0, 0 if has_acc else None) for name in old_groups}
+        old_tables = {name: TableState(0, 0 if has_acc else None) for name in old.storages()}
         host = ckpt.restore_host(step, TrainState(like.params, like.opt_state, old_tables))
-        buffers = {name: (t.weights, t.accum) for name, t in host.tables.items()}
-        tables, accums = dense_from_buffers(self.features, old_groups, old_n, buffers)
+        names = [f.name for f in self.features.sparse]
+        tables = dict(zip(names, old.to_dense({k: t.weights for k, t in host.tables.items()})))
+        accums = None
+        if has_acc:
+            acc = {k: t.accum for k, t in host.tables.items()}
+            per_row = next(iter(acc.values())).ndim == 1
+            accums = dict(zip(names, old.to_dense(acc, per_row=per_row)))
         put = lambda x, a: jax.device_put(np.asarray(x, a.dtype), a.sharding)  # noqa: E731
         params = jax.tree.map(put, host.params, like.params)
         opt_state = jax.tree.map(put, host.opt_state, like.opt_state)
@@ -765,32 +777,44 @@ class Trainer:
     # ---- the step ------------------------------------------------------------------------
 
     def loss_and_grads(self, params, tables, batch: Batch):
-        """Loss, dense gradients, owner-output gradients and what the update needs."""
-        routed = self._route(batch)
-        owner_out = self.emb.lookup(tables, routed)
+        """Loss, dense gradients, the embeddings' gradients and what the update needs."""
+        acts, ctx, stats = self.emb_path.forward(tables, batch.ids, batch.lengths)
 
-        def loss_fn(params, owner_out):
-            logits = self._logits(params, owner_out, routed, batch)
+        def loss_fn(params, acts):
+            logits = self._logits(params, acts, batch)
             return optax.sigmoid_binary_cross_entropy(logits, batch.labels).mean()
 
-        loss, (g_params, g_owner) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, owner_out)
-        return loss, g_params, g_owner, routed, owner_out
+        loss, (g_params, g_acts) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, acts)
+        return loss, g_params, g_acts, ctx, stats
 
     def step_fn(self, state: TrainState, batch: Batch):
-        """One training step (un-jitted): (state, batch) -> (state, stats)."""
-        loss, g_params, g_owner, routed, owner_out = self.loss_and_grads(
-            state.params, state.tables, batch
-        )
+        """One training step (un-jitted): (state, batch) -> (state, stats).
+
+        A step whose ids overflowed an exchange's capacity, or hold ids
+        outside their tables, changes nothing (`stats["overflow"]`,
+        `stats["out_of_range"]`): the run raises the capacities and repeats
+        it, or stops with the bad ids named.
+        """
+        loss, g_params, g_acts, ctx, stats = self.loss_and_grads(state.params, state.tables, batch)
+        skip = self.emb.must_skip(stats)
         updates, opt_state = self.tx.update(g_params, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        tables = self.emb.apply_gradients(state.tables, routed, g_owner, owner_out)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(skip, b, a), new, old)  # noqa: E731
+        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        tables, ustats = self.emb_path.update(state.tables, ctx, g_acts, batch.ids, batch.lengths, skip=skip)
         return TrainState(params, opt_state, tables), {
             "loss": loss,
-            "out_of_range": routed.out_of_range,
+            "out_of_range": stats["out_of_range"],
+            "overflow": stats["overflow"],
+            "need": stats["need"],
+            "payload_cross_host_bytes": stats["payload_cross_host_bytes"] + ustats["payload_cross_host_bytes"],
+            "payload_intra_host_bytes": stats["payload_intra_host_bytes"] + ustats["payload_intra_host_bytes"],
+            "ids_requested": stats["ids_requested"],
+            "ids_unique": stats["ids_unique"],
         }
 
     def compiled_step(self, state: TrainState):
-        if self._train_step is None:
+        if self._train_step is None or self._train_version != self.emb.version:
             shardings = self.state_shardings(state)
             self._train_step = jax.jit(
                 self.step_fn,
@@ -798,35 +822,23 @@ class Trainer:
                 out_shardings=(shardings, self.replicated),
                 donate_argnums=0,
             )
+            self._train_version = self.emb.version
         return self._train_step
 
-    def predict_fn(self, state: TrainState, batch: Batch) -> jax.Array:
-        """Click probabilities f32[B] of a batch (sharded like the batch)."""
-        routed = self._route(batch)
-        owner_out = self.emb.lookup(state.tables, routed)
-        return jax.nn.sigmoid(self._logits(state.params, owner_out, routed, batch))
+    def predict_fn(self, state: TrainState, batch: Batch):
+        """Click probabilities f32[B] of a batch (sharded like the batch), and
+        the lookup's overflow (when > 0 the probabilities are not exact)."""
+        acts, _, stats = self.emb_path.forward(state.tables, batch.ids, batch.lengths)
+        probs = jax.nn.sigmoid(self._logits(state.params, acts, batch))
+        return probs, {"overflow": stats["overflow"], "need": stats["need"]}
 
-    def _route(self, batch: Batch):
-        if self.sptt is not None:
-            return self.sptt.route(batch.ids, batch.lengths)
-        return self.emb.route(batch.ids, batch.lengths)
-
-    def _logits(self, params, owner_out, routed, batch: Batch) -> jax.Array:
-        """The model on the owners' lookups: the flat output distribution, or
-        the towers (SPTT, Tower Modules, the return all-to-all)."""
-        if self.sptt is None:
-            embs = self.emb.output_dist(owner_out, batch.lengths)
-            return self.model.apply({"params": params}, *self.model_inputs(embs, batch))
-        if self.sptt.module_kind == "identity":  # exactly the flat model's inputs
-            out = self.sptt.tower_outputs({}, owner_out, routed)  # [B, T, F_max * D]
-            args = (batch.dense, self.sptt.flat_embeddings(out))
-            if len(self.seq_index):
-                seqs = self.sptt.flat_sequences(owner_out)  # {name: [B, S, D]}
-                seq = stack_sequences([seqs[n] for n in self.seq_names])
-                args += (seq, batch.lengths[:, self.seq_index])
-            return self.model.apply({"params": params}, *args)
+    def _logits(self, params, acts, batch: Batch) -> jax.Array:
+        """The model on the looked-up embeddings (flat, or identity towers), or
+        on the Tower Modules' outputs (compressing towers)."""
+        if self.sptt is None or self.sptt.identity:
+            return self.model.apply({"params": params}, *self.model_inputs(acts, batch))
         # Compressing towers: their outputs hold the sequence features, pooled in the tower.
-        out = self.sptt.tower_outputs(params["towers"], owner_out, routed)  # [B, T, C]
+        out = self.sptt.tower_outputs(params["towers"], acts)  # [B, T, C]
         a = params["adapter"]
         pooled = jnp.einsum("btc,tcd->btd", out, a["kernel"]) + a["bias"]
         pooled = pooled.reshape(out.shape[0], -1, self.config.embedding_dim)
@@ -866,16 +878,58 @@ class Trainer:
     # ---- evaluation ----------------------------------------------------------------------
 
     def evaluate(self, state: TrainState) -> dict[str, float]:
-        """Exact AUC and logloss over `eval_batches` held-out batches."""
-        if self._predict is None:
-            self._predict = jax.jit(self.predict_fn, out_shardings=self.batch_sharding)
+        """Exact AUC and logloss over `eval_batches` held-out batches (a batch
+        whose lookup overflowed a capacity is looked up again with more)."""
         probs, labels = [], []
         for i in range(self.config.eval_batches):
-            batch = self.device_batch(self._host_eval_batch(i))
-            probs.append(_to_host(self._predict(state, batch)))
+            host = self._host_eval_batch(i)
+            if "eval" not in self.capacities:
+                self.fit_capacities(host, "eval")
+            batch = self.device_batch(host)
+            while True:
+                if self._predict is None or self._predict_version != self.emb.version:
+                    self._predict = jax.jit(self.predict_fn, out_shardings=(self.batch_sharding, self.replicated))
+                    self._predict_version = self.emb.version
+                p, st = self._predict(state, batch)
+                if int(st["overflow"]) == 0:
+                    break
+                self._grow(batch.labels.shape[0] // self.emb.num_devices, st, f"eval batch {i}")
+            probs.append(_to_host(p))
             labels.append(_to_host(batch.labels))
         p, y = np.concatenate(probs), np.concatenate(labels)
         return {"auc": metrics.auc(p, y), "logloss": metrics.logloss(p, y), "examples": int(y.size)}
+
+    def _grow(self, local_batch: int, stats, where: str) -> None:
+        """Raise the exchange capacities an overflow needed, and say so."""
+        need = jax.device_get(stats["need"])
+        before = self.emb.describe_caps(local_batch)
+        self.emb.grow(local_batch, {"need": need})
+        if self.emb.describe_caps(local_batch) == before:
+            # every capacity that overflowed is at its no-overflow bound: a bug, not a batch
+            raise RuntimeError(f"{where}: an exchange overflowed at capacities that cannot overflow "
+                               f"({before}; needed {({k: int(v) for k, v in need.items()})})")
+        self.capacity_raises += 1
+        if jax.process_index() == 0:
+            print(f"jdmt: {where}: an exchange needed more room than its capacity; raised the "
+                  f"capacities to {self.emb.describe_caps(local_batch)} and repeated it", file=sys.stderr)
+
+    def fit_capacities(self, host_batch: Batch, what: str) -> dict[str, int]:
+        """Size the exchanges' capacities from a batch of this run (the first
+        training batch, the first eval batch): what its lookup needs, plus a
+        quarter (`ShardedEmbeddings.measure` / `fit_caps`, host numpy, no
+        device work). A later batch that needs more overflows visibly and the
+        step is repeated with more (`_grow`)."""
+        ids, lengths = np.asarray(host_batch.ids), np.asarray(host_batch.lengths)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            ids = np.asarray(multihost_utils.process_allgather(ids, tiled=True))
+            lengths = np.asarray(multihost_utils.process_allgather(lengths, tiled=True))
+        b = ids.shape[0] // self.emb.num_devices
+        self.emb.fit_caps(b, self.emb.measure(ids, lengths))
+        caps = self.emb.describe_caps(b)
+        self.capacities[what] = caps
+        return caps
 
     # ---- the run -------------------------------------------------------------------------
 
@@ -947,9 +1001,30 @@ class Trainer:
             raise CheckpointError("the checkpoint has a data position this data source cannot use")
         resume(position)
 
+    def memory_report(self) -> str | None:
+        """One line on the tables' memory, and a warning when the devices
+        allocate more than 10% beyond what they own (an SPMD program gives
+        every device the largest device's share)."""
+        m = self.emb.memory()
+        line = (f"jdmt: tables and optimizer state {m.owned / 2**20:,.1f} MiB owned, "
+                f"{m.allocated / 2**20:,.1f} MiB allocated over {self.emb.num_devices} devices "
+                f"({m.ratio:.2f}x)")
+        if m.ratio <= 1.1:
+            return line
+        big = sorted(((f.rows * f.dim, f.name) for f in self.features.sparse), reverse=True)
+        even = m.owned / self.emb.num_devices
+        over = [n for b_, n in big if 4.0 * b_ > 1.1 * even][:5]
+        hint = (f"; tables bigger than an even share of a device ({', '.join(over)}) cannot be "
+                "balanced table-wise: row_wise or table_row_wise spreads them" if over else "")
+        return (line + f"\njdmt: warning: allocated exceeds owned by {100 * (m.ratio - 1):.0f}%: every "
+                f"device holds the largest device's share ({m.per_device_owned.max() / 2**20:,.1f} MiB; "
+                f"the mean is {m.per_device_owned.mean() / 2**20:,.1f} MiB){hint}")
+
     def run(self) -> dict[str, Any]:
         cfg = self.config
         t_start = time.perf_counter()
+        if jax.process_index() == 0:
+            print(self.memory_report(), file=sys.stderr)
         ckpt, start = self._open_checkpoints()
         history = {"train_loss": [], "eval_history": [], "out_of_range_ids": 0}
         try:
@@ -1007,6 +1082,13 @@ class Trainer:
             "out_of_range_ids": history["out_of_range_ids"],
             "cross_host_bytes_per_step": float(comm.cross_host_bytes) if comm else 0.0,
             "intra_host_bytes_per_step": float(comm.intra_host_bytes) if comm else 0.0,
+            "cross_host_payload_bytes_per_step": _mean(stats["payload"]["cross"]),
+            "intra_host_payload_bytes_per_step": _mean(stats["payload"]["intra"]),
+            "dedup_ratio": (stats["payload"]["unique"] / stats["payload"]["requested"]
+                            if stats["payload"]["requested"] else None),
+            "overflow_steps": self.overflow_steps,
+            "exchange_capacities": self.capacities,
+            **self.emb.memory().to_json(),
             "metrics_dir": cfg.metrics_dir,
             "profile_dir": cfg.profile_dir,
             "checkpoint_dir": None if ckpt is None else ckpt.directory,
@@ -1036,6 +1118,7 @@ class Trainer:
         p0 = min(start + 1, cfg.steps - 1)
         p1 = min(p0 + 3, cfg.steps)
         tracing = False
+        payload = {"cross": [], "intra": [], "requested": 0, "unique": 0}
 
         def evaluate(at: int) -> dict:
             ev = self.evaluate(state)
@@ -1053,13 +1136,31 @@ class Trainer:
                     jax.profiler.start_trace(cfg.profile_dir)
                     tracing = True
                 t0 = time.perf_counter()
+                if s == start:
+                    caps = self.fit_capacities(host_batch, "train")
+                    if jax.process_index() == 0:
+                        print(f"jdmt: exchange capacities (rows per block, from batch {s}): {caps}",
+                              file=sys.stderr)
                 batch = self.device_batch(host_batch)
                 if s == start:
                     step, comm = self.compile_ahead(state, batch)
                     compile_s = time.perf_counter() - t0
-                state, stats = step(state, batch)
+                while True:
+                    state, stats = step(state, batch)
+                    if int(stats["overflow"]) == 0:
+                        break
+                    # Nothing was applied: raise the capacities, compile, repeat.
+                    self.overflow_steps += 1
+                    self._grow(cfg.global_batch // self.emb.num_devices, stats, f"training step {s}")
+                    tc = time.perf_counter()
+                    step, comm = self.compile_ahead(state, batch)
+                    compile_s += time.perf_counter() - tc
                 loss = float(stats["loss"])
                 bad = int(stats["out_of_range"])
+                payload["cross"].append(float(stats["payload_cross_host_bytes"]))
+                payload["intra"].append(float(stats["payload_intra_host_bytes"]))
+                payload["requested"] += int(stats["ids_requested"])
+                payload["unique"] += int(stats["ids_unique"])
                 t1 = time.perf_counter()
                 step_times.append(t1 - t0)
                 if s == start:
@@ -1072,7 +1173,7 @@ class Trainer:
                     raise OutOfRangeIdError(
                         f"out_of_range_ids: {bad} ids of training batch {s} lie outside their "
                         "tables' rows on the device path (check_batch passed them; hashed "
-                        "features are reduced modulo rows)"
+                        "features are reduced modulo rows); the step was not applied"
                     )
                 if not np.isfinite(loss):
                     raise FloatingPointError(f"training loss is {loss} at step {s}")
@@ -1121,6 +1222,7 @@ class Trainer:
             "step_times": step_times,
             "compile_s": compile_s,
             "comm": comm,
+            "payload": payload,
             "eval_examples": ev["examples"],
             "train_wall_s": train_wall,
         }
@@ -1144,6 +1246,10 @@ def _dense_optimizer(name: str, lr: float) -> optax.GradientTransformation:
     if name == "sgd":
         return optax.sgd(lr)
     raise ValueError(f"unknown dense optimizer {name!r}; available: {', '.join(DENSE_OPTIMIZERS)}")
+
+
+def _mean(xs) -> float:
+    return float(np.mean(xs)) if xs else 0.0
 
 
 def _to_host(x: jax.Array) -> np.ndarray:

@@ -1,9 +1,9 @@
 """C++ XLA FFI kernels for CPU: the fused sparse optimizer step, in place.
 
-`sparse_update` does what `optimizers.sparse_step` does for one device's local
-shard (sort the ids of each slot by row, sum each row's gradients in
-ascending position order, apply the optimizer once per touched row), in one
-pass over the ids, with the table and accumulator updated in place. It is a
+`sparse_update` does what `optimizers.sparse_step` does for one device's
+storage buffer (sort the ids by row, sum each row's gradients in ascending
+position order, apply the optimizer once per touched row), in one pass over
+the ids, with the table and accumulator updated in place. It is a
 CPU-only custom call: use it inside `jax.jit` / `jax.shard_map` bodies that
 run on CPU; it is not vmappable and has no gradient.
 
@@ -27,7 +27,7 @@ from jdmt.embeddings.types import OptimizerKind
 
 _TARGET = "jdmt_sparse_update"
 _TARGET_SGD = "jdmt_sparse_update_sgd"
-_ABI = 1
+_ABI = 2
 _KIND = {
     OptimizerKind.ROWWISE_ADAGRAD: 0,
     OptimizerKind.ADAGRAD: 1,
@@ -93,58 +93,55 @@ def sparse_update(
     table: jax.Array,
     accum: jax.Array | None,
     ids: jax.Array,
-    base: jax.Array,
+    src: jax.Array,
     grads: jax.Array,
     lr,
     *,
     eps: float = 0.0,
-    max_rows: int | None = None,
     dim: int | None = None,
     threads: int = 1,
 ) -> tuple[jax.Array, jax.Array | None]:
-    """The fused sparse optimizer step of one local shard, in place (CPU).
+    """The fused sparse optimizer step of one storage buffer, in place (CPU).
 
     Args:
       kind: an `OptimizerKind` (or its string value).
-      table: f32[R, D] local shard; updated in place (donate it in the
+      table: f32[R, D] the buffer; updated in place (donate it in the
         caller's jit to avoid a copy).
       accum: f32[R] (row-wise Adagrad), f32[R, D] (Adagrad), None (SGD).
-      ids: i32[K, n] (or i32[K, M, L]) local row ids of K slots; negative =
-        no id; ids outside [0, R) are skipped.
-      base: i32[K] first local row of each slot's table (kept for the
-        `sparse_step` signature; the kernel sorts each slot by its id range).
-      grads: f32[K, G, D] (or f32[K, M, (L,) D]): id j of slot k takes
-        `grads[k, j // (n // G)]`.
+      ids: i32[n] (or i32[K, n]: K independent slots) rows of the ids;
+        ids outside [0, R) are skipped.
+      src: i32 like `ids`: the row of `grads` holding each id's gradient
+        (ids whose `src` is outside [0, M) are skipped).
+      grads: f32[M, D] (or f32[K, M, D]) gradient rows.
       lr: learning rate, a runtime scalar.
       eps: Adagrad epsilon (static).
-      max_rows: accepted for symmetry with `sparse_step`; not needed.
       dim: divisor of the row-wise mean of g**2 (static; default D).
       threads: host threads to split the slots over (static; default 1).
 
     Returns:
       (table, accum) with the touched rows updated (accum None for SGD).
     """
-    del max_rows
     if not _ensure():
         raise RuntimeError(f"jdmt CPU kernels unavailable: {_state.get('reason')}")
     kind = OptimizerKind(getattr(kind, "value", kind))
-    k = ids.shape[0]
-    ids = jnp.asarray(ids, jnp.int32).reshape(k, -1)
     d = table.shape[-1]
+    ids = jnp.asarray(ids, jnp.int32)
+    k = ids.shape[0] if ids.ndim == 2 else 1
+    ids = ids.reshape(k, -1)
+    src = jnp.asarray(src, jnp.int32)
+    if src.size != ids.size:
+        raise TypeError(f"src must have one entry per id: ids {ids.shape}, src {src.shape}")
+    src = src.reshape(ids.shape)
     grads = jnp.asarray(grads, jnp.float32).reshape(k, -1, d)
-    n, g = ids.shape[1], grads.shape[1]
     if table.dtype != jnp.float32 or table.ndim != 2:
         raise TypeError(f"table must be f32[R, D], got {table.dtype}{list(table.shape)}")
-    if n and (g == 0 or n % g):
-        raise ValueError(f"ids per slot ({n}) must be a multiple of the gradients per slot ({g})")
-    base = jnp.asarray(base, jnp.int32).reshape(k)
     lr = jnp.asarray(lr, jnp.float32).reshape(())
     threads = np.int64(max(1, int(threads)))
     if kind is OptimizerKind.SGD:
         (table,) = jax.ffi.ffi_call(
             _TARGET_SGD, (jax.ShapeDtypeStruct(table.shape, table.dtype),),
             input_output_aliases={0: 0},
-        )(table, ids, base, grads, lr, threads=threads)
+        )(table, ids, src, grads, lr, threads=threads)
         return table, accum
     want = (table.shape[0],) if kind is OptimizerKind.ROWWISE_ADAGRAD else tuple(table.shape)
     if accum is None or tuple(accum.shape) != want or accum.dtype != jnp.float32:
@@ -154,7 +151,7 @@ def sparse_update(
         _TARGET,
         (jax.ShapeDtypeStruct(table.shape, table.dtype), jax.ShapeDtypeStruct(accum.shape, accum.dtype)),
         input_output_aliases={0: 0, 1: 1},
-    )(table, accum, ids, base, grads, lr, kind=np.int32(_KIND[kind]), eps=np.float32(eps),
+    )(table, accum, ids, src, grads, lr, kind=np.int32(_KIND[kind]), eps=np.float32(eps),
       dim=np.float32(d if dim is None else dim), threads=threads)
     return table, accum
 

@@ -1,10 +1,10 @@
 // Fused sparse optimizer step of one device's local table shard (XLA FFI, CPU).
 //
 // Same meaning as `jdmt.embeddings.optimizers.sparse_step`: for each slot k
-// (one table of the shard), every id of the slot is sorted by row (stable, so
+// (a storage buffer's ids), every id of the slot is sorted by row (stable, so
 // the occurrences of a row stay in ascending position order), the gradients of
-// a row's occurrences are summed in that order into a D-float buffer, and the
-// optimizer is applied to the row once:
+// a row's occurrences (row src[j] of grads for id j) are summed in that order
+// into a D-float buffer, and the optimizer is applied to the row once:
 //
 //   row-wise Adagrad: m_r += sum(g_r^2) * (1/dim); w_r += -(lr g_r) * (1 / (sqrt(m_r) + eps))
 //   Adagrad:          m_r += g_r^2;  w_r += -(lr g_r) / (sqrt(m_r) + eps)
@@ -21,9 +21,9 @@
 // the outputs. If XLA hands us distinct output buffers anyway, the inputs are
 // copied first, so the result is correct either way.
 //
-// Sorting: per slot, LSD radix sort of packed (row - min_row, bag) items on
-// the row bits only (the bag, i.e. the gradient source, rides along in the
-// low bits; the input is in position order and every pass is stable). Items
+// Sorting: per slot, LSD radix sort of packed (row - min_row, src) items on
+// the row bits only (the gradient source rides along in the low bits; the
+// input is in position order and every pass is stable). Items
 // are uint32 when row and bag bits fit, else uint64. Cost is O(ids) per slot,
 // independent of the table's rows. The rows of each unique row are then
 // prefetched a few unique rows ahead (they are mostly cache and TLB misses).
@@ -53,9 +53,9 @@ struct Problem {
   float* table;        // [R, D]
   float* accum;        // [R] (row-wise), [R, D] (Adagrad), null (SGD)
   const int32_t* ids;  // [K, n]
-  const int32_t* base; // [K] (unused: each slot is sorted by its own id range)
+  const int32_t* src;  // [K, n] gradient row of each id, in [0, G)
   const float* grads;  // [K, G, D]
-  int64_t R, D, K, n, G, per;
+  int64_t R, D, K, n, G;
   float lr, eps, inv_dim;
   int32_t kind;
 };
@@ -226,33 +226,36 @@ void Walk(const Problem& p, int64_t k, const T* srt, int64_t m, int pbits, int64
   }
 }
 
-// Items (row - lo) << pbits | bag of the valid ids of a slot, in position order.
+// Items (row - lo) << pbits | gradient row of the valid ids of a slot, in position order.
 template <typename T>
-void Pack(const int32_t* ids, int64_t n, int64_t per, int64_t R, int64_t lo, int pbits, T* a) {
+void Pack(const int32_t* ids, const int32_t* src, int64_t n, int64_t R, int64_t G, int64_t lo,
+          int pbits, T* a) {
   int64_t c = 0;
-  for (int64_t bag = 0, i = 0; i < n; ++bag) {
-    for (int64_t l = 0; l < per; ++l, ++i) {
-      const int64_t id = ids[i];
-      if (id >= 0 && id < R) a[c++] = (static_cast<T>(id - lo) << pbits) | static_cast<T>(bag);
-    }
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t id = ids[i];
+    const int64_t g = src[i];
+    if (id >= 0 && id < R && g >= 0 && g < G)
+      a[c++] = (static_cast<T>(id - lo) << pbits) | static_cast<T>(g);
   }
 }
 
 void Slot(const Problem& p, int64_t k, Scratch& s) {
   const int32_t* ids = p.ids + k * p.n;
+  const int32_t* src = p.src + k * p.n;
   const int64_t n = p.n, R = p.R;
   int64_t lo = INT64_MAX, hi = -1, m = 0;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t id = ids[i];
-    if (id >= 0 && id < R) {
+    if (id >= 0 && id < R && src[i] >= 0 && src[i] < p.G) {
       lo = std::min(lo, id);
       hi = std::max(hi, id);
       ++m;
     }
   }
   if (m == 0) return;
-  // Low bits: the gradient source (bag) of the id. Bags are ascending in
-  // position, so the stable sort keeps each row's occurrences in position order.
+  // Low bits: the gradient row of the id. The items are packed in position
+  // order and the sort is stable, so each row's occurrences stay in position
+  // order.
   const int pbits = BitsFor(static_cast<uint64_t>(p.G - 1));
   const int rbits = BitsFor(static_cast<uint64_t>(hi - lo));
   if (static_cast<size_t>(n) > s.a.size()) {
@@ -262,13 +265,13 @@ void Slot(const Problem& p, int64_t k, Scratch& s) {
   if (pbits + rbits <= 32) {
     uint32_t* a = reinterpret_cast<uint32_t*>(s.a.data());
     uint32_t* b = reinterpret_cast<uint32_t*>(s.b.data());
-    Pack<uint32_t>(ids, n, p.per, R, lo, pbits, a);
+    Pack<uint32_t>(ids, src, n, R, p.G, lo, pbits, a);
     const uint32_t* srt = RadixSort<uint32_t>(a, b, m, pbits, rbits, s.hist);
     Walk<uint32_t>(p, k, srt, m, pbits, lo, s);
   } else {
     uint64_t* a = s.a.data();
     uint64_t* b = s.b.data();
-    Pack<uint64_t>(ids, n, p.per, R, lo, pbits, a);
+    Pack<uint64_t>(ids, src, n, R, p.G, lo, pbits, a);
     const uint64_t* srt = RadixSort<uint64_t>(a, b, m, pbits, rbits, s.hist);
     Walk<uint64_t>(p, k, srt, m, pbits, lo, s);
   }
@@ -299,25 +302,22 @@ std::string Dims(ffi::Span<const int64_t> d) {
 
 ffi::Error Impl(int32_t kind, ffi::Buffer<ffi::F32> table, float* accum_in, float* accum_out,
                 ffi::Span<const int64_t> accum_dims, size_t accum_bytes,
-                ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::S32> base,
+                ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::S32> src,
                 ffi::Buffer<ffi::F32> grads, ffi::Buffer<ffi::F32> lr,
                 ffi::Result<ffi::Buffer<ffi::F32>> table_out, float eps, float dim,
                 int64_t threads) {
-  auto td = table.dimensions(), idd = ids.dimensions(), bd = base.dimensions(),
+  auto td = table.dimensions(), idd = ids.dimensions(), sd = src.dimensions(),
        gd = grads.dimensions();
   if (td.size() != 2) return ffi::Error::InvalidArgument("table must be f32[R, D], got " + Dims(td));
   const int64_t R = td[0], D = td[1];
   if (idd.size() != 2) return ffi::Error::InvalidArgument("ids must be i32[K, n], got " + Dims(idd));
   const int64_t K = idd[0], n = idd[1];
-  if (bd.size() != 1 || bd[0] != K)
-    return ffi::Error::InvalidArgument("base must be i32[K], got " + Dims(bd));
+  if (sd.size() != 2 || sd[0] != K || sd[1] != n)
+    return ffi::Error::InvalidArgument("src must be i32[K, n] like ids " + Dims(idd) + ", got " + Dims(sd));
   if (gd.size() != 3 || gd[0] != K || gd[2] != D)
     return ffi::Error::InvalidArgument("grads must be f32[K, G, D], got " + Dims(gd) +
                                        " for ids " + Dims(idd) + ", table " + Dims(td));
   const int64_t G = gd[1];
-  if (n > 0 && (G <= 0 || n % G != 0))
-    return ffi::Error::InvalidArgument("n must be a multiple of G: ids " + Dims(idd) +
-                                       ", grads " + Dims(gd));
   if (lr.element_count() != 1) return ffi::Error::InvalidArgument("lr must be a scalar");
   if (kind == kRowwiseAdagrad) {
     if (accum_dims.size() != 1 || accum_dims[0] != R)
@@ -331,14 +331,14 @@ ffi::Error Impl(int32_t kind, ffi::Buffer<ffi::F32> table, float* accum_in, floa
   float* t = table_out->typed_data();
   if (t != table.typed_data()) std::memcpy(t, table.typed_data(), table.size_bytes());
   if (accum_out != nullptr && accum_out != accum_in) std::memcpy(accum_out, accum_in, accum_bytes);
-  if (K == 0 || n == 0 || R == 0 || D == 0) return ffi::Error::Success();
+  if (K == 0 || n == 0 || R == 0 || D == 0 || G == 0) return ffi::Error::Success();
   Problem p;
   p.table = t;
   p.accum = kind == kSgd ? nullptr : accum_out;
   p.ids = ids.typed_data();
-  p.base = base.typed_data();
+  p.src = src.typed_data();
   p.grads = grads.typed_data();
-  p.R = R; p.D = D; p.K = K; p.n = n; p.G = G; p.per = n / G;
+  p.R = R; p.D = D; p.K = K; p.n = n; p.G = G;
   p.lr = lr.typed_data()[0];
   p.eps = eps;
   p.inv_dim = 1.0f / (dim > 0 ? dim : static_cast<float>(D));
@@ -348,7 +348,7 @@ ffi::Error Impl(int32_t kind, ffi::Buffer<ffi::F32> table, float* accum_in, floa
 }
 
 ffi::Error UpdateImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> accum,
-                      ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::S32> base,
+                      ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::S32> src,
                       ffi::Buffer<ffi::F32> grads, ffi::Buffer<ffi::F32> lr,
                       ffi::Result<ffi::Buffer<ffi::F32>> table_out,
                       ffi::Result<ffi::Buffer<ffi::F32>> accum_out, int32_t kind, float eps,
@@ -357,14 +357,14 @@ ffi::Error UpdateImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> accum,
   if (accum_out->element_count() != accum.element_count())
     return ffi::Error::InvalidArgument("accum output shape differs from input");
   return Impl(kind, table, accum.typed_data(), accum_out->typed_data(), accum.dimensions(),
-              accum.size_bytes(), ids, base, grads, lr, table_out, eps, dim, threads);
+              accum.size_bytes(), ids, src, grads, lr, table_out, eps, dim, threads);
 }
 
 ffi::Error SgdImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> ids,
-                   ffi::Buffer<ffi::S32> base, ffi::Buffer<ffi::F32> grads,
+                   ffi::Buffer<ffi::S32> src, ffi::Buffer<ffi::F32> grads,
                    ffi::Buffer<ffi::F32> lr, ffi::Result<ffi::Buffer<ffi::F32>> table_out,
                    int64_t threads) {
-  return Impl(kSgd, table, nullptr, nullptr, {}, 0, ids, base, grads, lr, table_out, 0.0f, 0.0f,
+  return Impl(kSgd, table, nullptr, nullptr, {}, 0, ids, src, grads, lr, table_out, 0.0f, 0.0f,
               threads);
 }
 
@@ -380,7 +380,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdmtSparseUpdate, UpdateImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // table
                                   .Arg<ffi::Buffer<ffi::F32>>()  // accum
                                   .Arg<ffi::Buffer<ffi::S32>>()  // ids
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // base
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // src
                                   .Arg<ffi::Buffer<ffi::F32>>()  // grads
                                   .Arg<ffi::Buffer<ffi::F32>>()  // lr
                                   .Ret<ffi::Buffer<ffi::F32>>()  // table (aliased)
@@ -394,11 +394,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdmtSparseUpdateSgd, SgdImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // table
                                   .Arg<ffi::Buffer<ffi::S32>>()  // ids
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // base
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // src
                                   .Arg<ffi::Buffer<ffi::F32>>()  // grads
                                   .Arg<ffi::Buffer<ffi::F32>>()  // lr
                                   .Ret<ffi::Buffer<ffi::F32>>()  // table (aliased)
                                   .Attr<int64_t>("threads"));
 
 // Lets the loader check the library matches the Python side.
-extern "C" JDMT_EXPORT int jdmt_cpu_kernels_abi_version() { return 1; }
+extern "C" JDMT_EXPORT int jdmt_cpu_kernels_abi_version() { return 2; }

@@ -1,0 +1,409 @@
+"""The flat path: every device asks the owners of its ids' rows directly.
+
+One exchange group holds all N devices, numbered local-rank-major (`AXIS`:
+peer g is device (h, l) with g = l * H + h), so that the rows an owner
+receives arrive in the same order from the flat path and from SPTT's
+in-host path (which visits sources local rank by local rank): their updates
+then sum duplicate ids in the same order, bit for bit.
+
+For the pieces of one width (`WidthRoute`), a step:
+
+1. *bags* (pooled features whose piece lives whole on one device:
+   table-wise, column shards): every bag of the local batch goes to the
+   piece's owner (`routing.bag_send`); the owner pools it and returns one
+   row per bag; the backward returns one gradient row per bag.
+2. *rows* (row-wise pieces, sequence features, and pooled bags where asking
+   for unique rows is cheaper): the ids are de-duplicated per owner
+   (`routing.row_send`), each owner returns each asked row once, and the
+   requester pools (or places) them; the backward sums each unique row's
+   gradients before they go back.
+
+Each owner then updates the rows it received gradients for
+(`optimizers.sparse_step`), once per storage buffer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jdmt.embeddings import routing
+from jdmt.embeddings.exchange import exchange, overflow, payload_bytes
+from jdmt.embeddings.layout import Layout
+from jdmt.embeddings.types import ShardingType
+from jdmt.mesh import HOST, LOCAL
+from jdmt.pallas_kernels.common import Impl
+from jdmt.pallas_kernels.pooled_lookup import pooled_gather
+from jdmt.pallas_kernels.sequence_lookup import sequence_gather
+
+__all__ = ["AXIS", "FLAT_TYPES", "Caps", "Stats", "WidthRoute", "owner_pool", "owner_rows", "peer_of"]
+
+AXIS = (LOCAL, HOST)
+FLAT_TYPES = (ShardingType.TABLE_WISE, ShardingType.COLUMN_WISE, ShardingType.ROW_WISE)
+
+
+def peer_of(device: int, hosts: int, local: int) -> int:
+    """A flat device index's position in the flat exchange group (`AXIS`)."""
+    return (device % local) * hosts + device // local
+
+
+@dataclasses.dataclass(frozen=True)
+class Caps:
+    """Capacities of one width's blocks, per peer: ids of bags beyond the
+    header (`bag_ids`) and unique rows asked for (`rows`)."""
+
+    bag_ids: int
+    rows: int
+
+
+def owner_pool(table, ids, count, impl: Impl):
+    """Pooled rows f32[..., D] of bags i32[..., P] of storage rows at their
+    owner (-1: none), visiting at most `count` positions."""
+    if impl.pallas:
+        flat = ids.reshape(-1, ids.shape[-1])
+        flat = jnp.where((flat >= 0) & (flat < table.shape[0]), flat, -1)
+        return pooled_gather(impl, table, flat, None).reshape(ids.shape[:-1] + table.shape[1:])
+    return routing.pool_rows(table, ids, count)
+
+
+def owner_rows(table, ids, impl: Impl):
+    """Rows f32[..., D] of storage rows i32[...] at their owner (zeros for -1)."""
+    if impl.pallas:
+        flat = jnp.where((ids >= 0) & (ids < table.shape[0]), ids, -1).reshape(-1, 1)
+        return sequence_gather(impl, table, flat).reshape(ids.shape + table.shape[1:])
+    return routing.gather_rows(table, ids)
+
+
+class WidthRoute:
+    """The flat path's static routing of the pieces of one width.
+
+    Args:
+      layout: the layout.
+      width: the pieces' width.
+      bag_features: pooled features whose whole-table pieces travel as bags
+        (the others' ids ask for unique rows).
+      exclude: pieces that take another path (the host path).
+    """
+
+    def __init__(self, layout: Layout, width: int, bag_features: frozenset[int],
+                 exclude: frozenset[int] = frozenset()):
+        h, ln = layout.hosts, layout.local
+        n = h * ln
+        feats = layout.features.sparse
+        offsets = layout.features.offsets
+        self.width = width
+        self.peers = n
+        self.rows_per_device = layout.rows.get(width, 0)
+        # the host of each peer, for payload accounting
+        self.peer_host = np.array([g % h for g in range(n)], np.int32)
+        mine = [(i, p) for i, p in enumerate(layout.pieces)
+                if p.width == width and p.type in FLAT_TYPES and i not in exclude]
+        self.pieces = [i for i, _ in mine]
+
+        bags = [(i, p) for i, p in mine
+                if p.stride == 1 and feats[p.feature].pooled and p.feature in bag_features]
+        bags.sort(key=lambda ip: (peer_of(ip[1].devices[0], h, ln), ip[1].feature, ip[1].col0))
+        self.bag_pieces = [i for i, _ in bags]
+        count = np.zeros(n, np.int64)
+        self.bag_maxlen = np.zeros(n, np.int64)  # per peer: the longest bag it pools
+        self.bag_slots = np.zeros(n, np.int64)  # per peer: id positions per sample
+        dst, kd, base, pool = [], [], [], []
+        for _, p in bags:
+            f = feats[p.feature]
+            g = peer_of(p.devices[0], h, ln)
+            dst.append(g)
+            kd.append(count[g])
+            base.append(p.offsets[0])
+            count[g] += 1
+            self.bag_maxlen[g] = max(self.bag_maxlen[g], f.max_len)
+            self.bag_slots[g] += f.max_len
+            pool.append(f.max_len)
+        self.bag_count = count  # per peer: pieces it pools
+        self.bag_dst = np.array(dst, np.int32)
+        self.bag_kd = np.array(kd, np.int32)
+        self.bag_base = np.array(base, np.int32)
+        self.bag_pool = max(pool, default=1)
+        cols = np.full((len(bags), self.bag_pool), -1, np.int64)
+        for k, (_, p) in enumerate(bags):
+            m = feats[p.feature].max_len
+            cols[k, :m] = offsets[p.feature] + np.arange(m)
+        self.bag_cols = cols  # [K_bag, P] batch columns (-1: none)
+
+        rows = [(i, p) for i, p in mine if i not in set(self.bag_pieces)]
+        self.row_pieces = [i for i, _ in rows]
+        smax = max((p.stride for _, p in rows), default=1)
+        self.row_stride = np.array([p.stride for _, p in rows] or [1], np.int32)
+        self.row_devices = np.zeros((max(1, len(rows)), smax), np.int32)
+        self.row_offsets = np.zeros((max(1, len(rows)), smax), np.int32)
+        col_list, piece_of_col = [], []
+        self.row_pos: list[np.ndarray] = []  # per row piece: its positions among the row columns
+        for k, (_, p) in enumerate(rows):
+            self.row_devices[k, : p.stride] = [peer_of(d, h, ln) for d in p.devices]
+            self.row_offsets[k, : p.stride] = p.offsets
+            m = feats[p.feature].max_len
+            self.row_pos.append(np.arange(len(col_list), len(col_list) + m))
+            col_list += list(offsets[p.feature] + np.arange(m))
+            piece_of_col += [k] * m
+        self.row_cols = np.array(col_list, np.int64)  # [M] batch columns of the row pieces' ids
+        self.row_piece_of_col = np.array(piece_of_col, np.int32)
+        self.row_pooled = [feats[p.feature].pooled for _, p in rows]
+
+    # ---- sizes ---------------------------------------------------------------------------
+
+    def header(self, b: int) -> np.ndarray:
+        """i32[G] bags each peer pools for a batch of b samples."""
+        return (self.bag_count * b).astype(np.int32)
+
+    def bag_bound(self, b: int) -> int:
+        """The most bag ids one peer can get from one device (every bag full)."""
+        return int(self.bag_slots.max(initial=0)) * b
+
+    def row_bound(self, b: int) -> int:
+        """The most unique rows one peer can be asked for by one device."""
+        return max(1, len(self.row_cols) * b)
+
+    def default_caps(self, b: int) -> Caps:
+        """Capacities before any data is seen: every bag full (never
+        overflows), and for rows 1.5 times an even spread of a device's ids
+        over the row shards plus the ids of whole-table pieces at the busiest
+        peer (de-duplication only lowers the real counts)."""
+        spread = 0.0
+        whole = np.zeros(self.peers)
+        for k, i in enumerate(self.row_pieces):
+            m = len(self.row_pos[k]) * b
+            if self.row_stride[k] == 1:
+                whole[self.row_devices[k, 0]] += m
+            else:
+                spread += m / self.row_stride[k]
+        rows = int(np.ceil(1.5 * (spread + whole.max(initial=0)))) + 32
+        rows = min(self.row_bound(b), -(-rows // 8) * 8)
+        return Caps(max(1, self.bag_bound(b)), max(8, rows))
+
+    def measure(self, canon: np.ndarray) -> dict[str, int]:
+        """What this width's exchanges need for one global batch (host numpy;
+        the keys and meaning of a step's `stats["need"]`).
+
+        Args:
+          canon: i32[N, B, slots + 1] each device's table rows (-1: none).
+        """
+        out = {}
+        n, b = canon.shape[:2]
+        if self.bag_pieces:
+            header = self.header(b)
+            ids = (canon[:, :, self.bag_cols] >= 0) & (self.bag_cols >= 0)  # [N, B, K, P]
+            per_piece = ids.sum(axis=(1, 3))  # [N, K]
+            per_dst = np.zeros((n, self.peers), np.int64)
+            for k, g in enumerate(self.bag_dst):
+                per_dst[:, g] += per_piece[:, k]
+            out[f"w{self.width}/bag_ids"] = int((per_dst + header).max() - header.max())
+        if self.row_pieces:
+            most = 0
+            c = max(1, self.rows_per_device)
+            for d in range(n):
+                rows = canon[d][:, self.row_cols].reshape(-1)
+                piece = np.tile(self.row_piece_of_col, b)
+                ok = rows >= 0
+                r, k = rows[ok].astype(np.int64), piece[ok]
+                stride = self.row_stride[k]
+                s = r % stride
+                key = np.unique(self.row_devices[k, s].astype(np.int64) * c + self.row_offsets[k, s] + r // stride)
+                if key.size:
+                    most = max(most, int(np.bincount(key // c).max()))
+            out[f"w{self.width}/rows"] = most
+        return out
+
+    # ---- one step, inside shard_map --------------------------------------------------------
+
+    def forward(self, table, canon, caps: Caps, mode: str, impl: Impl):
+        """Look up this width's pieces for the local batch.
+
+        Args:
+          table: f32[R, D] this device's storage of the width.
+          canon: i32[B, slots + 1] the batch's table rows (-1: none; the last
+            column is all -1).
+          caps: block capacities.
+
+        Returns:
+          (bag_out f32[K_bag, B, D], row_out {row piece k: f32[B, D] pooled
+           or f32[B, S, D]}, ctx, stats).
+        """
+        b = canon.shape[0]
+        g = self.peers
+        me = lax.axis_index(AXIS)
+        my_host = lax.axis_index(HOST)
+        stats = Stats()
+        ctx = {}
+        bag_out = row_out = None
+        # Both kinds of request go in one exchange of ids (a block per peer cut in
+        # two slices: bags, then rows) and one of rows back: fewer collectives.
+        sends, sizes, parts = [], [], []
+        if self.bag_pieces:
+            header = self.header(b)
+            imax = int(header.max())
+            items = jnp.asarray(header)[me]
+            rows = canon[:, self.bag_cols]  # [B, K, P]
+            rows = jnp.transpose(rows, (1, 0, 2)).reshape(-1, self.bag_pool)  # items (k, b)
+            kk = np.repeat(np.arange(len(self.bag_pieces)), b)
+            rank = self.bag_kd[kk] * b + np.tile(np.arange(b), len(self.bag_pieces))
+            cap = imax + caps.bag_ids
+            send, bsz, _ = routing.bag_send(rows, jnp.asarray(self.bag_dst[kk]), jnp.asarray(rank),
+                                            jnp.asarray(self.bag_base[kk]), jnp.asarray(header), cap)
+            stats.need(f"w{self.width}/bag_ids", jnp.max(bsz) - imax)
+            stats.over(overflow(bsz, cap))
+            stats.payload(jnp.minimum(bsz, cap), 4, self.peer_host, my_host, me)
+            sends.append(send), sizes.append(bsz), parts.append(cap)
+        if self.row_pieces:
+            rows = canon[:, self.row_cols].reshape(-1)  # [B * M]
+            piece = jnp.asarray(np.tile(self.row_piece_of_col, b))
+            send, rsz_sent, inv, unique = routing.row_send(
+                rows, piece, jnp.asarray(self.row_stride), jnp.asarray(self.row_devices),
+                jnp.asarray(self.row_offsets), max(1, self.rows_per_device), g, caps.rows)
+            stats.need(f"w{self.width}/rows", jnp.max(rsz_sent))
+            stats.over(overflow(rsz_sent, caps.rows))
+            stats.payload(jnp.minimum(rsz_sent, caps.rows), 4, self.peer_host, my_host, me)
+            stats.dedup(jnp.sum(rows >= 0, dtype=jnp.int32), unique)
+            sends.append(send), sizes.append(rsz_sent), parts.append(caps.rows)
+        recv, rsz = exchange(jnp.concatenate(sends, axis=1), jnp.stack(sizes, axis=1), AXIS,
+                             parts=parts, mode=mode, fill=-1)
+        outs, back_sizes, back_recv = [], [], []
+        k = 0
+        if self.bag_pieces:
+            ids = routing.bag_ids_at_owner(recv[:, : parts[0]], items, imax, self.bag_pool)
+            outs.append(owner_pool(table, ids, jnp.asarray(self.bag_maxlen)[me], impl))  # [G, I, D]
+            back_sizes.append(jnp.full((g,), items, jnp.int32))
+            back_recv.append(jnp.asarray(header))
+            ctx["bag_ids"] = ids
+            k = 1
+        if self.row_pieces:
+            row_ids = recv[:, parts[0] if k else 0 :]
+            outs.append(owner_rows(table, row_ids, impl))  # [G, cap, D]
+            back_sizes.append(rsz[:, k])
+            back_recv.append(rsz_sent)
+            ctx.update(row_ids=row_ids, row_recv=rsz[:, k], row_sizes=rsz_sent, row_inv=inv.reshape(b, -1))
+        back_parts = [o.shape[1] for o in outs]
+        back, _ = exchange(jnp.concatenate(outs, axis=1), jnp.stack(back_sizes, axis=1), AXIS,
+                           parts=back_parts, recv_sizes=jnp.stack(back_recv, axis=1), mode=mode)
+        for bs in back_sizes:
+            stats.payload(bs, 4 * self.width, self.peer_host, my_host, me)
+        if self.bag_pieces:
+            bag_out = back[self.bag_dst[kk], rank].reshape(len(self.bag_pieces), b, self.width)
+        if self.row_pieces:
+            rows_back = back[:, back_parts[0] if k else 0 :].reshape(-1, self.width)
+            inv = ctx["row_inv"]
+            row_out = {}
+            for j, pos in enumerate(self.row_pos):
+                at = inv[:, pos]
+                row_out[j] = (routing.pool_rows(rows_back, at) if self.row_pooled[j]
+                              else routing.gather_rows(rows_back, at))
+        ctx["read"] = _read_token(outs)
+        return bag_out, row_out, ctx, stats
+
+    def backward(self, ctx, g_bag, g_rows, caps: Caps, mode: str):
+        """The gradients of `forward`'s outputs, back at the owners.
+
+        Args:
+          g_bag: f32[K_bag, B, D]; g_rows: {row piece k: f32[B, D] or f32[B, S, D]}.
+
+        Returns:
+          (rows i32[n] storage rows, src i32[n], grads f32[M, D], stats): what
+          `sparse_step` takes for this device's storage.
+        """
+        g = self.peers
+        me = lax.axis_index(AXIS)
+        my_host = lax.axis_index(HOST)
+        stats = Stats()
+        sends, sizes, recv_sizes, rows, srcs = [], [], [], [], []
+        if self.bag_pieces:
+            b = g_bag.shape[1]
+            header = self.header(b)
+            items = jnp.asarray(header)[me]
+            imax = int(header.max())
+            kk = np.repeat(np.arange(len(self.bag_pieces)), b)
+            rank = self.bag_kd[kk] * b + np.tile(np.arange(b), len(self.bag_pieces))
+            send = jnp.zeros((g, imax, self.width), g_bag.dtype)
+            sends.append(send.at[self.bag_dst[kk], rank].set(g_bag.reshape(-1, self.width)))
+            sizes.append(jnp.asarray(header))
+            recv_sizes.append(jnp.full((g,), items, jnp.int32))
+            ids = ctx["bag_ids"]  # [G, I, P]
+            rows.append(ids.reshape(-1))
+            srcs.append(None)  # set below, once the block layout is known
+        if self.row_pieces:
+            inv = ctx["row_inv"]  # [B, M]
+            b = inv.shape[0]
+            cap = ctx["row_ids"].shape[1]
+            parts = []
+            for k, pos in enumerate(self.row_pos):
+                gk = g_rows[k]
+                if self.row_pooled[k]:
+                    gk = jnp.broadcast_to(gk[:, None, :], (b, len(pos), self.width))
+                parts.append(gk)
+            gpos = jnp.concatenate(parts, axis=1).reshape(-1, self.width)  # [B * M, D]
+            at = jnp.where(inv >= 0, inv, g * cap).reshape(-1)
+            send = jnp.zeros((g * cap, self.width), gpos.dtype).at[at].add(gpos, mode="drop")
+            sends.append(send.reshape(g, cap, self.width))
+            sizes.append(jnp.minimum(ctx["row_sizes"], cap))
+            recv_sizes.append(ctx["row_recv"])
+            rows.append(ctx["row_ids"].reshape(-1))
+            srcs.append(None)  # set below, once the block layout is known
+        block = [s_.shape[1] for s_ in sends]
+        got, _ = exchange(jnp.concatenate(sends, axis=1), jnp.stack(sizes, axis=1), AXIS, parts=block,
+                          recv_sizes=jnp.stack(recv_sizes, axis=1), mode=mode)
+        for sz in sizes:
+            stats.payload(sz, 4 * self.width, self.peer_host, my_host, me)
+        # gradient row of received slot (peer s, position j of its block): s * total + j
+        total = sum(block)
+        if self.bag_pieces:
+            imax = block[0]
+            item = (np.arange(g)[:, None, None] * total + np.arange(imax)[None, :, None]).astype(np.int32)
+            srcs[0] = jnp.broadcast_to(jnp.asarray(item), ctx["bag_ids"].shape).reshape(-1)
+        if self.row_pieces:
+            off = block[0] if self.bag_pieces else 0
+            cap = block[-1]
+            srcs[-1] = jnp.asarray((np.arange(g)[:, None] * total + off + np.arange(cap)[None, :])
+                                   .reshape(-1).astype(np.int32))
+        token = ctx["read"]
+        rows = jnp.concatenate(rows) + token  # the write waits for this step's reads
+        return rows, jnp.concatenate(srcs), got.reshape(-1, self.width), stats
+
+
+def _read_token(reads) -> jax.Array:
+    """An i32 zero that XLA cannot tell is zero, computed from every value this
+    step read from a table: adding it to the update's rows orders the in-place
+    write after the reads (else XLA keeps the old table alive with a copy;
+    docs/design.md). NaN or inf in the reads do not leak into it."""
+    tok = jnp.zeros((), jnp.int32)
+    for r in reads:
+        bits = lax.bitcast_convert_type(jnp.sum(r[..., :1]).astype(jnp.float32), jnp.int32)
+        tok = tok | lax.shift_right_logical(bits & 1, 1)
+    return tok
+
+
+class Stats:
+    """What a step's exchanges report (per device; the caller reduces them)."""
+
+    def __init__(self):
+        self.cross = jnp.zeros((), jnp.float32)
+        self.intra = jnp.zeros((), jnp.float32)
+        self.overflow = jnp.zeros((), jnp.int32)
+        self.needs: dict[str, jax.Array] = {}
+        self.requested = jnp.zeros((), jnp.int32)
+        self.unique = jnp.zeros((), jnp.int32)
+
+    def payload(self, sizes, row_bytes, peer_host, my_host, me):
+        c, i = payload_bytes(sizes, row_bytes, peer_host, my_host, me)
+        self.cross = self.cross + c
+        self.intra = self.intra + i
+
+    def over(self, x):
+        self.overflow = jnp.maximum(self.overflow, x)
+
+    def need(self, key, x):
+        self.needs[key] = jnp.maximum(self.needs.get(key, jnp.zeros((), jnp.int32)), x.astype(jnp.int32))
+
+    def dedup(self, requested, unique):
+        self.requested = self.requested + requested
+        self.unique = self.unique + unique

@@ -1,0 +1,335 @@
+"""Where every row of every table lives: pieces, row shards and per-device storage.
+
+A table (one per sparse feature) is cut into *pieces*, each a column range
+`[col0, col0 + width)` of the table, whose rows are spread over S row shards:
+row r lives in shard `r % S` at local index `r // S` (id mod S, so Zipf-hot
+ids, which are the low ids, spread evenly). Shard s sits on device
+`devices[s]` at row `offsets[s]` of that device's *storage* for the piece's
+width. The sharding types are placements of pieces:
+
+| type            | pieces                  | S | row shards on                    |
+|-----------------|-------------------------|---|----------------------------------|
+| table_wise      | one, all columns        | 1 | its device                       |
+| column_wise     | one per column shard    | 1 | one device each                  |
+| row_wise        | one                     | N | every device                     |
+| table_row_wise  | one                     | L | the L devices of its host        |
+| data_parallel   | one                     | 1 | every device (replicated storage)|
+
+Storage is owned, not padded per table: a device holds one buffer per
+embedding width, `f32[rows, width]`, in which its shards of every piece of
+that width sit one after another, and one accumulator buffer beside it. The
+buffers of all devices form one global array sharded over the devices
+(`P(('host', 'local'))`), so (one SPMD program, one shape on every device)
+each device allocates the largest device's share of that width, rounded up
+to a multiple of `ROW_ALIGN` rows: `allocated - owned` is the plan's
+imbalance plus at most `ROW_ALIGN - 1` rows per device and width. A
+balanced plan (row-wise, table-row-wise, or table-wise over tables that
+split evenly) allocates what it owns; `Layout.memory()` reports both.
+Data-parallel tables live in a replicated buffer per width.
+
+The layout depends only on the features, the plan and the mesh shape, so a
+saved state can be read anywhere (`to_dense`), and the tables' initial
+values depend only on (seed, feature, row, column) (`init_local`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdmt.data.specs import FeatureSet
+from jdmt.embeddings.types import (
+    OptimizerKind,
+    Placement,
+    ShardingType,
+    SparseOptimizer,
+    check_plan,
+    table_row_wise_host,
+)
+
+__all__ = [
+    "ROW_ALIGN",
+    "Layout",
+    "Memory",
+    "Piece",
+    "hash_uniform",
+    "storage_name",
+]
+
+ROW_ALIGN = 8
+"""Storage rows per device are rounded up to a multiple of this (the stated slack)."""
+
+
+def storage_name(width: int, replicated: bool = False) -> str:
+    """Key of a storage buffer in the state: `w64` (sharded) or `dp_w64` (replicated)."""
+    return f"{'dp_' if replicated else ''}w{width}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """Columns `[col0, col0 + width)` of feature `feature`, rows in S row shards.
+
+    Row r is in shard `r % S` at local index `r // S`; shard s lives on flat
+    device `devices[s]` (S = len(devices)) from row `offsets[s]` of that
+    device's storage of `width`. A data-parallel piece has no devices and one
+    offset into the replicated storage.
+    """
+
+    feature: int
+    col0: int
+    width: int
+    type: ShardingType
+    devices: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+    @property
+    def replicated(self) -> bool:
+        return self.type is ShardingType.DATA_PARALLEL
+
+    @property
+    def stride(self) -> int:
+        return max(1, len(self.devices))
+
+    def shard_rows(self, rows: int, s: int) -> int:
+        """Rows of a `rows`-row table in shard s (those r < rows with r % S == s)."""
+        k = self.stride
+        return max(0, (rows - s + k - 1) // k)
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    """Table memory of a layout (tables and optimizer state), in bytes.
+
+    Attributes:
+      owned: the tables' own bytes (each row once; no padding, no replicas).
+      allocated: bytes of the storage buffers summed over devices.
+      per_device_owned: f64[N] bytes of the rows each device owns
+        (replicated tables counted on every device).
+      per_device_allocated: bytes every device allocates (the same on all).
+    """
+
+    owned: float
+    allocated: float
+    per_device_owned: np.ndarray
+    per_device_allocated: float
+
+    @property
+    def ratio(self) -> float:
+        return self.allocated / max(self.owned, 1.0)
+
+    def to_json(self) -> dict:
+        return {
+            "table_bytes": self.owned,
+            "table_bytes_allocated": self.allocated,
+            "table_bytes_allocated_per_device": self.per_device_allocated,
+            "table_bytes_owned_max_device": float(self.per_device_owned.max(initial=0.0)),
+            "table_bytes_owned_mean_device": float(self.per_device_owned.mean()) if self.per_device_owned.size else 0.0,
+        }
+
+
+def _acc_floats(opt: SparseOptimizer, width: int) -> int:
+    """Optimizer-state floats per row of a `width`-wide buffer."""
+    return {OptimizerKind.ROWWISE_ADAGRAD: 1, OptimizerKind.ADAGRAD: width, OptimizerKind.SGD: 0}[
+        opt.kind
+    ]
+
+
+class Layout:
+    """The pieces of every table and the storage they live in, for one plan.
+
+    Args:
+      features: the model's features.
+      plan: a placement per feature (checked).
+      hosts, local: the mesh shape (N = hosts * local devices).
+    """
+
+    def __init__(self, features: FeatureSet, plan: Mapping[str, Placement], hosts: int, local: int):
+        self.features = features
+        self.hosts, self.local = int(hosts), int(local)
+        self.num_devices = self.hosts * self.local
+        plan = {f.name: plan[f.name] for f in features.sparse}
+        check_plan(features, plan, self.num_devices, self.local)
+        self.plan = plan
+        self.pieces: list[Piece] = []
+        used: dict[tuple[int, int], int] = {}  # (device, width) -> rows so far
+        dp_used: dict[int, int] = {}
+
+        def place(dev: int, width: int, rows: int) -> int:
+            off = used.get((dev, width), 0)
+            used[(dev, width)] = off + rows
+            return off
+
+        for i, f in enumerate(features.sparse):
+            p = plan[f.name]
+            t = p.type
+            if t is ShardingType.DATA_PARALLEL:
+                off = dp_used.get(f.dim, 0)
+                dp_used[f.dim] = off + f.rows
+                self.pieces.append(Piece(i, 0, f.dim, t, (), (off,)))
+            elif t in (ShardingType.TABLE_WISE, ShardingType.COLUMN_WISE):
+                c = len(p.devices)
+                w = f.dim // c
+                for j, d in enumerate(p.devices):
+                    self.pieces.append(Piece(i, j * w, w, t, (d,), (place(d, w, f.rows),)))
+            else:  # row-wise over all devices, or table-row-wise over one host's
+                if t is ShardingType.TABLE_ROW_WISE:
+                    table_row_wise_host(p, self.local)
+                devs = tuple(p.devices)
+                probe = Piece(i, 0, f.dim, t, devs, (0,) * len(devs))
+                offs = tuple(place(d, f.dim, probe.shard_rows(f.rows, s)) for s, d in enumerate(devs))
+                self.pieces.append(Piece(i, 0, f.dim, t, devs, offs))
+        widths = sorted({w for (_, w) in used})
+        self.owned_rows = {
+            w: np.array([used.get((d, w), 0) for d in range(self.num_devices)], np.int64) for w in widths
+        }
+        self.rows = {w: int(-(-max(1, self.owned_rows[w].max()) // ROW_ALIGN) * ROW_ALIGN) for w in widths}
+        self.dp_rows = dict(sorted(dp_used.items()))
+
+    # ---- queries -----------------------------------------------------------------------------
+
+    @property
+    def widths(self) -> list[int]:
+        return sorted(self.rows)
+
+    def storages(self) -> dict[str, tuple[int, int, bool]]:
+        """`{name: (rows per device or replicated rows, width, replicated)}`."""
+        out = {storage_name(w): (r, w, False) for w, r in self.rows.items()}
+        out.update({storage_name(w, True): (r, w, True) for w, r in self.dp_rows.items()})
+        return out
+
+    def pieces_of(self, feature: int) -> list[Piece]:
+        return [p for p in self.pieces if p.feature == feature]
+
+    def memory(self, optimizer: SparseOptimizer) -> Memory:
+        """Owned and allocated bytes of tables and optimizer state."""
+        n = self.num_devices
+        owned = 0.0
+        per_dev = np.zeros(n)
+        for p in self.pieces:
+            f = self.features.sparse[p.feature]
+            row_bytes = 4.0 * (p.width + _acc_floats(optimizer, p.width))
+            owned += f.rows * row_bytes
+            if p.replicated:
+                per_dev += f.rows * row_bytes
+            else:
+                for s, d in enumerate(p.devices):
+                    per_dev[d] += p.shard_rows(f.rows, s) * row_bytes
+        alloc_dev = sum(r * 4.0 * (w + _acc_floats(optimizer, w)) for w, r in self.rows.items())
+        alloc_dev += sum(r * 4.0 * (w + _acc_floats(optimizer, w)) for w, r in self.dp_rows.items())
+        return Memory(owned, alloc_dev * n, per_dev, alloc_dev)
+
+    # ---- initial values (traced, on the devices) ---------------------------------------------
+
+    def _segments(self, width: int) -> np.ndarray:
+        """i64[N, S, 6] per device, the shards in its storage of `width`:
+        (offset, rows, feature, first row, stride, col0), padded with
+        segments that start past the end."""
+        segs: list[list[tuple]] = [[] for _ in range(self.num_devices)]
+        for p in self.pieces:
+            if p.width != width or p.replicated:
+                continue
+            rows = self.features.sparse[p.feature].rows
+            for s, (d, off) in enumerate(zip(p.devices, p.offsets)):
+                n = p.shard_rows(rows, s)
+                if n:
+                    segs[d].append((off, n, p.feature, s, p.stride, p.col0))
+        k = max(1, max(len(v) for v in segs))
+        out = np.zeros((self.num_devices, k, 6), np.int64)
+        out[:, :, 0] = self.rows[width]
+        for d, v in enumerate(segs):
+            for j, s in enumerate(sorted(v)):
+                out[d, j] = s
+        return out
+
+    def _dp_segments(self, width: int) -> np.ndarray:
+        v = [(p.offsets[0], self.features.sparse[p.feature].rows, p.feature, 0, 1, 0)
+             for p in self.pieces if p.replicated and p.width == width]
+        return np.array(sorted(v), np.int64).reshape(-1, 6)
+
+    def init_local(self, name: str, seed: jax.Array, device: jax.Array, scales: np.ndarray) -> jax.Array:
+        """A device's storage buffer `name`: each owned value a hash of (seed,
+        feature, row, col), uniform in `[-scale, scale)` with the feature's
+        scale (TorchRec's `sqrt(1 / rows)`); unowned rows 0. The values do not
+        depend on the plan: every plan starts from the same tables."""
+        rows, width, replicated = self.storages()[name]
+        seg = self._dp_segments(width) if replicated else self._segments(width)
+        seg = jnp.asarray(seg.astype(np.int32))
+        if not replicated:
+            seg = seg[device]
+        r = jnp.arange(rows, dtype=jnp.int32)
+        j = jnp.maximum(jnp.searchsorted(seg[:, 0], r, side="right") - 1, 0)
+        s = seg[j]  # [R, 6]
+        inside = (r >= s[:, 0]) & (r < s[:, 0] + s[:, 1])
+        grow = s[:, 3] + (r - s[:, 0]) * s[:, 4]
+        cols = s[:, 5][:, None] + jnp.arange(width, dtype=jnp.int32)[None, :]
+        u = hash_uniform(seed, s[:, 2][:, None], grow[:, None], cols)
+        scale = jnp.asarray(scales, jnp.float32)[s[:, 2]][:, None]
+        return jnp.where(inside[:, None], (2.0 * u - 1.0) * scale, 0.0)
+
+    # ---- host-side conversion ----------------------------------------------------------------
+
+    def assemble(self, name: str, device: int, values: Sequence[np.ndarray], per_row: bool = False,
+                 fill: float = 0.0) -> np.ndarray:
+        """Device `device`'s buffer `name` cut from full per-feature arrays:
+        tables f32[rows, dim] (or, `per_row`, row-wise accumulators f32[rows])."""
+        rows, width, replicated = self.storages()[name]
+        shape = (rows,) if per_row else (rows, width)
+        buf = np.full(shape, fill, np.float32)
+        for p in self.pieces:
+            if p.width != width or p.replicated != replicated:
+                continue
+            full = values[p.feature]
+            part = full if per_row else full[:, p.col0 : p.col0 + width]
+            if replicated:
+                buf[p.offsets[0] : p.offsets[0] + part.shape[0]] = part
+                continue
+            for s, (d, off) in enumerate(zip(p.devices, p.offsets)):
+                if d == device:
+                    sub = part[s :: p.stride]
+                    buf[off : off + sub.shape[0]] = sub
+        return buf
+
+    def to_dense(self, buffers: Mapping[str, np.ndarray], per_row: bool = False) -> list[np.ndarray]:
+        """Full per-feature arrays (feature order) from host copies of the
+        global storage buffers `{name: [N * rows (or rows), width]}`.
+        With `per_row`, row-wise accumulators f32[rows] instead of tables."""
+        feats = self.features.sparse
+        out = [np.zeros((f.rows,) if per_row else (f.rows, f.dim), np.float32) for f in feats]
+        for p in self.pieces:
+            name = storage_name(p.width, p.replicated)
+            if name not in buffers:
+                continue
+            arr = np.asarray(buffers[name])
+            rows = self.storages()[name][0]
+            tgt = out[p.feature]
+            view = tgt if per_row else tgt[:, p.col0 : p.col0 + p.width]
+            if p.replicated:
+                view[:] = arr[p.offsets[0] : p.offsets[0] + feats[p.feature].rows]
+                continue
+            for s, (d, off) in enumerate(zip(p.devices, p.offsets)):
+                n = p.shard_rows(feats[p.feature].rows, s)
+                view[s :: p.stride] = arr[d * rows + off : d * rows + off + n]
+        return out
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+    """murmur3's 32-bit finaliser: a fast, well-mixing bijection on uint32."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def hash_uniform(seed, feature, row, col) -> jax.Array:
+    """Uniform [0, 1) floats from a counter-based hash of four integers."""
+    u32 = lambda v: jnp.asarray(v).astype(jnp.uint32)  # noqa: E731
+    h = _mix32(u32(seed) * jnp.uint32(0x9E3779B9) + u32(feature))
+    h = _mix32(h ^ (u32(row) * jnp.uint32(0x632BE5AB)))
+    h = _mix32(h + u32(col) * jnp.uint32(0x85157AF5))
+    return (h >> 8).astype(jnp.float32) * jnp.float32(1.0 / (1 << 24))
+

@@ -1,0 +1,192 @@
+"""Requests for rows, packed for the exchange, and served at the owners.
+
+Two kinds of request travel through `exchange.exchange` (all functions here
+run inside `shard_map`, on one device's data; G = peers of the exchange):
+
+*Bags to their owner* (`bag_send` / `bag_ids_at_owner`): a pooled bag whose
+piece lives whole on one device (table-wise, a column shard, or a table-wise
+table inside a host) goes to that device as one *item*: its ids, compacted
+(only real ids travel), behind a header of every item's length. The owner
+pools the bag and returns one row per item; the gradient comes back as one
+row per item. Each peer's block is `[lengths of its items | their ids]`,
+items in a fixed order (`rank`), so both sides know where every item is.
+
+*Unique rows to the requester* (`row_send`): ids whose row lives on another
+device (row-wise shards), or sequence positions, or bags where de-duplication
+pays, are de-duplicated per destination: each unique (owner, row) is asked
+for once, the owner returns its row once, and the requester keeps the
+inverse (`inv`: for each id, where its row comes back) to pool or place
+rows, and to sum each unique row's gradients before they return.
+
+Both report what a destination would need beyond its block's capacity
+(`need`): the caller turns that into an overflow, never a silent loss.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = [
+    "bag_ids_at_owner",
+    "bag_send",
+    "exclusive_cumsum",
+    "gather_rows",
+    "pool_rows",
+    "row_send",
+]
+
+_BIG = jnp.iinfo(jnp.int32).max
+
+
+def exclusive_cumsum(x: jax.Array, axis: int = -1) -> jax.Array:
+    return jnp.cumsum(x, axis=axis) - x
+
+
+def bag_send(rows: jax.Array, dst: jax.Array, rank: jax.Array, base: jax.Array,
+             header: jax.Array, cap: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Pack bags for their owners.
+
+    Args:
+      rows: i32[n, P] table rows of each item's ids, -1 where there is none
+        (items sorted by destination, then `rank`).
+      dst: i32[n] each item's peer; rank: i32[n] its place in that peer's
+        header; base: i32[n] the storage row of its piece at the peer.
+      header: i32[G] items each peer gets (its header's length).
+      cap: a block's capacity (header plus ids).
+
+    Returns:
+      send: i32[G, cap] blocks `[lengths | ids (storage rows)]`, -1 after.
+      sizes: i32[G] each block's length (header + ids), possibly > cap.
+      lens: i32[n] ids per item.
+    """
+    g = header.shape[0]
+    ok = rows >= 0
+    lens = jnp.sum(ok, axis=1, dtype=jnp.int32)
+    before = exclusive_cumsum(lens)
+    first = jnp.searchsorted(dst, jnp.arange(g, dtype=dst.dtype), side="left")
+    start = before - before[jnp.minimum(first, dst.shape[0] - 1)][dst]
+    pos = header[dst][:, None] + start[:, None] + jnp.cumsum(ok, axis=1, dtype=jnp.int32) - 1
+    pos = jnp.where(ok, pos, cap)  # dropped
+    send = jnp.full((g, cap), -1, jnp.int32)
+    send = send.at[dst, rank].set(lens, mode="drop")
+    send = send.at[jnp.broadcast_to(dst[:, None], pos.shape), pos].set(rows + base[:, None], mode="drop")
+    sizes = header + jax.ops.segment_sum(lens, dst, num_segments=g)
+    return send, sizes.astype(jnp.int32), lens
+
+
+def bag_ids_at_owner(recv: jax.Array, items: jax.Array, max_items: int, pooling: int) -> jax.Array:
+    """The bags a peer sent, as i32[G, max_items, pooling] storage rows (-1: none).
+
+    Args:
+      recv: i32[G, cap] received blocks `[lengths | ids]`.
+      items: i32[] this device's header length (items per peer).
+      max_items: static bound on `items` over the devices.
+      pooling: static bound on any item's length.
+    """
+    j = jnp.arange(max_items, dtype=jnp.int32)
+    lens = jnp.where(j[None, :] < items, recv[:, :max_items], 0)
+    lens = jnp.maximum(lens, 0)
+    starts = items + exclusive_cumsum(lens, axis=1)  # [G, max_items]
+    p = jnp.arange(pooling, dtype=jnp.int32)
+    idx = starts[..., None] + p  # [G, max_items, P]
+    cap = recv.shape[1]
+    got = jnp.take_along_axis(recv, jnp.minimum(idx, cap - 1).reshape(recv.shape[0], -1), axis=1)
+    got = got.reshape(idx.shape)
+    return jnp.where((p < lens[..., None]) & (idx < cap), got, -1)
+
+
+def row_send(rows: jax.Array, piece: jax.Array, stride: jax.Array, devices: jax.Array,
+             offsets: jax.Array, rows_per_peer: int, peers: int, cap: int):
+    """De-duplicate row requests per owner and pack them.
+
+    Args:
+      rows: i32[n] table rows of the ids (-1: none).
+      piece: i32[n] each id's piece; stride: i32[K] its row shards; devices,
+        offsets: i32[K, S] each row shard's peer and storage offset (row r
+        is in shard r % stride at local row offset + r // stride).
+      rows_per_peer: storage rows per device (bounds a local row).
+      peers: G; cap: a block's capacity.
+
+    Returns:
+      send: i32[G, cap] unique storage rows asked of each peer (ascending),
+        -1 after.
+      sizes: i32[G] unique rows per peer (possibly > cap).
+      inv: i32[n] where each id's row comes back in the `[G * cap]` rows
+        returned (-1: no id, or beyond the capacity).
+      unique: i32[] unique (owner, row) pairs asked for.
+
+    The (owner, row) keys are sorted alone (a sort with a payload costs
+    several times more) and each id finds its key among the unique ones by
+    binary search.
+    """
+    n = rows.shape[0]
+    ok = rows >= 0
+    r = jnp.maximum(rows, 0)
+    k = stride[piece]
+    s = r % k
+    dst = devices[piece, s]
+    local = offsets[piece, s] + r // k
+    if peers * rows_per_peer >= _BIG:  # keys do not fit in int32: sort the pairs
+        return _row_send_pairs(dst, local, ok, rows_per_peer, peers, cap)
+    key = jnp.where(ok, dst * rows_per_peer + local, _BIG)
+    skey = lax.sort(key)
+    valid = skey != _BIG
+    new = jnp.concatenate([jnp.ones((1,), bool), skey[1:] != skey[:-1]]) & valid
+    uid = jnp.cumsum(new, dtype=jnp.int32) - 1
+    ukey = jnp.full((n,), _BIG, jnp.int32).at[jnp.where(new, uid, n)].set(skey, mode="drop")
+    unique = jnp.sum(new, dtype=jnp.int32)
+    uvalid = ukey != _BIG
+    udst = jnp.where(uvalid, ukey // rows_per_peer, peers)
+    counts = jax.ops.segment_sum(uvalid.astype(jnp.int32), udst, num_segments=peers + 1)[:peers]
+    start = jnp.concatenate([exclusive_cumsum(counts), jnp.zeros((1,), jnp.int32)])
+    urank = jnp.arange(n, dtype=jnp.int32) - start[udst]
+    fits = uvalid & (urank < cap)
+    send = jnp.full((peers, cap), -1, jnp.int32)
+    send = send.at[jnp.where(fits, udst, peers), urank].set(ukey % rows_per_peer, mode="drop")
+    back = jnp.where(fits, udst * cap + urank, -1)
+    u = jnp.searchsorted(ukey, key).astype(jnp.int32)
+    inv = jnp.where(ok, back[jnp.minimum(u, n - 1)], -1)
+    return send, counts.astype(jnp.int32), inv, unique
+
+
+def _row_send_pairs(dst, local, ok, rows_per_peer, peers, cap):
+    """`row_send` for keys past int32: sort (dst, local, position) together."""
+    n = dst.shape[0]
+    pos = jnp.arange(n, dtype=jnp.int32)
+    sdst, slocal, spos = lax.sort((jnp.where(ok, dst, _BIG), jnp.where(ok, local, _BIG), pos), num_keys=2)
+    svalid = sdst != _BIG
+    new = jnp.concatenate([jnp.ones((1,), bool), (sdst[1:] != sdst[:-1]) | (slocal[1:] != slocal[:-1])])
+    uid = jnp.cumsum(new, dtype=jnp.int32) - 1
+    first = new & svalid
+    counts = jax.ops.segment_sum(first.astype(jnp.int32), jnp.where(svalid, sdst, 0), num_segments=peers)
+    start = exclusive_cumsum(counts)
+    rank = uid - start[jnp.where(svalid, sdst, 0)]
+    fits = svalid & (rank < cap)
+    send = jnp.full((peers, cap), -1, jnp.int32)
+    send = send.at[jnp.where(first & fits, sdst, peers), rank].set(slocal, mode="drop")
+    back = jnp.where(fits, sdst * cap + rank, -1)
+    inv = jnp.full((n,), -1, jnp.int32).at[spos].set(back)
+    return send, counts.astype(jnp.int32), inv, jnp.sum(first, dtype=jnp.int32)
+
+
+def gather_rows(table: jax.Array, idx: jax.Array) -> jax.Array:
+    """`table[idx]` with zeros where idx < 0 (or past the end)."""
+    idx = jnp.where(idx >= 0, idx, table.shape[0])
+    return table.at[idx].get(mode="fill", fill_value=0)
+
+
+def pool_rows(table: jax.Array, idx: jax.Array, count: jax.Array | int | None = None) -> jax.Array:
+    """Sum of `table[idx[..., p]]` over the last axis, skipping idx < 0, one
+    position after another (nothing of size [ids, D] is formed; XLA fuses
+    each position's gather into the sum). `count`: a bound on the positions
+    to visit (a traced value runs a loop of that many positions)."""
+    pmax = idx.shape[-1]
+    out = jnp.zeros(idx.shape[:-1] + table.shape[1:], table.dtype)
+    if count is None or isinstance(count, int):
+        for p in range(pmax if count is None else min(count, pmax)):
+            out = out + gather_rows(table, idx[..., p])
+        return out
+    body = lambda p, o: o + gather_rows(table, lax.dynamic_index_in_dim(idx, p, idx.ndim - 1, False))  # noqa: E731
+    return lax.fori_loop(0, jnp.minimum(count, pmax), body, out)
