@@ -5,7 +5,8 @@
     python benchmarks/ablate.py               # 2x4 emulated, default synthetic data
     python benchmarks/ablate.py --steps 200 --out-dir /tmp/ablation
 
-Trains, on the same synthetic data, seed and steps:
+Trains, on the same synthetic data and steps, for each of `--seeds` (3 by
+default: data, teacher and initialisation change with the seed):
 
     flat             the flat table-wise path
     sptt_identity    SPTT with the identity Tower Module (the flat model)
@@ -14,10 +15,11 @@ Trains, on the same synthetic data, seed and steps:
     sptt_tm_learned  the same with the learned Tower Partitioner's towers,
                      from the flat run's checkpoint
 
-and writes `ablation.md` (a markdown table: eval AUC, logloss, cross-host
+and writes `ablation.md` (a markdown table: eval AUC and logloss as the
+mean over the seeds with the half-width of a 95% t interval, cross-host
 bytes per step from the compiled step, median step time), `ablation.png`
-(the same four figures as bars) and `ablation.json` to `--out-dir`, and
-prints each run's JSON line. The partition's adjusted Rand index against
+(the same four figures as bars with their intervals) and `ablation.json`
+to `--out-dir`, and prints each run's JSON line and each run's summary. The partition's adjusted Rand index against
 the teacher's planted interaction groups is reported for every tower set.
 """
 
@@ -41,6 +43,23 @@ FIGURES = (
 )
 
 
+# Student t quantiles t_{0.975, df} for the 95% interval of a mean over df + 1 seeds.
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def interval(xs) -> tuple[float, float]:
+    """(mean, half-width of its 95% t interval) of per-seed values."""
+    import numpy as np
+
+    x = np.asarray(xs, np.float64)
+    if x.size < 2:
+        return float(x.mean()), float("nan")
+    df = x.size - 1
+    t = _T975.get(df) or next((v for k, v in sorted(_T975.items()) if k >= df), 1.96)
+    return float(x.mean()), float(t * x.std(ddof=1) / np.sqrt(x.size))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mesh", default="2x4")
@@ -49,92 +68,112 @@ def main(argv=None) -> int:
     p.add_argument("--tower-module", default="dot", choices=("linear", "dot", "dcn", "mlp"))
     p.add_argument("--tower-dim", type=int, default=32)
     p.add_argument("--towers", type=int, default=None, help="default: one per host")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0,1,2",
+                   help="comma-separated seeds (data, teacher and init); each run's figures are "
+                   "reported as the mean over them with a 95%% t interval")
     p.add_argument("--kernel", default="auto", choices=("auto", "pallas", "xla"),
-                   help="lookups and sparse updates (auto: Pallas on GPU/TPU, XLA on CPU)")
+                   help="lookups and sparse updates (auto: the XLA path)")
     p.add_argument("--out-dir", default="ablation")
     args = p.parse_args(argv)
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     with open(os.devnull, "w") as quiet:
         hosts, _ = prepare_devices(args.mesh, stream=quiet)
 
     from jdmt.mesh import make_mesh
-    from jdmt.towers.partitioner import (
+    from jdmt.towers.partition import (
         adjusted_rand_index,
         labels_of,
         pair_recall,
-        partition_from_trainer,
         random_partition,
-        restore_trainer,
         round_robin_partition,
     )
     from jdmt.train import TrainConfig, Trainer
+    from jdmt.train.interactions import partition_from_trainer, restore_trainer
 
     os.makedirs(args.out_dir, exist_ok=True)
     mesh = make_mesh(args.mesh)
     towers = args.towers or hosts
-    base = dict(mesh=args.mesh, steps=args.steps, global_batch=args.batch_size, seed=args.seed,
-                progress=False, kernel=args.kernel)
-    flat_ck = os.path.join(args.out_dir, "flat_checkpoint")
-    partition_path = os.path.join(args.out_dir, "learned_partition.json")
-    tm = dict(towers=towers, tower_module=args.tower_module, tower_dim=args.tower_dim)
-    runs = [
-        ("flat", dict(towers=0, checkpoint_dir=flat_ck)),
-        ("sptt_identity", dict(towers=towers)),
-        ("sptt_tm", dict(tm, tower_partitioner="round_robin")),
-        ("sptt_tm_random", dict(tm, tower_partitioner="random")),
-        ("sptt_tm_learned", dict(tm, tower_partitioner=partition_path)),
-    ]
     rows = []
-    for name, extra in runs:
-        if name == "flat" and os.path.isdir(flat_ck):
+    for seed in seeds:
+        base = dict(mesh=args.mesh, steps=args.steps, global_batch=args.batch_size, seed=seed,
+                    progress=False, kernel=args.kernel)
+        flat_ck = os.path.join(args.out_dir, f"seed{seed}", "flat_checkpoint")
+        partition_path = os.path.join(args.out_dir, f"seed{seed}", "learned_partition.json")
+        if os.path.isdir(flat_ck):
             raise SystemExit(f"ablate: {flat_ck} exists; choose another --out-dir")
-        t0 = time.perf_counter()
-        trainer = Trainer(TrainConfig(**base, **extra), mesh)
-        s = trainer.run()
-        row = {"benchmark": "ablate", "run": name, "mesh": s["mesh"], "steps": s["steps"],
-               "towers": s["towers"], "tower_module": s["tower_module"],
-               **{k: s[k] for k, _ in FIGURES}, "bayes_auc": s["bayes_auc"],
-               "wall_s": round(time.perf_counter() - t0, 1)}
-        if name == "flat":
-            groups = trainer.data.groups
-            flat_trainer, state, _ = restore_trainer(flat_ck, mesh, data_seed=args.seed,
-                                                     source=trainer.data)
-            learned = partition_from_trainer(flat_trainer, state, towers, hosts)
-            learned.save(partition_path)
-            names = trainer.features.names
-            truth = labels_of(groups, names)
-            parts = {
-                "learned": learned,
-                "round_robin": round_robin_partition(trainer.features, towers, hosts),
-                # the towers of the sptt_tm_random run (the trainer's seed)
-                "random": random_partition(trainer.features, towers, hosts, seed=args.seed),
-            }
-            row["partition_ari_vs_planted_groups"] = {
-                k: adjusted_rand_index(p.labels(names), truth) for k, p in parts.items()}
-            row["partition_pair_recall"] = {
-                k: pair_recall(p.labels(names), truth) for k, p in parts.items()}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        tm = dict(towers=towers, tower_module=args.tower_module, tower_dim=args.tower_dim)
+        runs = [
+            ("flat", dict(towers=0, checkpoint_dir=flat_ck)),
+            ("sptt_identity", dict(towers=towers)),
+            ("sptt_tm", dict(tm, tower_partitioner="round_robin")),
+            ("sptt_tm_random", dict(tm, tower_partitioner="random")),
+            ("sptt_tm_learned", dict(tm, tower_partitioner=partition_path)),
+        ]
+        for name, extra in runs:
+            t0 = time.perf_counter()
+            trainer = Trainer(TrainConfig(**base, **extra), mesh)
+            s = trainer.run()
+            row = {"benchmark": "ablate", "run": name, "seed": seed, "mesh": s["mesh"],
+                   "steps": s["steps"], "towers": s["towers"], "tower_module": s["tower_module"],
+                   **{k: s[k] for k, _ in FIGURES}, "bayes_auc": s["bayes_auc"],
+                   "wall_s": round(time.perf_counter() - t0, 1)}
+            if name == "flat":
+                groups = trainer.data.groups
+                flat_trainer, state, _ = restore_trainer(
+                    flat_ck, mesh, data_seed=seed, eval_batch_size=trainer.config.eval_size,
+                    global_batch=args.batch_size, source=trainer.data)
+                learned = partition_from_trainer(flat_trainer, state, towers, hosts)
+                learned.save(partition_path)
+                names = trainer.features.names
+                truth = labels_of(groups, names)
+                parts = {
+                    "learned": learned,
+                    "round_robin": round_robin_partition(trainer.features, towers, hosts),
+                    # the towers of the sptt_tm_random run (the trainer's seed)
+                    "random": random_partition(trainer.features, towers, hosts, seed=seed),
+                }
+                row["partition_ari_vs_planted_groups"] = {
+                    k: adjusted_rand_index(p.labels(names), truth) for k, p in parts.items()}
+                row["partition_pair_recall"] = {
+                    k: pair_recall(p.labels(names), truth) for k, p in parts.items()}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
 
+    summary = []
+    for name in dict.fromkeys(r["run"] for r in rows):
+        mine = [r for r in rows if r["run"] == name]
+        out = {"benchmark": "ablate_summary", "run": name, "seeds": [r["seed"] for r in mine]}
+        for key, _ in (*FIGURES, ("bayes_auc", "")):
+            out[key], out[key + "_ci95"] = interval([r[key] for r in mine])
+        summary.append(out)
+        print(json.dumps(out), flush=True)
+    flats = [r for r in rows if r["run"] == "flat"]
     with open(os.path.join(args.out_dir, "ablation.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+        json.dump({"runs": rows, "summary": summary}, f, indent=1)
     lines = ["| run | eval AUC | eval logloss | cross-host MiB/step | step ms |",
              "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['run']} | {r['eval_auc']:.4f} | {r['eval_logloss']:.4f} | "
-                     f"{r['cross_host_bytes_per_step'] / 2**20:.2f} | {r['step_time_ms_median']:.1f} |")
-    ari = rows[0]["partition_ari_vs_planted_groups"]
-    rec = rows[0]["partition_pair_recall"]
-    lines += ["", f"Bayes AUC {rows[0]['bayes_auc']:.4f}. Partition ARI vs the planted groups: "
-              f"learned {ari['learned']:.3f}, round robin {ari['round_robin']:.3f}, random "
-              f"{ari['random']:.3f}; planted pairs kept in one tower: learned "
-              f"{rec['learned']:.3f}, round robin {rec['round_robin']:.3f}, random "
-              f"{rec['random']:.3f}. "
+    for r in summary:
+        lines.append(
+            f"| {r['run']} | {r['eval_auc']:.4f} ± {r['eval_auc_ci95']:.4f} | "
+            f"{r['eval_logloss']:.4f} ± {r['eval_logloss_ci95']:.4f} | "
+            f"{r['cross_host_bytes_per_step'] / 2**20:.2f} | {r['step_time_ms_median']:.1f} |")
+
+    def mean_of(key, part):
+        return sum(r[key][part] for r in flats) / len(flats)
+
+    lines += ["", f"Mean ± half-width of the 95% t interval over seeds {seeds}. Bayes AUC "
+              f"{summary[0]['bayes_auc']:.4f} (mean). Partition ARI vs the planted groups (mean): "
+              f"learned {mean_of('partition_ari_vs_planted_groups', 'learned'):.3f}, round robin "
+              f"{mean_of('partition_ari_vs_planted_groups', 'round_robin'):.3f}, random "
+              f"{mean_of('partition_ari_vs_planted_groups', 'random'):.3f}; planted pairs kept in "
+              f"one tower: learned {mean_of('partition_pair_recall', 'learned'):.3f}, round robin "
+              f"{mean_of('partition_pair_recall', 'round_robin'):.3f}, random "
+              f"{mean_of('partition_pair_recall', 'random'):.3f}. "
               f"{args.steps} steps of {args.batch_size} on {args.mesh}, Tower Module "
               f"{args.tower_module} to {args.tower_dim} values, {towers} towers."]
     with open(os.path.join(args.out_dir, "ablation.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    _plot(rows, os.path.join(args.out_dir, "ablation.png"))
+    _plot(summary, os.path.join(args.out_dir, "ablation.png"))
     print("\n".join(lines))
     return 0
 
@@ -148,7 +187,8 @@ def _plot(rows, path) -> None:
     fig, axes = plt.subplots(1, len(FIGURES), figsize=(4 * len(FIGURES), 3.2))
     names = [r["run"] for r in rows]
     for ax, (key, label) in zip(axes, FIGURES):
-        ax.bar(range(len(rows)), [r[key] for r in rows], color="#4c72b0")
+        err = [r.get(key + "_ci95", 0.0) for r in rows]
+        ax.bar(range(len(rows)), [r[key] for r in rows], yerr=err, capsize=3, color="#4c72b0")
         ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
         ax.set_title(label, fontsize=10)
         if key in ("eval_auc", "eval_logloss"):

@@ -67,9 +67,9 @@ def main() -> None:
 
     from jdmt.comm import comm_report
     from jdmt.data import SyntheticData, make_features, mlperf_dcnv2_features
-    from jdmt.embeddings import ShardedEmbeddings, ShardingType, SparseOptimizer
+    from jdmt.embeddings import ShardedEmbeddings, SparseOptimizer
     from jdmt.mesh import Topology, make_mesh
-    from jdmt.towers.partitioner import round_robin_partition
+    from jdmt.towers.partition import round_robin_partition
     from jdmt.towers.sptt import SPTT
 
     mesh = make_mesh(args.mesh)

@@ -56,10 +56,14 @@ def parse_mesh_spec(spec: str | Sequence[int]) -> tuple[int, int]:
 
 
 def _backends_initialized() -> bool:
+    """Whether JAX has started its backends (after which the CPU device count is fixed)."""
     try:
-        from jax._src import xla_bridge
+        from jax._src import xla_bridge  # no public query exists
 
-        return bool(xla_bridge._backends)  # noqa: SLF001 - no public query exists
+        query = getattr(xla_bridge, "backends_are_initialized", None)
+        if query is not None:
+            return bool(query())
+        return bool(xla_bridge._backends)  # noqa: SLF001
     except Exception:  # pragma: no cover - private API moved
         return True
 
@@ -68,21 +72,42 @@ def emulate_cpu_devices(count: int) -> bool:
     """Ask JAX for `count` CPU devices if no backend has started yet.
 
     On a machine with an accelerator this only adds CPU devices, which
-    `make_mesh` does not use. Returns True when the setting was applied.
-    Must run before the first JAX computation; afterwards it is a no-op
-    (and `make_mesh` reports a mismatch clearly).
+    `make_mesh` does not use. Returns True when the setting was applied,
+    False when a backend had already started with enough devices.
+
+    Raises:
+      MeshError: JAX's CPU backend (the default one) already started with
+        fewer than `count` devices: setting the count now would do nothing.
     """
-    if _backends_initialized():
-        return False
-    jax.config.update("jax_num_cpu_devices", int(count))
-    return True
+    count = int(count)
+    if not _backends_initialized():
+        jax.config.update("jax_num_cpu_devices", count)
+        return True
+    # Too late to set the count: fine if the backend already has enough
+    # devices, or is an accelerator (whose devices make_mesh checks).
+    if jax.default_backend() == "cpu":
+        have = jax.local_device_count()
+        if have < count:
+            raise MeshError(
+                f"JAX's CPU backend was initialised before the device count could be set: "
+                f"it has {have} device{'s' if have != 1 else ''}, {count} are needed. "
+                "Call jdmt.mesh.prepare_devices(spec) before anything uses JAX "
+                "(jax.devices(), creating an array, a jitted call), or start the process "
+                f"with XLA_FLAGS=--xla_force_host_platform_device_count={count}"
+            )
+    return False
 
 
 def prepare_devices(spec: str | Sequence[int], *, stream=sys.stderr) -> tuple[int, int]:
     """Entry-point helper: parse the spec and make sure H*L devices exist.
 
     If the default backend turns out to be the CPU, the H*L devices are
-    emulated and a one-line notice says so.
+    emulated and a one-line notice says so. Call it before any JAX
+    computation.
+
+    Raises:
+      MeshError: malformed spec, or a CPU backend that already started with
+        fewer than H*L devices (see `emulate_cpu_devices`).
     """
     hosts, local = parse_mesh_spec(spec)
     emulate_cpu_devices(hosts * local)
@@ -209,3 +234,13 @@ class Topology:
             + intra_host_bytes_per_device / self.intra_host_bw
             + num_collectives * self.latency_s
         )
+
+
+def host_numpy(x: jax.Array) -> np.ndarray:
+    """A global array as host numpy: the whole array on every process
+    (gathered over processes when this one does not hold all of it)."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -4,6 +4,9 @@ import os
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One pytest-xdist worker per core: numpy's BLAS gets one thread per worker
+# (OpenBLAS threads spinning against the other worker made a 856 x 856 eigh 10x slower).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 _flag = "--xla_force_host_platform_device_count=8"
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()

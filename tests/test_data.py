@@ -22,6 +22,7 @@ from jdmt.data import (
     synthetic_default_features,
 )
 from jdmt.data.presets import SYNTHETIC_SEQUENCE_ROWS
+from jdmt.train import TrainConfig
 from jdmt.data.synthetic import ZIPF_HEAD, _uniform, _zipf_head_cdf, _ZipfRanks, splitmix64
 
 
@@ -530,6 +531,27 @@ def test_criteo_data_split_epochs_and_skipped_lines(criteo_file):
         data.eval_batch(0, 8)
     with pytest.raises(ValueError, match=r"eval batch 2 is outside \[0, 2\)"):
         data.eval_batch(2, 4)
+
+
+def test_criteo_data_with_a_separate_eval_file(tmp_path, criteo_file):
+    """`eval_path`: the eval set is the head of another file (a held-out
+    day), and training reads the whole training file from its first line."""
+    held_out = write(tmp_path / "day_23.tsv", numbered_lines(20, (1,)))
+    data = criteo_data(criteo_file, eval_path=held_out)
+    fs = data.features
+    assert data.train_start == 0
+    for i, want in zip(range(2), CriteoReader(held_out, fs, 4)):
+        assert_batches_equal(data.eval_batch(i, 4), want)
+    first = next(iter(CriteoReader(criteo_file, fs, 8)))
+    assert_batches_equal(data.batch(0, 8), first)
+    assert line_indices(data.batch(1, 8)) == set(range(9, 17))  # its next 8 valid lines (2 is broken)
+    with pytest.raises(FileNotFoundError, match="evaluation file"):
+        criteo_data(criteo_file, eval_path=tmp_path / "missing.tsv")
+    tiny = write(tmp_path / "tiny.tsv", numbered_lines(5, ()))
+    with pytest.raises(CriteoFormatError, match=r"tiny.tsv.*fewer than the 2 x 4 held-out"):
+        criteo_data(criteo_file, eval_path=tiny)
+    with pytest.raises(ValueError, match="needs data='criteo:PATH'"):
+        TrainConfig(eval_data=str(held_out))
 
 
 def test_criteo_data_resumes_bit_for_bit(criteo_file):

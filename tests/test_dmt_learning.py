@@ -10,7 +10,7 @@ round-robin towers miss by far more.)
 """
 
 from jdmt.mesh import make_mesh
-from jdmt.towers.partitioner import labels_of, pair_recall
+from jdmt.towers.partition import labels_of, pair_recall
 from jdmt.train import TrainConfig, Trainer
 
 SHAPE = dict(

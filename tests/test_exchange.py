@@ -15,7 +15,7 @@ from jdmt.data import SyntheticData, make_features
 from jdmt.embeddings import ShardedEmbeddings, SparseOptimizer
 from jdmt.embeddings.exchange import broadcast, exchange, payload_bytes
 from jdmt.mesh import DEVICES, HOST, LOCAL
-from jdmt.towers.partitioner import round_robin_partition
+from jdmt.towers.partition import round_robin_partition
 from jdmt.towers.sptt import SPTT
 
 AXES = [(HOST, LOCAL), (LOCAL, HOST), (HOST,), (LOCAL,)]

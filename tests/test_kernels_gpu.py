@@ -5,9 +5,13 @@ memory, TMA copies and barriers; uninitialised shared memory reads as NaN,
 so a stale row that leaks into a result shows). It is slow (milliseconds
 per copy), so numeric shapes are small; realistic shapes are only lowered:
 `jax.export` for CUDA from this CPU-only machine (compute capability 9.0).
+
+`JDMT_KERNELS_ON_DEVICE=1` runs the same numeric tests compiled on an
+NVIDIA GPU of compute capability >= 9.0 instead of interpreted.
 """
 
 import functools
+import os
 import re
 
 import jax
@@ -29,7 +33,11 @@ from jdmt.pallas_kernels.row_gradients import segment_sum_xla
 from jdmt.pallas_kernels.sequence_lookup import sequence_gather_xla
 from jdmt.pallas_kernels.sparse_update import row_update_xla
 
-INTERPRET = True  # the Mosaic GPU interpreter (gpu.rows.interpret_params)
+ON_DEVICE = os.environ.get("JDMT_KERNELS_ON_DEVICE") == "1"
+if ON_DEVICE and jax.default_backend() != "gpu":
+    pytest.skip("JDMT_KERNELS_ON_DEVICE=1 runs the GPU kernels compiled: this backend is "
+                f"{jax.default_backend()}", allow_module_level=True)
+INTERPRET = not ON_DEVICE  # else the Mosaic GPU interpreter (gpu.rows.interpret_params)
 GPU = dict(kernel="pallas", target="gpu", interpret=INTERPRET)
 XLA = dict(kernel="xla")
 CUSTOM_CALL = "mosaic_gpu_v2"
@@ -51,6 +59,8 @@ def assert_close(out, ref):
 @pytest.fixture(autouse=True)
 def _fresh_interpreter():
     yield
+    if ON_DEVICE:
+        return
     # After a failed kernel the interpreter must be reset before the next one.
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
 

@@ -5,7 +5,12 @@ On this CPU-only machine the kernels run in Pallas interpret mode
 with race detection (`pltpu.InterpretParams(detect_races=True)`, tiny
 shapes: it is slow), and are lowered for TPU with `jax.export` at realistic
 shapes (Python lowering only: Mosaic's own compiler runs on a TPU).
+
+`JDMT_KERNELS_ON_DEVICE=1` runs the same numeric tests compiled on a TPU
+(Mosaic) instead of interpreted; the simulator tests are skipped then.
 """
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +40,12 @@ TOL = {
     jnp.dtype(BF16): dict(rtol=2**-7, atol=2**-7),
 }
 KINDS = ["rowwise_adagrad", "adagrad", "sgd"]
-PALLAS = dict(kernel="pallas", target="tpu", interpret=True)
+ON_DEVICE = os.environ.get("JDMT_KERNELS_ON_DEVICE") == "1"
+if ON_DEVICE and jax.default_backend() != "tpu":
+    pytest.skip("JDMT_KERNELS_ON_DEVICE=1 runs the TPU kernels compiled: this backend is "
+                f"{jax.default_backend()}", allow_module_level=True)
+INTERPRET = not ON_DEVICE  # compiled on a TPU with JDMT_KERNELS_ON_DEVICE=1
+PALLAS = dict(kernel="pallas", target="tpu", interpret=INTERPRET)
 
 
 def close(out, ref):
@@ -77,7 +87,7 @@ def test_pooled_gather(r, d, n, ln, dtype, weighted):
     table = jnp.asarray(rng.normal(size=(r, d)), dtype)
     ids = bag_ids(rng, r, n, ln)
     w = jnp.asarray(rng.normal(size=(n, ln)), F32) if weighted else None
-    out = tpu.pooled_gather(table, ids, w, interpret=True)
+    out = tpu.pooled_gather(table, ids, w, interpret=INTERPRET)
     close(out, pooled_gather_xla(table, ids, w))
     assert not np.asarray(out[0], np.float32).any()  # the empty bag
 
@@ -85,7 +95,7 @@ def test_pooled_gather(r, d, n, ln, dtype, weighted):
 def test_pooled_gather_all_duplicates():
     table = jnp.asarray(np.random.default_rng(0).normal(size=(8, 24)), F32)
     ids = jnp.full((20, 9), 3, jnp.int32)
-    out = tpu.pooled_gather(table, ids, None, interpret=True)
+    out = tpu.pooled_gather(table, ids, None, interpret=INTERPRET)
     close(out, pooled_gather_xla(table, ids, None))
 
 
@@ -103,7 +113,7 @@ def test_sequence_gather(r, d, n, s, dtype):
     rng = np.random.default_rng(r + d + n + s)
     table = jnp.asarray(rng.normal(size=(r, d)), dtype)
     ids = bag_ids(rng, r, n, s)
-    out = tpu.sequence_gather(table, ids, interpret=True)
+    out = tpu.sequence_gather(table, ids, interpret=INTERPRET)
     ref = sequence_gather_xla(table, ids)
     assert out.dtype == ref.dtype
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))  # a copy: exact
@@ -154,7 +164,7 @@ def test_segment_sum(monkeypatch, g, d, n, u, runs, dtype, scaled, long_run):
     src = jnp.asarray(rng.integers(0, g, size=n), jnp.int32)
     begin, end = contiguous_runs(rng, n, runs, u, long_run)
     scale = jnp.asarray(rng.normal(size=n), F32) if scaled else None
-    out = tpu.segment_sum(grads, src, begin, end, scale, interpret=True)
+    out = tpu.segment_sum(grads, src, begin, end, scale, interpret=INTERPRET)
     close(out, segment_sum_xla(grads, src, begin, end, scale))
 
 
@@ -173,7 +183,7 @@ def test_segment_sum_any_runs(monkeypatch):
     src = jnp.asarray(rng.integers(0, 13, size=n), jnp.int32)
     scale = jnp.asarray(rng.normal(size=n), F32)
     begin, end = jnp.asarray(begin[perm], jnp.int32), jnp.asarray(end[perm], jnp.int32)
-    out = tpu.segment_sum(grads, src, begin, end, scale, interpret=True)
+    out = tpu.segment_sum(grads, src, begin, end, scale, interpret=INTERPRET)
     ref = segment_sum_np(grads, src, begin, end, scale)
     np.testing.assert_allclose(np.asarray(out), ref, **TOL[jnp.dtype(F32)])
 
@@ -224,7 +234,7 @@ def test_row_update(kind, given, dtype, r, d, u):
     table, accum, rows, grads = update_case(rng, kind, r, d, u, dtype)
     msq = jnp.asarray(rng.uniform(size=rows.shape[0]), F32) if given else None
     lr = jnp.float32(0.1)
-    out = tpu.row_update(table, accum, rows, grads, lr, msq, kind=kind, eps=1e-8, interpret=True)
+    out = tpu.row_update(table, accum, rows, grads, lr, msq, kind=kind, eps=1e-8, interpret=INTERPRET)
     ref = row_update_xla(table, accum, rows, grads, lr, msq, kind=kind, eps=1e-8)
     check_update(out, ref, (table, accum), rows)
 
@@ -324,6 +334,8 @@ def races(monkeypatch):
     double-buffering: the tightest slot reuse) make tiny inputs span two
     programs and wrap the ring many times. After the test the detector must
     have seen no race (unless the test expects one)."""
+    if ON_DEVICE:
+        pytest.skip("the DMA / semaphore simulator runs on the CPU only")
     for name, value in [("RING_DEPTH", 2), ("MIN_RING_DEPTH", 2), ("POOL_MAX_BAGS", 8), ("ROW_BLOCK", 128)]:
         monkeypatch.setattr(tuning, name, value)
     try:

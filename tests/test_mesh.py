@@ -6,7 +6,8 @@ import sys
 import jax
 import pytest
 
-from jdmt.mesh import HOST, LOCAL, MeshError, Topology, make_mesh, mesh_shape, parse_mesh_spec
+from jdmt.mesh import (HOST, LOCAL, MeshError, Topology, emulate_cpu_devices, make_mesh, mesh_shape,
+                       parse_mesh_spec, prepare_devices)
 
 
 @pytest.mark.parametrize("spec,want", [("8x8", (8, 8)), ("2x4", (2, 4)), ("1x1", (1, 1)),
@@ -60,3 +61,44 @@ def test_prepare_devices_emulates_in_a_fresh_process():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "64"
     assert "emulating 64 CPU devices" in out.stderr
+
+
+def _fresh_python(code):
+    """Run `code` in a new interpreter: CPU only, no XLA_FLAGS (so 1 device by default)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={"JAX_PLATFORMS": "cpu", "PATH": ""}, timeout=120)
+
+
+def test_prepare_devices_after_jax_started_is_a_clear_error():
+    """Set-up called after JAX's CPU backend started cannot add devices: it says so."""
+    late = _fresh_python(
+        "import jax\n"
+        "from jdmt.mesh import MeshError, prepare_devices\n"
+        "print(len(jax.devices()))\n"  # starts the backend with 1 CPU device
+        "try:\n"
+        "    prepare_devices('2x4')\n"
+        "except MeshError as e:\n"
+        "    print(e)\n"
+    )
+    assert late.returncode == 0, late.stderr
+    first, msg = late.stdout.strip().split("\n", 1)
+    assert first == "1"
+    assert "initialised before the device count could be set" in msg
+    assert "it has 1 device, 8 are needed" in msg
+    assert "prepare_devices" in msg and "--xla_force_host_platform_device_count=8" in msg
+    # called first, the same request works
+    early = _fresh_python(
+        "from jdmt.mesh import prepare_devices, make_mesh; import jax;"
+        "prepare_devices('2x4'); print(make_mesh('2x4').devices.size, len(jax.devices()))"
+    )
+    assert early.returncode == 0, early.stderr
+    assert early.stdout.strip() == "8 8"
+
+
+def test_late_set_up_with_enough_devices_is_fine():
+    jax.devices()  # the test process's backend: 8 CPU devices (conftest)
+    assert emulate_cpu_devices(8) is False  # already there: nothing to do
+    assert prepare_devices("2x4") == (2, 4)
+    assert prepare_devices("1x1") == (1, 1)  # fewer is make_mesh's business
+    with pytest.raises(MeshError, match="it has 8 devices, 16 are needed"):
+        prepare_devices("4x4")

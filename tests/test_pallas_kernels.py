@@ -38,8 +38,10 @@ def bags():
 
 def test_resolve():
     assert resolve("auto", platform="cpu") == Impl()
-    assert resolve("auto", platform="tpu") == Impl("pallas", "tpu", False)
-    assert resolve("auto", platform="gpu") == Impl("pallas", "gpu", False)
+    # 'auto' is XLA everywhere until the kernels have run on the hardware
+    assert resolve("auto", platform="tpu") == Impl()
+    assert resolve("auto", platform="gpu") == Impl()
+    assert resolve("pallas", platform="tpu") == Impl("pallas", "tpu", False)
     assert resolve("pallas", platform="cpu") == Impl("pallas", "tpu", True)
     assert resolve("pallas", target="gpu", platform="cpu") == Impl("pallas", "gpu", True)
     assert resolve("pallas", target="tpu", interpret=False, platform="cpu").interpret is False
@@ -48,6 +50,20 @@ def test_resolve():
         resolve("triton")
     with pytest.raises(ValueError, match="target must be one of"):
         resolve("pallas", target="rocm")
+
+
+def test_mosaic_gpu_needs_hopper():
+    from types import SimpleNamespace as NS
+
+    from jdmt.pallas_kernels.common import check_mosaic_gpu
+
+    client = NS(platform_version="cuda 12090")
+    check_mosaic_gpu([NS(platform="gpu", client=client, device_kind="H100", compute_capability="9.0")])
+    with pytest.raises(ValueError, match="compute capability 9.0.*A100 has 8.0.*kernel='xla'"):
+        check_mosaic_gpu([NS(platform="gpu", client=client, device_kind="A100", compute_capability="8.0")])
+    with pytest.raises(ValueError, match="ROCm device"):
+        check_mosaic_gpu([NS(platform="rocm", client=NS(platform_version="rocm 6"),
+                             device_kind="MI300X", compute_capability="gfx942")])
 
 
 def test_validation_errors(bags):

@@ -8,20 +8,19 @@ import numpy as np
 import pytest
 
 from jdmt.data import FeatureSet, SparseFeature, SyntheticData, make_features
-from jdmt.towers.partitioner import (
+from jdmt.cli.partition import main
+from jdmt.towers.partition import (
     PartitionError,
     TowerPartition,
     adjusted_rand_index,
     feature_costs,
-    interaction_matrix,
     labels_of,
-    learned_partition,
-    main,
     pair_recall,
     random_partition,
     round_robin_partition,
     tower_hosts,
 )
+from jdmt.towers.partition_search import interaction_matrix, learned_partition
 
 FS = make_features(6, 1000, 8, 2)  # cat_0 .. cat_5
 
@@ -311,7 +310,7 @@ def test_interaction_matrix_dot_spread():
 def trained(mesh24, tmp_path_factory):
     """A flat DLRM trained on synthetic data with 4 planted groups of 3, saved
     as a checkpoint and restored through the partitioner's helper."""
-    from jdmt.towers.partitioner import restore_trainer
+    from jdmt.train.interactions import restore_trainer
     from jdmt.train import TrainConfig, train_and_evaluate
 
     fs = make_features(12, 500, 8, 3, combiner="mean")
@@ -331,7 +330,7 @@ def trained(mesh24, tmp_path_factory):
 
 
 def test_learned_recovers_synthetic_groups(trained):
-    from jdmt.towers.partitioner import (
+    from jdmt.train.interactions import (
         interaction_from_trainer,
         partition_from_trainer,
         pooled_embeddings,
@@ -390,3 +389,53 @@ def test_cli_writes_a_partition_train_py_can_load(trained, tmp_path, capsys):
     assert main(["--checkpoint-dir", str(tmp_path / "nothing"), "--mesh", "2x4",
                  "--out", str(out)]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- learned towers in train.py
+
+
+def _train_py(*args, timeout=300):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # train.py sets the devices
+    env["JAX_PLATFORMS"] = "cpu"
+    return subprocess.run([sys.executable, os.path.join(root, "train.py"), *args],
+                          capture_output=True, text=True, env=env, timeout=timeout, cwd=root)
+
+
+TINY_MODEL = ["--embedding-dim=4", "--bottom-mlp=8", "--top-mlp=8", "--no-progress"]
+
+
+@pytest.mark.parametrize("mesh, batch, data", [
+    ("3x4", 96, None),  # 12 devices: no power-of-two batch, 3 hosts
+    ("2x1", 64, "criteo"),  # Criteo: eval batches are the run's own, from the file's head
+])
+def test_learned_towers_use_the_runs_own_batches(tmp_path, mesh, batch, data):
+    """A flat run, then a tower run whose towers the learned partitioner
+    measures from the flat checkpoint at the tower run's batch sizes."""
+    import json
+
+    extra = ["--num-tables=6", "--rows-per-table=200", "--pooling=2"]
+    if data == "criteo":
+        from test_train import _write_criteo  # tests/ is on sys.path (rootdir conftest)
+
+        path = tmp_path / "day_0.tsv"
+        _write_criteo(path, 900)
+        extra = [f"--data=criteo:{path}", "--rows-per-table=300"]
+    common = [f"--mesh={mesh}", f"--batch-size={batch}", "--eval-batches=2", *TINY_MODEL, *extra]
+    ck = tmp_path / "flat"
+    r = _train_py(*common, "--steps=4", f"--checkpoint-dir={ck}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "s.json"
+    r = _train_py(*common, "--steps=2", "--towers=auto", "--tower-module=linear", "--tower-dim=4",
+                  "--tower-partitioner=learned", f"--partition-checkpoint={ck}",
+                  f"--summary-json={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads(out.read_text())
+    hosts = int(mesh.split("x")[0])
+    assert len(s["towers"]) == hosts and s["tower_hosts"] == list(range(hosts))
+    assert "learned towers from" in r.stderr and "DMT: " in r.stderr
+    assert s["global_batch"] == batch and all(np.isfinite(s["train_loss"]))

@@ -1,6 +1,5 @@
 """The parent that watches one process of a multi-process run (jdmt/train/supervisor.py)."""
 
-import os
 import signal
 import subprocess
 import sys

@@ -419,6 +419,9 @@ class CriteoData:
       features: 26 sparse and 13 dense features (see `criteo_features`).
       global_batch: examples per training step over all processes.
       eval_batches, eval_batch_size: the held-out evaluation set's size.
+      eval_path: a separate held-out file (e.g. day 23): the evaluation set
+        is its first examples, and training reads all of `path` (from line
+        0). None: the head of `path` is held out.
       strict: raise `CriteoFormatError` on the first malformed line instead
         of skipping it.
       hash_seed: seed of `hash_category`.
@@ -446,6 +449,7 @@ class CriteoData:
         global_batch: int,
         eval_batches: int,
         eval_batch_size: int,
+        eval_path: str | os.PathLike | None = None,
         strict: bool = False,
         hash_seed: int = 0,
     ):
@@ -457,6 +461,9 @@ class CriteoData:
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         self.path = os.fspath(path)
+        self.eval_path = None if eval_path is None else os.fspath(eval_path)
+        if self.eval_path is not None and not os.path.isfile(self.eval_path):
+            raise FileNotFoundError(f"Criteo evaluation file {self.eval_path} does not exist")
         self.features = features
         self.global_batch = global_batch
         self.eval_batches = eval_batches
@@ -491,15 +498,16 @@ class CriteoData:
         with self._lock:
             self._positions = {pos["step"]: pos}
 
-    def _reader(self, batch_size: int, start: int = 0, **processes) -> CriteoReader:
+    def _reader(self, batch_size: int, start: int = 0, *, path: str | None = None,
+                **processes) -> CriteoReader:
         return CriteoReader(
-            self.path, self.features, batch_size, strict=self.strict, start=start,
+            path or self.path, self.features, batch_size, strict=self.strict, start=start,
             hash_seed=self.hash_seed, **processes,
         )  # fmt: skip
 
     def _read_eval_set(self) -> None:
         """Read the evaluation set (global batches); set `train_start`."""
-        reader = self._reader(self.eval_batch_size)
+        reader = self._reader(self.eval_batch_size, path=self.eval_path)
         batches = iter(reader)
         try:
             self._eval = list(itertools.islice(batches, self.eval_batches))
@@ -512,14 +520,15 @@ class CriteoData:
             batches.close()
         if len(self._eval) < self.eval_batches:
             valid = len(self._eval) * self.eval_batch_size + reader.stats.dropped_examples
+            need = "" if self.eval_path else f" plus one training batch of {self.global_batch}"
             raise CriteoFormatError(
-                self.path,
+                self.eval_path or self.path,
                 None,
                 f"only {valid} valid examples ({reader.stats.skipped_lines} malformed lines "
                 f"skipped), fewer than the {self.eval_batches} x {self.eval_batch_size} held-out "
-                f"evaluation examples plus one training batch of {self.global_batch}",
+                f"evaluation examples{need}",
             )
-        self.train_start = reader.position
+        self.train_start = 0 if self.eval_path else reader.position
         self._eval_skipped = reader.stats.skipped_lines
 
     def _check_training_part(self) -> None:
@@ -531,13 +540,15 @@ class CriteoData:
         finally:
             batches.close()
         if first is None:
+            where = (f" ({reader.stats.skipped_lines} malformed lines skipped)" if self.eval_path else
+                     f" after the {self.eval_batches * self.eval_batch_size} held-out evaluation "
+                     f"examples (lines 1-{self.train_start}; {reader.stats.skipped_lines} "
+                     "malformed lines skipped after them)")
             raise CriteoFormatError(
                 self.path,
                 None,
-                f"only {reader.stats.dropped_examples} valid examples after the "
-                f"{self.eval_batches * self.eval_batch_size} held-out evaluation examples "
-                f"(lines 1-{self.train_start}; {reader.stats.skipped_lines} malformed lines "
-                f"skipped after them), fewer than one training batch of {self.global_batch}",
+                f"only {reader.stats.dropped_examples} valid examples{where}, fewer than one "
+                f"training batch of {self.global_batch}",
             )
 
     def _checked_position(self, position: dict[str, int]) -> dict[str, int]:

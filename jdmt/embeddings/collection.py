@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from jdmt.data.specs import Combiner, FeatureSet
 from jdmt.embeddings import optimizers, routing
-from jdmt.embeddings.exchange import MODES, broadcast, payload_bytes
+from jdmt.embeddings.exchange import MODES, broadcast
 from jdmt.embeddings.flat import Caps, Stats, WidthRoute, owner_rows
 from jdmt.embeddings.hosted import HostCaps, HostPath
 from jdmt.embeddings.layout import Layout, Memory, storage_name
@@ -47,7 +47,7 @@ from jdmt.embeddings.types import (
     check_plan,
     plan_sharding,
 )
-from jdmt.mesh import DEVICES, HOST, mesh_shape
+from jdmt.mesh import DEVICES, HOST, host_numpy, mesh_shape
 from jdmt.pallas_kernels.common import Impl, resolve
 
 __all__ = [
@@ -468,11 +468,11 @@ class ShardedEmbeddings:
     def to_dense(self, state: Mapping[str, TableState]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
         """Full host copies of all tables and accumulators (tests, exports)."""
         names = [f.name for f in self.features.sparse]
-        w = {k: _host_array(v.weights) for k, v in state.items()}
+        w = {k: host_numpy(v.weights) for k, v in state.items()}
         tables = dict(zip(names, self.layout.to_dense(w)))
         accs = None
         if any(v.accum is not None for v in state.values()):
-            a = {k: _host_array(v.accum) for k, v in state.items()}
+            a = {k: host_numpy(v.accum) for k, v in state.items()}
             per_row = next(iter(a.values())).ndim == 1
             accs = dict(zip(names, self.layout.to_dense(a, per_row=per_row)))
         return tables, accs
@@ -881,12 +881,4 @@ def _reduce(stats, bad) -> dict:
         "overflow": lax.pmax(over, DEVICES),
         "need": need,
     }
-
-
-def _host_array(arr: jax.Array) -> np.ndarray:
-    if arr.is_fully_addressable:
-        return np.asarray(jax.device_get(arr))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(arr, tiled=True))
 

@@ -200,7 +200,7 @@ class HostPath:
 
     def bound(self, b: int) -> HostCaps:
         """Capacities that can never overflow (every bag full, every id unique)."""
-        h, ln = self.hosts, self.local
+        h = self.hosts
         lb, lr, hr, fr = {}, {}, {}, {}
         for w in self.widths:
             lb[w] = max(1, int(self.local_bags[w]["slots"].max(initial=0)) * h * b)
@@ -288,7 +288,7 @@ class HostPath:
             hr = self.host_row[w]
             if hr["features"]:
                 c = hr["c"]
-                host_most, per_entry = 0, np.zeros((n, ln), np.int64)  # [device (h', l)] -> per owner o
+                host_most = 0
                 keys_of = {}
                 for d in range(n):
                     rows = canon[d][:, hr["cols"]].reshape(-1)

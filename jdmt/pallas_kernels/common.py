@@ -29,7 +29,7 @@ import jax.numpy as jnp
 class Kernel(str, enum.Enum):
     """Which implementation of the lookups and sparse updates a run uses."""
 
-    AUTO = "auto"  # Pallas on TPU and GPU, XLA on CPU
+    AUTO = "auto"  # XLA on every platform until the Pallas kernels are verified on hardware
     PALLAS = "pallas"
     XLA = "xla"
 
@@ -79,7 +79,7 @@ def resolve(
     default backend).
 
     Args:
-      kernel: "auto", "pallas" or "xla".
+      kernel: "auto" (XLA), "pallas" or "xla".
       target: force the Pallas target ("tpu" or "gpu"), e.g. to export for
         another platform or to interpret the GPU kernel on CPU.
       interpret: force interpret mode on (True or interpret parameters) or
@@ -97,15 +97,41 @@ def resolve(
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     platform = platform or jax.default_backend()
     if kernel is Kernel.AUTO:
-        kernel = Kernel.XLA if platform == "cpu" and target is None else Kernel.PALLAS
+        # The Pallas kernels are checked interpreted and exported, but have
+        # not yet run compiled on GPU or TPU hardware: 'auto' takes the XLA
+        # path everywhere until they have, and Pallas is chosen by name.
+        kernel = Kernel.XLA if target is None else Kernel.PALLAS
     if kernel is Kernel.XLA:
         return XLA
     auto_target, auto_interpret = backend_target(platform)
-    return Impl(
+    impl = Impl(
         Kernel.PALLAS.value,
         target or auto_target,
         auto_interpret if interpret is None else interpret,
     )
+    if impl.target == "gpu" and impl.interpret is False and platform in ("gpu", "cuda", "rocm"):
+        check_mosaic_gpu()
+    return impl
+
+
+def check_mosaic_gpu(devices=None) -> None:
+    """Raise a ValueError unless every device can run the Mosaic GPU kernels:
+    an NVIDIA GPU of compute capability 9.0 or newer (Hopper's sm_90a
+    instructions). ROCm GPUs and older NVIDIA GPUs are refused with the
+    alternative named (kernel='xla')."""
+    for d in devices if devices is not None else jax.devices():
+        if d.platform == "rocm" or "rocm" in str(getattr(d.client, "platform_version", "")).lower():
+            raise ValueError(f"the Pallas GPU kernels are Mosaic GPU kernels for NVIDIA GPUs; "
+                             f"{d.device_kind} is a ROCm device: use kernel='xla'")
+        cc = getattr(d, "compute_capability", None)
+        if cc is None:
+            continue
+        major = int(str(cc).split(".")[0])
+        if major < 9:
+            raise ValueError(
+                f"the Pallas GPU kernels (Mosaic GPU) need compute capability 9.0 or newer; "
+                f"{d.device_kind} has {cc}: use kernel='xla'"
+            )
 
 
 def target_module(impl: Impl):

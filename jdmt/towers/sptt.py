@@ -39,8 +39,7 @@ SPTT state is a flat state: checkpoints move between the two.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Collection, Mapping, Sequence
+from typing import Any, Collection, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +48,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jdmt.data.specs import Combiner, FeatureSet
+from jdmt.data.specs import FeatureSet
 from jdmt.embeddings import Placement, ShardedEmbeddings, ShardingType, SparseOptimizer
 from jdmt.embeddings.types import host_devices
 from jdmt.mesh import DEVICES, HOST, LOCAL, mesh_shape
@@ -82,7 +81,8 @@ def hierarchical_all_to_all(x: jax.Array, hosts: int, local: int) -> jax.Array:
     return y.reshape((hosts * local,) + rest)
 
 
-def _table_bytes(features: FeatureSet, name: str) -> int:
+def _table_size(features: FeatureSet, name: str) -> int:
+    """Elements (rows x dim) of a table: what tower_plan balances."""
     return features[name].rows * features[name].dim
 
 
@@ -97,10 +97,10 @@ def auto_row_wise(
         return frozenset()
     total: dict[int, int] = {}
     for names, h in zip(towers, hosts_of_towers):
-        total[h] = total.get(h, 0) + sum(_table_bytes(features, n) for n in names)
+        total[h] = total.get(h, 0) + sum(_table_size(features, n) for n in names)
     return frozenset(
         n for names, h in zip(towers, hosts_of_towers) for n in names
-        if _table_bytes(features, n) * local > total[h]
+        if _table_size(features, n) * local > total[h]
     )
 
 
@@ -127,13 +127,13 @@ def tower_plan(
         if name in row_wise:
             plan[name] = Placement(ShardingType.TABLE_ROW_WISE, host_devices(h, local))
             for l in range(local):
-                load[(h, l)] = load.get((h, l), 0) + _table_bytes(features, name) / local
+                load[(h, l)] = load.get((h, l), 0) + _table_size(features, name) / local
     by_size = sorted(
-        (p for p in pairs if p[0] not in row_wise), key=lambda p: (-_table_bytes(features, p[0]), p[0])
+        (p for p in pairs if p[0] not in row_wise), key=lambda p: (-_table_size(features, p[0]), p[0])
     )
     for name, h in by_size:
         l = min(range(local), key=lambda j: (load.get((h, j), 0), j))
-        load[(h, l)] = load.get((h, l), 0) + _table_bytes(features, name)
+        load[(h, l)] = load.get((h, l), 0) + _table_size(features, name)
         plan[name] = Placement(ShardingType.TABLE_WISE, (h * local + l,))
     return plan
 
@@ -244,7 +244,7 @@ class SPTT:
     def _layout(self) -> None:
         """Static tables: where each tower input sits among its host's bags,
         the tower slots of each host, and the return's tower order."""
-        feats, h = self.features.sparse, self.hosts
+        h = self.hosts
         host = self.emb.host
         if self.identity:  # the identity module's forward is the flat embeddings
             self.t_max, self.slot_index, self.slot_tower, self.tower_take = 1, None, None, None

@@ -36,11 +36,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jdmt.data.specs import FeatureSet
+from jdmt.data.specs import FeatureSet, Kind, SparseFeature
 
 __all__ = [
     "CheckpointError",
     "Checkpointer",
+    "features_from_json",
     "features_json",
     "layout_differences",
 ]
@@ -64,7 +65,16 @@ def features_json(features: FeatureSet) -> dict:
 
 
 # Layout keys that must be equal to restore (the rest, mesh and plan, may differ).
-_MUST_MATCH = ("features", "model", "embedding_optimizer", "dense_optimizer")
+_MUST_MATCH = ("features", "model", "embedding_optimizer", "dense_optimizer", "dense_optimizer_chain")
+
+
+
+def features_from_json(obj: Mapping[str, Any]) -> FeatureSet:
+    """The inverse of `features_json`."""
+    return FeatureSet(
+        tuple(SparseFeature(**{**f, "kind": Kind(f["kind"])}) for f in obj["sparse"]),
+        num_dense=int(obj["num_dense"]),
+    )
 
 
 def layout_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

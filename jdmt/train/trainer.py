@@ -21,12 +21,10 @@ sources, checkpoints, communication reports) plug into one place;
 from __future__ import annotations
 
 import dataclasses
-import queue
 import statistics
 import sys
-import threading
 import time
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,37 +37,30 @@ from jdmt import metrics
 from jdmt.comm import comm_report_compiled
 from jdmt.data import (
     Batch,
-    Combiner,
     CriteoData,
-    FeatureSet,
     SyntheticData,
-    check_batch,
-    criteo_features,
-    make_features,
-    mlperf_dcnv2_features,
-    synthetic_default_features,
 )
 from jdmt.embeddings import (
-    OptimizerKind,
     OutOfRangeIdError,
     Placement,
     ShardedEmbeddings,
-    ShardingType,
     SparseOptimizer,
     TableState,
 )
 from jdmt.embeddings.layout import Layout
-from jdmt.mesh import DEVICES, HOST, Topology, make_mesh, mesh_shape, parse_mesh_spec
-from jdmt.pallas_kernels.common import Kernel
+from jdmt.mesh import DEVICES, HOST, Topology, host_numpy, make_mesh, mesh_shape
 from jdmt.models import (
     DCN,
     DLRM,
-    MODELS,
-    SEQUENCE_POOLING,
     init_dcn,
     init_dlrm,
     stack_sequences,
 )
+from jdmt.towers.partition import TowerPartition, random_partition, round_robin_partition
+from jdmt.towers.sptt import SPTT
+from jdmt.train.batches import DataSource, _Prefetch, checked_batch
+from jdmt.train.config import TrainConfig, _check_tower_sequences
+from jdmt.train.schedule import dense_optimizer, lr_scale, schedule_steps
 from jdmt.train.checkpoint import (
     CheckpointError,
     Checkpointer,
@@ -78,309 +69,7 @@ from jdmt.train.checkpoint import (
 )
 from jdmt.train.metrics_log import MetricsLog, NullMetricsLog
 
-__all__ = [
-    "DATA_SOURCES",
-    "DENSE_OPTIMIZERS",
-    "TOWER_SHARDINGS",
-    "TrainConfig",
-    "TrainState",
-    "Trainer",
-    "checked_batch",
-    "train_and_evaluate",
-]
-
-DATA_SOURCES = ("synthetic", "mlperf", "criteo:PATH")
-TOWER_SHARDINGS = ("table_wise",)
-"""Shardings of a tower's tables inside its host (the others are flat-path only)."""
-DENSE_OPTIMIZERS = ("adagrad", "adam", "sgd")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Everything a training run depends on (the CLI flags map onto these).
-
-    Attributes:
-      mesh: `'HxL'` mesh spec (ignored when `train_and_evaluate` gets a mesh).
-      model: dense model (`'dlrm'` or `'dcn'`, DCNv2 with 3 rank-64 cross layers).
-      data: data source: `'synthetic'` (the default feature set) or
-        `'mlperf'` (the 26 MLPerf DLRM-DCNv2 tables and multi-hot sizes,
-        rows capped at `rows_per_table` or 100,000), both with ids and labels
-        from the synthetic teacher; or `'criteo:PATH'`, a Criteo TSV file
-        (plain or gzip; `jdmt.data.CriteoData`: the first `eval_batches *
-        eval_size` examples are the held-out set, training reads the rest
-        in epochs; categories hashed into `rows_per_table` rows, default
-        100,000).
-      steps: training steps.
-      global_batch: examples per step over all devices (divisible by H*L).
-      embedding_dim: D of every table (and the bottom MLP's output).
-      sharding: one sharding type for every table, or `'auto'`: a placement
-        per table from `jdmt.planner.auto_plan` (cost model plus search).
-      embedding_optimizer: fused sparse optimizer of the tables.
-      embedding_lr: its learning rate.
-      embedding_initial_accumulator: the Adagrad accumulators' start value;
-        above zero it damps the first updates of rarely seen rows (whose
-        gradients are small) instead of moving every touched row by about
-        `embedding_lr` on its first touch.
-      optimizer: dense optimizer (optax): adagrad, adam or sgd.
-      lr: its learning rate.
-      bottom_mlp, top_mlp: hidden widths (D and 1 are appended).
-      eval_every: also evaluate every this many steps (0: only at the end).
-      eval_batches: evaluation batches (held-out stream, same ones every time).
-      eval_batch_size: examples per eval batch (None: `global_batch`).
-      seed: initialisation of tables and dense parameters.
-      data_seed: the synthetic data's seed (teacher, ids; None: `seed`).
-      num_tables, rows_per_table, pooling: a uniform synthetic feature set of
-        `num_tables` tables (26) of `rows_per_table` rows (10,000) with up to
-        `pooling` ids per bag (10), when any is given (and `data` is
-        synthetic).
-      features: feature set (None: from `data` and the fields above).
-      sequence_features: synthetic data: append this many sequence features
-        (`seq_0 ..`, `sequence_len` positions each) to the default set.
-      sequence_len: S of those sequence features.
-      sequence_pooling: how the model pools sequence features: `'mean'`
-        (masked mean) or `'attention'` (target attention queried by the
-        bottom MLP's output; `jdmt.models.SequencePooling`).
-      combiner: combiner ('sum' or 'mean') given to every feature of the
-        default feature set (None: the preset's own, sum). The synthetic
-        teacher averages its ids' latent vectors, so mean pooling matches it
-        and learns much faster. Ignored when `features` is given.
-      progress: show a tqdm progress bar (stderr).
-      metrics_dir: write TensorBoard scalars (train loss and examples/s per
-        step, eval AUC/logloss at each evaluation) and `metrics.jsonl` (one
-        JSON object per event) here; process 0 only. None: no metrics files.
-      profile_dir: write a `jax.profiler` trace of a few steps after the
-        first one (steps 2-4, 1-based, or fewer in a shorter run) here.
-      towers: Disaggregated Multi-Tower: group the features into this many
-        towers, each owned by one host (`jdmt.towers.SPTT`); 0: the flat path.
-        None (the default): one tower per host (at most one per feature) on
-        a mesh of several hosts with table-wise sharding (`TOWER_SHARDINGS`);
-        the flat path on one host or with another sharding; the number of
-        towers in a partition file given as `tower_partitioner`.
-      tower_module: the Tower Module of every tower (`TOWER_MODULES`):
-        identity keeps the flat model exactly; the others compress a tower's
-        embeddings to `tower_dim` values before they cross hosts.
-      tower_dim: C of the compressing Tower Modules. Back on each sample's
-        device a per-tower projection (data parallel) maps a tower's C values
-        to ceil(C / D) D-vectors, which the model interacts like features;
-        DLRM's top MLP also reads the T * C values directly.
-      tower_partitioner: how features are grouped: 'round_robin', 'random',
-        'learned' (from the flat model in `partition_checkpoint`: features
-        that interact strongly share a tower, hosts balanced), or the path of
-        a partition JSON (`python -m jdmt.towers.partitioner`).
-      partition_checkpoint: a flat run's checkpoint directory, for 'learned'.
-      tower_row_wise: tables sharded table-row-wise over their tower's host
-        (rows spread over its L devices; the others are table-wise on one of
-        them): feature names (a tuple, or one comma-separated string), or
-        'auto': tables bigger than an even share of their host's tables
-        (`jdmt.towers.sptt.auto_row_wise`). Cross-host traffic is the same.
-      checkpoint_dir: write orbax checkpoints (asynchronously) here: every
-        `checkpoint_every` steps and after the last step. Without `resume`
-        the directory must not hold checkpoints yet.
-      checkpoint_every: steps between checkpoints (0: only the last step).
-      resume: continue from the newest checkpoint in `checkpoint_dir` (on any
-        mesh and sharding; the model and features must match). Every later
-        step's loss equals the uninterrupted run's bit for bit (on CPU, same
-        mesh). Without a checkpoint there, training starts from step 0.
-      keep_checkpoints: how many of the newest checkpoints to keep.
-      kernel: the embedding lookups' and sparse updates' implementation:
-        'auto' (Pallas kernels on TPU and GPU, XLA on CPU), 'pallas'
-        (`jdmt.pallas_kernels`; in interpret mode on CPU: slow, for checks)
-        or 'xla'.
-    """
-
-    mesh: str = "2x4"
-    model: str = "dlrm"
-    data: str = "synthetic"
-    steps: int = 1500
-    global_batch: int = 4096
-    embedding_dim: int = 16
-    sharding: str = "table_wise"
-    embedding_optimizer: str = "rowwise_adagrad"
-    embedding_lr: float = 0.1
-    embedding_initial_accumulator: float = 1e-8
-    optimizer: str = "adam"
-    lr: float = 0.003
-    bottom_mlp: tuple[int, ...] = (64, 32)
-    top_mlp: tuple[int, ...] = (128, 64)
-    eval_every: int = 0
-    eval_batches: int = 8
-    eval_batch_size: int | None = None
-    seed: int = 0
-    data_seed: int | None = None
-    num_tables: int | None = None
-    rows_per_table: int | None = None
-    pooling: int | None = None
-    features: FeatureSet | None = None
-    sequence_features: int = 0
-    sequence_len: int = 20
-    sequence_pooling: str = "mean"
-    combiner: str | None = "mean"
-    progress: bool = True
-    metrics_dir: str | None = None
-    profile_dir: str | None = None
-    towers: int | None = None
-    tower_module: str = "identity"
-    tower_dim: int | None = None
-    tower_partitioner: str = "round_robin"
-    partition_checkpoint: str | None = None
-    tower_row_wise: str | tuple[str, ...] = ()
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 0
-    resume: bool = False
-    keep_checkpoints: int = 3
-    kernel: str = "auto"
-
-    @property
-    def uses_towers(self) -> bool:
-        """Whether the run takes the DMT tower path on `mesh` (see `towers`)."""
-        return self.towers_on(parse_mesh_spec(self.mesh)[0])
-
-    def towers_on(self, hosts: int) -> bool:
-        """Whether the run takes the DMT tower path on a mesh of `hosts` hosts."""
-        if self.towers is not None:
-            return self.towers > 0
-        return hosts > 1 and self.sharding in TOWER_SHARDINGS
-
-    def __post_init__(self):
-        parse_mesh_spec(self.mesh)  # MeshError (a ValueError) names a bad spec
-        if self.model not in MODELS:
-            raise ValueError(f"unknown model {self.model!r}; available: {', '.join(MODELS)}")
-        if self.data not in DATA_SOURCES[:2] and not (
-            self.data.startswith("criteo:") and len(self.data) > len("criteo:")
-        ):
-            raise ValueError(
-                f"unknown data source {self.data!r}; available: {', '.join(DATA_SOURCES)}"
-            )
-        if self.sequence_pooling not in SEQUENCE_POOLING:
-            raise ValueError(
-                f"unknown sequence_pooling {self.sequence_pooling!r}; available: "
-                f"{', '.join(SEQUENCE_POOLING)}"
-            )
-        if self.sequence_features < 0 or self.sequence_len < 1:
-            raise ValueError(
-                f"sequence_features must be >= 0 and sequence_len >= 1, got "
-                f"{self.sequence_features} and {self.sequence_len}"
-            )
-        if self.sequence_features and (self.data != "synthetic" or self.features is not None
-                                       or self.num_tables or self.rows_per_table or self.pooling):
-            raise ValueError(
-                "sequence_features extend the default synthetic feature set only (not "
-                "--data=mlperf/criteo, a uniform set or explicit features)"
-            )
-        if self.optimizer not in DENSE_OPTIMIZERS:
-            raise ValueError(
-                f"unknown dense optimizer {self.optimizer!r}; available: "
-                f"{', '.join(DENSE_OPTIMIZERS)}"
-            )
-        if self.sharding != "auto":
-            _choice("sharding", self.sharding, ShardingType)
-        _choice("embedding_optimizer", self.embedding_optimizer, OptimizerKind)
-        _choice("kernel", self.kernel, Kernel)
-        if self.combiner is not None:
-            _choice("combiner", self.combiner, Combiner)
-        for name in ("steps", "global_batch", "embedding_dim", "eval_batches", "num_tables",
-                     "rows_per_table", "pooling"):
-            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_batch_size is not None and self.eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
-        if not self.embedding_initial_accumulator >= 0:
-            raise ValueError(
-                "embedding_initial_accumulator must be >= 0, got "
-                f"{self.embedding_initial_accumulator}"
-            )
-        for name in ("eval_every", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.towers is not None and self.towers < 0:
-            raise ValueError(f"towers must be >= 0, got {self.towers}")
-        if self.towers and self.sharding not in TOWER_SHARDINGS:
-            raise ValueError(
-                f"towers shard their tables {' or '.join(TOWER_SHARDINGS)} inside their host; "
-                f"--sharding={self.sharding} applies to the flat path (--towers=0)"
-            )
-        if self.uses_towers:
-            from jdmt.towers.modules import tower_output_dim
-
-            tower_output_dim(self.tower_module, 1, self.embedding_dim, self.tower_dim)
-            has_seq = self.sequence_features > 0 or (
-                self.features is not None and any(not f.pooled for f in self.features.sparse))
-            _check_tower_sequences(self.tower_module, self.sequence_pooling, has_seq)
-        elif self.tower_module != "identity" or self.tower_partitioner != "round_robin":
-            why = ("towers=0" if self.towers == 0 else
-                   "one host" if parse_mesh_spec(self.mesh)[0] == 1 else f"sharding={self.sharding}")
-            raise ValueError(
-                f"tower_module / tower_partitioner need towers, but this run is flat ({why}); "
-                "give towers >= 1"
-            )
-        if (self.tower_partitioner == "learned") != (self.partition_checkpoint is not None):
-            raise ValueError("tower_partitioner='learned' and partition_checkpoint go together")
-        if isinstance(self.tower_row_wise, str) and self.tower_row_wise != "auto":
-            names = tuple(n.strip() for n in self.tower_row_wise.split(",") if n.strip())
-            object.__setattr__(self, "tower_row_wise", names)
-        elif not isinstance(self.tower_row_wise, str):
-            object.__setattr__(self, "tower_row_wise", tuple(self.tower_row_wise))
-        if self.tower_row_wise and not self.uses_towers:
-            raise ValueError("tower_row_wise shards tower tables inside their host; this run is "
-                             "flat (give towers >= 1)")
-        if self.keep_checkpoints < 1:
-            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-        if self.resume and self.checkpoint_dir is None:
-            raise ValueError("resume needs a checkpoint_dir")
-        for name in ("lr", "embedding_lr"):
-            v = float(getattr(self, name))
-            if not (v > 0 and np.isfinite(v)):
-                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")
-        for name in ("bottom_mlp", "top_mlp"):
-            widths = tuple(getattr(self, name))
-            if any(int(w) < 1 for w in widths):
-                raise ValueError(f"{name} widths must be >= 1, got {widths}")
-            object.__setattr__(self, name, tuple(int(w) for w in widths))
-
-    @property
-    def eval_size(self) -> int:
-        return self.eval_batch_size or self.global_batch
-
-    @property
-    def criteo_path(self) -> str | None:
-        """The file of `data='criteo:PATH'` (None for other sources)."""
-        return self.data[len("criteo:"):] if self.data.startswith("criteo:") else None
-
-    def feature_set(self) -> FeatureSet:
-        if self.features is not None:
-            return self.features
-        uniform = (self.num_tables, self.rows_per_table, self.pooling)
-        if self.criteo_path is not None:  # one id per category: the combiner is moot
-            return criteo_features(self.rows_per_table or 100_000, self.embedding_dim)
-        if self.data == "mlperf":
-            fs = mlperf_dcnv2_features(max_rows=self.rows_per_table or 100_000, dim=self.embedding_dim)
-        elif any(v is not None for v in uniform):
-            fs = make_features(
-                self.num_tables or 26, self.rows_per_table or 10_000, self.embedding_dim,
-                self.pooling or 10, combiner=self.combiner or "sum",
-            )
-        else:
-            fs = synthetic_default_features(
-                dim=self.embedding_dim, num_sequence=self.sequence_features,
-                sequence_len=self.sequence_len,
-            )
-        if self.combiner is None:
-            return fs
-        return dataclasses.replace(
-            fs,
-            sparse=tuple(
-                dataclasses.replace(f, combiner=self.combiner) if f.pooled else f
-                for f in fs.sparse
-            ),
-        )
-
-
-def _choice(name: str, value: str, enum_cls) -> None:
-    try:
-        enum_cls(value)
-    except ValueError:
-        allowed = ", ".join(e.value for e in enum_cls)
-        raise ValueError(f"unknown {name} {value!r}; available: {allowed}") from None
+__all__ = ["TrainState", "Trainer"]
 
 
 @jax.tree_util.register_dataclass
@@ -393,83 +82,6 @@ class TrainState:
     tables: dict[str, TableState]  # embedding tables and their accumulators (sharded)
 
 
-class DataSource(Protocol):
-    """What the trainer needs from a data set (SyntheticData provides it)."""
-
-    features: FeatureSet
-
-    def batch(self, step: int, global_batch: int, *, process_index: int, num_processes: int) -> Batch: ...
-
-    def eval_batch(self, index: int, batch_size: int, *, process_index: int, num_processes: int) -> Batch: ...
-
-
-def checked_batch(features: FeatureSet, batch: Batch, where: str) -> Batch:
-    """`batch` as float32/int32 numpy arrays after `check_batch`; errors say `where`.
-
-    Raises:
-      BadBatchError: the batch violates the feature specs (NaN dense values,
-        ids out of range, bad lengths or shapes), prefixed with `where`.
-    """
-    from jdmt.data import BadBatchError
-
-    try:
-        check_batch(features, batch)
-    except BadBatchError as e:
-        raise BadBatchError(f"{where}: {e}") from None
-    return Batch(
-        dense=np.asarray(batch.dense, np.float32),
-        ids=np.asarray(batch.ids, np.int32),
-        lengths=np.asarray(batch.lengths, np.int32),
-        labels=np.asarray(batch.labels, np.float32),
-    )
-
-
-class _Prefetch:
-    """Makes (and checks) host batches on a background thread, `depth` ahead."""
-
-    def __init__(self, make: Callable[[int], Batch], steps: range, depth: int = 2):
-        self._q: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-
-        def put(item) -> bool:
-            while not self._stop.is_set():
-                try:
-                    self._q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def work():
-            for s in steps:
-                try:
-                    item = (s, make(s), None)
-                except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-                    item = (s, None, e)
-                if not put(item) or item[2] is not None:
-                    return
-            put(None)  # end of the steps
-
-        self._thread = threading.Thread(target=work, daemon=True, name="jdmt-prefetch")
-        self._thread.start()
-
-    def __iter__(self) -> Iterator[tuple[int, Batch]]:
-        return self
-
-    def __next__(self) -> tuple[int, Batch]:
-        item = self._q.get()
-        if item is None:
-            raise StopIteration
-        s, batch, err = item
-        if err is not None:
-            raise err
-        return s, batch
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
 class Trainer:
     """A training run's pieces; `run()` trains, evaluates and returns the summary.
 
@@ -477,10 +89,15 @@ class Trainer:
       config: the run's configuration.
       mesh: the `('host','local')` mesh (default: `make_mesh(config.mesh)`).
       data: a data source (default: `SyntheticData(features, seed=...)`).
+      partition: the towers of a `tower_partitioner='learned'` run (from
+        `jdmt.train.interactions.learned_towers`, which `train_and_evaluate`
+        calls); for other partitioners it overrides the configured one.
     """
 
-    def __init__(self, config: TrainConfig, mesh: Mesh | None = None, data: DataSource | None = None):
+    def __init__(self, config: TrainConfig, mesh: Mesh | None = None, data: DataSource | None = None,
+                 *, partition: TowerPartition | None = None):
         self.config = config
+        self._partition = partition
         self.mesh = mesh if mesh is not None else make_mesh(config.mesh)
         self.hosts, self.local = mesh_shape(self.mesh)
         n = self.hosts * self.local
@@ -498,6 +115,7 @@ class Trainer:
             self.data = CriteoData(
                 config.criteo_path, self.features, global_batch=config.global_batch,
                 eval_batches=config.eval_batches, eval_batch_size=config.eval_size,
+                eval_path=config.eval_data,
             )
         else:
             self.data = SyntheticData(
@@ -521,9 +139,8 @@ class Trainer:
                 print(f"jdmt: {self.plan.summary()}", file=sys.stderr)
         self.sptt = None
         self.num_towers = config.towers
-        if config.towers is None:  # one per host, when the mesh and the sharding allow towers
-            uses = config.towers_on(self.hosts)
-            self.num_towers = min(self.hosts, len(self.features.sparse)) if uses else 0
+        if config.towers == "auto":  # one tower per host
+            self.num_towers = min(self.hosts, len(self.features.sparse))
         if self.num_towers:
             self.sptt = self._build_towers(sparse_opt)
             self.emb = self.sptt.emb
@@ -539,52 +156,64 @@ class Trainer:
                               sequence_pooling=config.sequence_pooling)
             self._init_params = init_dlrm
         self.emb_path = self.sptt if self.sptt is not None else self.emb
-        self.tx = _dense_optimizer(config.optimizer, config.lr)
+        sched = (schedule_steps(config.steps, config.warmup_steps, config.decay_start,
+                                config.decay_steps) if config.lr_schedule == "dlrm" else (0, 0, 0))
+        self.lr_scale = lr_scale(config.lr_schedule, sched, config.lr)
+        self.tx = dense_optimizer(config.optimizer, config.lr,
+                                  None if config.lr_schedule == "constant" else self.lr_scale,
+                                  config.clip_norm)
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P(DEVICES))
         self._train_step = None
         self._train_version = -1
-        self._predict = None
-        self._predict_version = -1
         self.overflow_steps = 0  # steps repeated because an exchange overflowed
         self.capacity_raises = 0
         self.capacities: dict[str, dict[str, int]] = {}
 
     def _build_towers(self, optimizer: SparseOptimizer):
         """`--towers=N`: the SPTT path with the configured partition and modules."""
-        from jdmt.towers.partitioner import (
-            TowerPartition,
-            partition_from_trainer,
-            random_partition,
-            restore_trainer,
-            round_robin_partition,
-        )
-        from jdmt.towers.sptt import SPTT
-
         cfg, n = self.config, self.num_towers
-        if cfg.tower_partitioner == "round_robin":
+        if self._partition is not None:
+            part = self._partition
+            part.validate(self.features, self.hosts)
+        elif cfg.tower_partitioner == "round_robin":
             part = round_robin_partition(self.features, n, self.hosts)
         elif cfg.tower_partitioner == "random":
             part = random_partition(self.features, n, self.hosts, seed=cfg.seed)
         elif cfg.tower_partitioner == "learned":
-            flat, state, _ = restore_trainer(cfg.partition_checkpoint, self.mesh, source=self.data)
-            part = partition_from_trainer(flat, state, n, self.hosts)
-            if jax.process_index() == 0:
-                print(f"jdmt: learned towers from {cfg.partition_checkpoint}: "
-                      f"{[list(t) for t in part.towers]}", file=sys.stderr)
+            raise ValueError(
+                "tower_partitioner='learned' needs the partition measured from the flat run: "
+                "train_and_evaluate(config) measures it, or pass "
+                "partition=jdmt.train.interactions.learned_towers(config, mesh, data)"
+            )
         else:
             part = TowerPartition.load(cfg.tower_partitioner, self.features, self.hosts,
                                        optimizer=optimizer)
-            if cfg.towers is not None and part.num_towers != cfg.towers:
-                raise ValueError(
-                    f"tower partition {cfg.tower_partitioner} has {part.num_towers} towers, "
-                    f"but towers={cfg.towers}"
-                )
-            self.num_towers = part.num_towers
+        if cfg.towers != "auto" and part.num_towers != cfg.towers:
+            raise ValueError(
+                f"tower partition {cfg.tower_partitioner} has {part.num_towers} towers, "
+                f"but towers={cfg.towers}"
+            )
+        self.num_towers = part.num_towers
         _check_tower_sequences(cfg.tower_module, cfg.sequence_pooling, len(self.seq_index) > 0)
         return SPTT(self.features, self.mesh, part.towers, part.hosts, optimizer,
                     module=cfg.tower_module, tower_dim=cfg.tower_dim, row_wise=cfg.tower_row_wise,
                     kernel=cfg.kernel)
+
+    def path_line(self) -> str:
+        """What runs, in one line: the embedding path, the kernels and the exchange."""
+        cfg = self.config
+        if self.sptt is not None:
+            path = (f"DMT: {len(self.sptt.towers)} towers ({cfg.tower_partitioner}, "
+                    f"{self.sptt.module_kind} Tower Module) on {self.hosts} hosts")
+        else:
+            path = f"flat {cfg.sharding}"
+            if cfg.sharding == "auto":
+                path += " (planner; plan above)"
+        exchange = (self.emb.exchange_mode if self.emb.exchange_mode != "auto" else
+                    "padded all-to-all" if jax.default_backend() == "cpu" else "ragged all-to-all")
+        return (f"mesh {self.hosts}x{self.local}, {cfg.model}, {path}, kernels {self._kernel_name()}, "
+                f"exchange {exchange}")
 
     def _kernel_name(self) -> str:
         """What runs the lookups and updates: 'xla' (with the C++ update on
@@ -728,6 +357,9 @@ class Trainer:
             "towers": None if self.sptt is None else [list(t) for t in self.sptt.towers],
             "embedding_optimizer": self.emb.optimizer.kind.value,
             "dense_optimizer": cfg.optimizer,
+            # the optax state's structure: a schedule and clipping add state
+            "dense_optimizer_chain": None if cfg.lr_schedule == "constant" and cfg.clip_norm is None
+            else {"lr_schedule": cfg.lr_schedule, "clip": cfg.clip_norm is not None},
             "mesh": [self.hosts, self.local],
             "plan": {name: p.to_json() for name, p in self.emb.plan.items()},
         }
@@ -801,7 +433,11 @@ class Trainer:
         params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(skip, b, a), new, old)  # noqa: E731
         params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
-        tables, ustats = self.emb_path.update(state.tables, ctx, g_acts, batch.ids, batch.lengths, skip=skip)
+        lr = None
+        if self.config.lr_schedule != "constant":  # the schedule scales the sparse optimizer too
+            lr = self.emb.optimizer.lr * self.lr_scale(_step_count(state.opt_state))
+        tables, ustats = self.emb_path.update(state.tables, ctx, g_acts, batch.ids, batch.lengths,
+                                              lr=lr, skip=skip)
         return TrainState(params, opt_state, tables), {
             "loss": loss,
             "out_of_range": stats["out_of_range"],
@@ -825,12 +461,45 @@ class Trainer:
             self._train_version = self.emb.version
         return self._train_step
 
-    def predict_fn(self, state: TrainState, batch: Batch):
-        """Click probabilities f32[B] of a batch (sharded like the batch), and
-        the lookup's overflow (when > 0 the probabilities are not exact)."""
+    def logits_fn(self, state: TrainState, batch: Batch):
+        """The model's logits f32[B] of a device batch (sharded like the batch),
+        and the lookup's overflow (when > 0 the logits are not exact)."""
         acts, _, stats = self.emb_path.forward(state.tables, batch.ids, batch.lengths)
-        probs = jax.nn.sigmoid(self._logits(state.params, acts, batch))
-        return probs, {"overflow": stats["overflow"], "need": stats["need"]}
+        return self._logits(state.params, acts, batch), {"overflow": stats["overflow"], "need": stats["need"]}
+
+    def predict_fn(self, state: TrainState, batch: Batch):
+        """Click probabilities f32[B] of a device batch, and the lookup's overflow."""
+        logits, stats = self.logits_fn(state, batch)
+        return jax.nn.sigmoid(logits), stats
+
+    def logits(self, state: TrainState, batch: Batch) -> np.ndarray:
+        """The model's logits of a host batch, as host numpy f32[B] (every
+        process gets the whole batch's). The batch is checked first
+        (`check_batch`: ids in range, finite dense values); a lookup that
+        overflows an exchange's capacity is repeated with more, so the
+        logits are exact. The batch size must divide over the devices."""
+        host = checked_batch(self.features, batch, "logits batch")
+        if host.labels.shape[0] % self.emb.num_devices:
+            raise ValueError(f"a batch of {host.labels.shape[0]} does not divide over the "
+                             f"{self.emb.num_devices} devices")
+        if "eval" not in self.capacities:
+            self.fit_capacities(host, "eval")
+        return host_numpy(self._exact(self.logits_fn, "_logits_jit", state, self.device_batch(host),
+                                      "logits batch"))
+
+    def _exact(self, fn, cache: str, state: TrainState, batch: Batch, where: str):
+        """`fn(state, batch)`'s first output, jitted once per capacity version
+        and repeated with larger capacities until no exchange overflows."""
+        while True:
+            jitted = getattr(self, cache, None)
+            if jitted is None or jitted[0] != self.emb.version:
+                jitted = (self.emb.version,
+                          jax.jit(fn, out_shardings=(self.batch_sharding, self.replicated)))
+                setattr(self, cache, jitted)
+            out, st = jitted[1](state, batch)
+            if int(st["overflow"]) == 0:
+                return out
+            self._grow(batch.labels.shape[0] // self.emb.num_devices, st, where)
 
     def _logits(self, params, acts, batch: Batch) -> jax.Array:
         """The model on the looked-up embeddings (flat, or identity towers), or
@@ -886,16 +555,9 @@ class Trainer:
             if "eval" not in self.capacities:
                 self.fit_capacities(host, "eval")
             batch = self.device_batch(host)
-            while True:
-                if self._predict is None or self._predict_version != self.emb.version:
-                    self._predict = jax.jit(self.predict_fn, out_shardings=(self.batch_sharding, self.replicated))
-                    self._predict_version = self.emb.version
-                p, st = self._predict(state, batch)
-                if int(st["overflow"]) == 0:
-                    break
-                self._grow(batch.labels.shape[0] // self.emb.num_devices, st, f"eval batch {i}")
-            probs.append(_to_host(p))
-            labels.append(_to_host(batch.labels))
+            p = self._exact(self.predict_fn, "_predict_jit", state, batch, f"eval batch {i}")
+            probs.append(host_numpy(p))
+            labels.append(host_numpy(batch.labels))
         p, y = np.concatenate(probs), np.concatenate(labels)
         return {"auc": metrics.auc(p, y), "logloss": metrics.logloss(p, y), "examples": int(y.size)}
 
@@ -1024,6 +686,7 @@ class Trainer:
         cfg = self.config
         t_start = time.perf_counter()
         if jax.process_index() == 0:
+            print(f"jdmt: {self.path_line()}", file=sys.stderr)
             print(self.memory_report(), file=sys.stderr)
         ckpt, start = self._open_checkpoints()
         history = {"train_loss": [], "eval_history": [], "out_of_range_ids": 0}
@@ -1061,11 +724,14 @@ class Trainer:
             "mesh": [self.hosts, self.local],
             "sharding": cfg.sharding,
             "kernel": self._kernel_name(),
+            "path": self.path_line(),
             "embedding_dim": cfg.embedding_dim,
             "embedding_optimizer": cfg.embedding_optimizer,
             "embedding_lr": cfg.embedding_lr,
             "optimizer": cfg.optimizer,
             "lr": cfg.lr,
+            "lr_schedule": cfg.lr_schedule,
+            "clip_norm": cfg.clip_norm,
             "seed": cfg.seed,
             "train_loss": history["train_loss"],
             "eval_auc": ev["auc"],
@@ -1228,36 +894,16 @@ class Trainer:
         }
 
 
-def _check_tower_sequences(module: str, pooling: str, has_sequences: bool) -> None:
-    """Compressing Tower Modules mean-pool sequence features inside the tower
-    (no query there); only the identity module leaves their pooling to the model."""
-    if has_sequences and module != "identity" and pooling != "mean":
-        raise ValueError(
-            f"tower_module={module!r} mean-pools sequence features inside its tower; "
-            f"sequence_pooling={pooling!r} needs the identity Tower Module or the flat path"
-        )
-
-
-def _dense_optimizer(name: str, lr: float) -> optax.GradientTransformation:
-    if name == "adagrad":
-        return optax.adagrad(lr)
-    if name == "adam":
-        return optax.adam(lr)
-    if name == "sgd":
-        return optax.sgd(lr)
-    raise ValueError(f"unknown dense optimizer {name!r}; available: {', '.join(DENSE_OPTIMIZERS)}")
+def _step_count(opt_state) -> jax.Array:
+    """The number of applied dense updates (optax's `count`; skipped steps keep it)."""
+    counts = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+    if not counts:
+        raise ValueError("the dense optimizer state has no step count")
+    return counts[0][1]
 
 
 def _mean(xs) -> float:
     return float(np.mean(xs)) if xs else 0.0
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-    if x.is_fully_addressable:
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 class _NoBar:
@@ -1275,26 +921,3 @@ def _progress(total: int, show: bool, initial: int = 0):
     return tqdm(
         total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr
     )
-
-
-def train_and_evaluate(
-    config: TrainConfig, mesh: Mesh | None = None, data: DataSource | None = None
-) -> dict[str, Any]:
-    """Train `config.steps` steps, evaluate, and return the summary dict.
-
-    Summary keys: steps, global_batch, mesh [H, L], sharding, train_loss (every
-    step's loss), eval_auc, eval_logloss, bayes_auc, bayes_logloss (the
-    synthetic teacher's, same eval set), examples_per_sec and
-    step_time_ms_median (steps after the first, compiling one), first_step_s,
-    wall_time_s (first_step_s includes compile_s, the ahead-of-time compile of
-    the step), eval_history, out_of_range_ids, cross_host_bytes_per_step and
-    intra_host_bytes_per_step (bytes the compiled step's collectives deliver,
-    summed over devices, split by mesh level; `jdmt.comm`), metrics_dir,
-    profile_dir, and the config's knobs.
-
-    Raises:
-      BadBatchError: a host batch violates the feature specs (e.g. NaN dense).
-      OutOfRangeIdError: ids outside their tables reached the device path.
-      MeshError / ValueError: bad mesh or configuration.
-    """
-    return Trainer(config, mesh, data).run()

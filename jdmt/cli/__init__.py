@@ -1,0 +1,1 @@
+"""Command lines: `jdmt-train` (`train`) and `jdmt-partition` (`partition`)."""
