@@ -71,6 +71,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2",
                    help="comma-separated seeds (data, teacher and init); each run's figures are "
                    "reported as the mean over them with a 95%% t interval")
+    p.add_argument("--teacher", default="dlrm", choices=("dlrm", "deep"),
+                   help="the synthetic labels' teacher (deep: no planted groups, so the "
+                   "partition ARI figures are not meaningful there)")
     p.add_argument("--kernel", default="auto", choices=("auto", "pallas", "xla"),
                    help="lookups and sparse updates (auto: the XLA path)")
     p.add_argument("--out-dir", default="ablation")
@@ -96,7 +99,7 @@ def main(argv=None) -> int:
     rows = []
     for seed in seeds:
         base = dict(mesh=args.mesh, steps=args.steps, global_batch=args.batch_size, seed=seed,
-                    progress=False, kernel=args.kernel)
+                    progress=False, kernel=args.kernel, teacher=args.teacher)
         flat_ck = os.path.join(args.out_dir, f"seed{seed}", "flat_checkpoint")
         partition_path = os.path.join(args.out_dir, f"seed{seed}", "learned_partition.json")
         if os.path.isdir(flat_ck):
@@ -170,7 +173,8 @@ def main(argv=None) -> int:
               f"{mean_of('partition_pair_recall', 'round_robin'):.3f}, random "
               f"{mean_of('partition_pair_recall', 'random'):.3f}. "
               f"{args.steps} steps of {args.batch_size} on {args.mesh}, Tower Module "
-              f"{args.tower_module} to {args.tower_dim} values, {towers} towers."]
+              f"{args.tower_module} to {args.tower_dim} values, {towers} towers, teacher "
+              f"{args.teacher}."]
     with open(os.path.join(args.out_dir, "ablation.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     _plot(summary, os.path.join(args.out_dir, "ablation.png"))

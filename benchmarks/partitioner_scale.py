@@ -76,7 +76,9 @@ def search(args) -> list[dict]:
             "imbalance": round(part.report["imbalance"], 4),
             "tolerance_met": part.report["tolerance_met"],
             "within_fraction": round(part.report["within_fraction"], 4),
-            "planted_pairs_kept": round(float((same & planted).sum() / max(planted.sum() - args.features, 1)), 4),
+            # pairs i != j of a planted group that share a tower
+            "planted_pairs_kept": round(float(((same & planted).sum() - args.features)
+                                              / max(planted.sum() - args.features, 1)), 4),
         })
     return out
 

@@ -1,3 +1,4 @@
+import functools
 import gzip
 import json
 
@@ -196,19 +197,21 @@ def test_teacher_groups_and_bayes_metrics(default_data):
     assert SyntheticData(synthetic_default_features(), num_groups=3).groups != groups
 
 
+def _moved(fs, base, *names):
+    """`base` with the ids of features `names` shifted by 17 (mod 500 rows)."""
+    ids = base.ids.copy()
+    for n in names:
+        cols = fs.columns(n)
+        ids[:, cols] = (ids[:, cols] + 17) % 500
+    return type(base)(dense=base.dense, ids=ids, lengths=base.lengths, labels=base.labels)
+
+
 def test_teacher_interacts_only_within_groups():
     fs = make_features(6, 500, 8, 3)
     data = SyntheticData(fs, num_groups=2, seed=7)
     (a, b, _), (c, _, _) = data.groups[0], data.groups[1]
     base = data.batch(0, 2048)
-
-    def moved(*names):
-        ids = base.ids.copy()
-        for n in names:
-            cols = fs.columns(n)
-            ids[:, cols] = (ids[:, cols] + 17) % 500
-        return type(base)(dense=base.dense, ids=ids, lengths=base.lengths, labels=base.labels)
-
+    moved = functools.partial(_moved, fs, base)
     z0 = data.logits(base)
     d_a = data.logits(moved(a)) - z0
     d_b = data.logits(moved(b)) - z0
@@ -217,6 +220,27 @@ def test_teacher_interacts_only_within_groups():
     np.testing.assert_allclose(data.logits(moved(a, c)) - z0, d_a + d_c, atol=1e-4)
     assert np.abs(data.logits(moved(a, b)) - z0 - (d_a + d_b)).max() > 1e-2
     assert np.abs(d_a).max() > 1e-2
+
+
+def test_deep_teacher_mixes_every_feature_nonlinearly():
+    """The second teacher: calibrated like the first, deterministic, and its
+    effects do not add up across any two features (no planted groups)."""
+    fs = make_features(6, 500, 8, 3)
+    data = SyntheticData(fs, seed=7, teacher="deep")
+    assert data.groups == (tuple(fs.names),) and "teacher=deep" in repr(data)
+    m = data.bayes_metrics(2, 4096)
+    assert 0.7 < m["auc"] < 0.9 and 0.2 < m["label_rate"] < 0.3
+    assert m == SyntheticData(fs, seed=7, teacher="deep").bayes_metrics(2, 4096)
+    assert SyntheticData(fs, seed=8, teacher="deep").bayes_metrics(2, 4096) != m
+    base = data.batch(0, 2048)
+    moved = functools.partial(_moved, fs, base)
+    z0 = data.logits(base)
+    a, c = fs.names[0], fs.names[5]
+    d_a, d_c = data.logits(moved(a)) - z0, data.logits(moved(c)) - z0
+    assert np.abs(d_a).max() > 1e-2 and np.abs(d_c).max() > 1e-2
+    assert np.abs(data.logits(moved(a, c)) - z0 - (d_a + d_c)).max() > 1e-2
+    with pytest.raises(ValueError, match="unknown teacher 'wide'"):
+        SyntheticData(fs, teacher="wide")
 
 
 def test_check_batch_errors_name_the_culprit(small_features):

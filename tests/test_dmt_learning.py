@@ -12,6 +12,7 @@ round-robin towers miss by far more.)
 from jdmt.mesh import make_mesh
 from jdmt.towers.partition import labels_of, pair_recall
 from jdmt.train import TrainConfig, Trainer
+from jdmt.train.interactions import learned_towers
 
 SHAPE = dict(
     mesh="2x4", steps=600, global_batch=4096, num_tables=8, rows_per_table=2000, pooling=4,
@@ -24,8 +25,9 @@ def test_dot_towers_on_learned_partition_match_flat_auc(tmp_path):
     ck = str(tmp_path / "flat")
     flat = Trainer(TrainConfig(**SHAPE, checkpoint_dir=ck), mesh)
     s_flat = flat.run()
-    dmt = Trainer(TrainConfig(**SHAPE, towers=2, tower_module="dot", tower_dim=32,
-                              tower_partitioner="learned", partition_checkpoint=ck), mesh)
+    cfg = TrainConfig(**SHAPE, towers=2, tower_module="dot", tower_dim=32,
+                      tower_partitioner="learned", partition_checkpoint=ck)
+    dmt = Trainer(cfg, mesh, partition=learned_towers(cfg, mesh))  # as train_and_evaluate does
     names = dmt.features.names
     towers = dmt.sptt.towers
     # the partitioner kept every planted group inside one tower

@@ -242,7 +242,7 @@ def test_learned_balances_unequal_costs():
     w = _planted([[0, 1, 2, 3], [4, 5, 6, 7]], 8)
     costs = feature_costs(fs)["work"]
     assert costs.tolist() == [40.0] * 4 + [8.0] * 4
-    p = learned_partition(fs, w, 2, 2, balance_tolerance=0.1)
+    p = learned_partition(fs, w, 2, 2, balance_tolerance=0.1, cost="work")
     loads = p.host_loads(fs.names, costs, 2)
     assert loads.max() <= 105.6 and p.report["host_cost"] == loads.tolist()
     assert p.report["tolerance_met"] and p.report["cap"] == pytest.approx(105.6)
@@ -250,11 +250,17 @@ def test_learned_balances_unequal_costs():
     heavy = [sum(n in {"cat_0", "cat_1", "cat_2", "cat_3"} for n in t) for t in p.towers]
     assert heavy == [2, 2] and sorted(loads.tolist()) == [88.0, 104.0]
     # a loose tolerance lets the heavy group stay together
-    q = learned_partition(fs, w, 2, 2, balance_tolerance=1.0)
+    q = learned_partition(fs, w, 2, 2, balance_tolerance=1.0, cost="work")
     assert set(q.towers[q.tower_of("cat_0")]) == {"cat_0", "cat_1", "cat_2", "cat_3"}
     assert q.report["imbalance"] == pytest.approx(160 / 96)
     # balancing bytes instead: all tables are equal, so 4 and 4
     assert all(len(t) == 4 for t in learned_partition(fs, w, 2, 2, cost="bytes").towers)
+    # the default, 'mixed': each host's share of the work plus its share of the
+    # bytes within 10% of the mean (1 per host here)
+    m = learned_partition(fs, w, 2, 2)
+    mixed = feature_costs(fs)["mixed"]
+    assert m.report["cost"] == "mixed" and m.report["tolerance_met"]
+    assert m.host_loads(fs.names, mixed, 2).max() <= 1.1 + 1e-9
     # measured mean lengths change the costs
     c2 = feature_costs(fs, mean_lengths={"cat_0": 2.5})
     assert c2["lookups"][0] == 2.5 and c2["work"][0] == 20.0
@@ -264,7 +270,7 @@ def test_learned_balances_unequal_costs():
 def test_learned_unreachable_tolerance_and_memory():
     fs = make_features(26, 100, 4, 1)
     w = _planted([list(range(i, 26, 8)) for i in range(8)], 26)
-    p = learned_partition(fs, w, 8, 8)
+    p = learned_partition(fs, w, 8, 8, cost="work")
     sizes = sorted(len(t) for t in p.towers)
     assert sizes == [3] * 6 + [4] * 2  # 26 features on 8 hosts: 4 is the best makespan
     assert not p.report["tolerance_met"] and p.report["cap_used"] == 16.0
@@ -409,25 +415,16 @@ def _train_py(*args, timeout=300):
 TINY_MODEL = ["--embedding-dim=4", "--bottom-mlp=8", "--top-mlp=8", "--no-progress"]
 
 
-@pytest.mark.parametrize("mesh, batch, data", [
-    ("3x4", 96, None),  # 12 devices: no power-of-two batch, 3 hosts
-    ("2x1", 64, "criteo"),  # Criteo: eval batches are the run's own, from the file's head
-])
-def test_learned_towers_use_the_runs_own_batches(tmp_path, mesh, batch, data):
-    """A flat run, then a tower run whose towers the learned partitioner
-    measures from the flat checkpoint at the tower run's batch sizes."""
+def test_learned_towers_on_a_3x4_mesh(tmp_path):
+    """train.py: a flat run on 12 devices (a batch of 96), then a tower run
+    whose towers the learned partitioner measures from the flat checkpoint
+    at the tower run's own batch sizes (it used a fixed 1024 before)."""
     import json
 
-    extra = ["--num-tables=6", "--rows-per-table=200", "--pooling=2"]
-    if data == "criteo":
-        from test_train import _write_criteo  # tests/ is on sys.path (rootdir conftest)
-
-        path = tmp_path / "day_0.tsv"
-        _write_criteo(path, 900)
-        extra = [f"--data=criteo:{path}", "--rows-per-table=300"]
-    common = [f"--mesh={mesh}", f"--batch-size={batch}", "--eval-batches=2", *TINY_MODEL, *extra]
+    common = ["--mesh=3x4", "--batch-size=96", "--eval-batches=2", *TINY_MODEL,
+              "--num-tables=6", "--rows-per-table=200", "--pooling=2"]
     ck = tmp_path / "flat"
-    r = _train_py(*common, "--steps=4", f"--checkpoint-dir={ck}")
+    r = _train_py(*common, "--steps=3", f"--checkpoint-dir={ck}")
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "s.json"
     r = _train_py(*common, "--steps=2", "--towers=auto", "--tower-module=linear", "--tower-dim=4",
@@ -435,7 +432,27 @@ def test_learned_towers_use_the_runs_own_batches(tmp_path, mesh, batch, data):
                   f"--summary-json={out}")
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads(out.read_text())
-    hosts = int(mesh.split("x")[0])
-    assert len(s["towers"]) == hosts and s["tower_hosts"] == list(range(hosts))
-    assert "learned towers from" in r.stderr and "DMT: " in r.stderr
-    assert s["global_batch"] == batch and all(np.isfinite(s["train_loss"]))
+    assert len(s["towers"]) == 3 and s["tower_hosts"] == [0, 1, 2]
+    assert "learned towers from" in r.stderr and "DMT: 3 towers (learned" in r.stderr
+    assert s["global_batch"] == 96 and all(np.isfinite(s["train_loss"]))
+
+
+def test_learned_towers_on_criteo_data(tmp_path, mesh24):
+    """The same on a Criteo file, whose eval batches are the run's own (64),
+    read from the file's head."""
+    from test_train import _write_criteo  # tests/ is on sys.path (rootdir conftest)
+
+    from jdmt.train import TrainConfig, train_and_evaluate
+
+    path = tmp_path / "day_0.tsv"
+    _write_criteo(path, 900)
+    base = dict(data=f"criteo:{path}", global_batch=64, eval_batches=2, rows_per_table=300,
+                embedding_dim=4, bottom_mlp=(8,), top_mlp=(8,), progress=False)
+    ck = str(tmp_path / "flat")
+    train_and_evaluate(TrainConfig(**base, steps=3, checkpoint_dir=ck), mesh24)
+    s = train_and_evaluate(TrainConfig(**base, steps=2, towers="auto", tower_module="linear",
+                                       tower_dim=4, tower_partitioner="learned",
+                                       partition_checkpoint=ck), mesh24)
+    assert len(s["towers"]) == 2 and s["eval_examples"] == 128
+    assert sorted(n for t in s["towers"] for n in t) == sorted(f"cat_{i}" for i in range(26))
+    assert all(np.isfinite(s["train_loss"]))

@@ -25,6 +25,7 @@ from jdmt.pallas_kernels import Kernel
 from jdmt.towers.modules import TOWER_MODULES
 from jdmt.train.supervisor import become_worker, is_worker, supervise
 from jdmt.train import DENSE_OPTIMIZERS, TrainConfig
+from jdmt.data.synthetic import TEACHERS
 from jdmt.train.schedule import LR_SCHEDULES
 
 SHARDINGS = (*(t.value for t in ShardingType), "auto")
@@ -210,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
                    default=d.embedding_initial_accumulator,
                    help="start value of the embedding Adagrad accumulators; above zero it "
                    "damps the first, noisy updates of rarely seen rows")
+    p.add_argument("--teacher", type=_one_of("teacher", TEACHERS), default=d.teacher,
+                   help="synthetic labels: dlrm (dot products of mean-pooled latents inside "
+                   "planted groups) or deep (a random tanh network over every feature's "
+                   "sum-pooled latents)")
     p.add_argument("--eval-data", metavar="PATH", default=None,
                    help="with --data=criteo:FILE: a held-out Criteo file (e.g. day_23) to "
                    "evaluate on; training then reads all of FILE (default: FILE's head is held out)")
@@ -410,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             resume=args.resume,
             kernel=args.kernel,
             eval_data=args.eval_data,
+            teacher=args.teacher,
             lr_schedule=args.lr_schedule,
             warmup_steps=args.warmup_steps,
             decay_start=args.decay_start,

@@ -29,7 +29,16 @@ import numpy as np
 from jdmt.data.specs import Batch, FeatureSet, Kind
 from jdmt.metrics import auc, logloss
 
-__all__ = ["SyntheticData", "splitmix64", "LATENT_DIM", "ZIPF_HEAD"]
+__all__ = ["SyntheticData", "splitmix64", "LATENT_DIM", "TEACHERS", "ZIPF_HEAD"]
+
+TEACHERS = ("dlrm", "deep")
+"""`dlrm`: pairwise dot products of mean-pooled latents inside planted groups
+(DLRM-shaped: a DLRM can represent it exactly). `deep`: a random two-layer
+tanh network over the sum-pooled latents of all features (interactions
+across every feature and of every order; no model here is shaped like it)."""
+
+DEEP_HIDDEN = (64, 32)
+"""Widths of the `deep` teacher's hidden layers."""
 
 LATENT_DIM = 4
 """Width of the teacher's latent vector per (table, id)."""
@@ -37,6 +46,7 @@ LATENT_DIM = 4
 ZIPF_HEAD = 1 << 22
 """Ranks below this have an exact Zipf CDF; rarer ranks use a continuous tail."""
 
+_LATENT_SCALE = np.float32(math.sqrt(12.0) / 65536.0)  # int16 code + 0.5 -> unit variance
 _M64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 _U53 = 1.0 / (1 << 53)
@@ -247,6 +257,12 @@ class SyntheticData:
       interaction_std: standard deviation of the teacher's interaction
         logit; sets how much the sparse features decide the label.
       dense_std: standard deviation of the teacher's dense logit.
+      teacher: 'dlrm' (below) or 'deep': the interaction term is a random
+        network `w3 . tanh(W2 tanh(W1 x))` over x, the concatenation of every
+        feature's *sum* of its ids' latents (widths `DEEP_HIDDEN`, weights
+        N(0, 1/fan-in) from the seed), scaled like the dlrm term. It mixes
+        all features nonlinearly, across groups; `groups` is then one group
+        of every feature. The Bayes figures are exact for either.
 
     Teacher: each (table, id) has a latent `f32[LATENT_DIM]` vector, derived
     by hashing (seed, table, id), so no table-sized arrays exist. A feature's
@@ -272,6 +288,7 @@ class SyntheticData:
         label_rate: float = 0.25,
         interaction_std: float = 1.25,
         dense_std: float = 0.5,
+        teacher: str = "dlrm",
     ):
         nf = len(features.sparse)
         if nf == 0:
@@ -284,6 +301,10 @@ class SyntheticData:
             raise ValueError(f"label_rate must lie in (0, 1), got {label_rate}")
         if interaction_std < 0 or dense_std < 0:
             raise ValueError("interaction_std and dense_std must be >= 0")
+        if teacher not in TEACHERS:
+            raise ValueError(f"unknown teacher {teacher!r}; available: {', '.join(TEACHERS)}")
+        if teacher == "deep":
+            num_groups = 1
         for f in features.sparse:
             if f.rows > _MAX_ROWS:
                 raise ValueError(f"feature {f.name!r}: {f.rows} rows do not fit int32 ids")
@@ -297,12 +318,15 @@ class SyntheticData:
         self.seed = int(seed)
         self.mean_len_frac = float(mean_len_frac)
         self.label_rate = float(label_rate)
+        self.teacher = teacher
 
         self._tables = self._make_tables()
         self._make_lengths()
         self._make_columns()
         self._make_dense()
         self._make_groups(num_groups)
+        if teacher == "deep":
+            self._make_deep()
         self._calibrate(interaction_std, dense_std)
 
     # ----------------------------------------------------------------- set-up
@@ -378,10 +402,21 @@ class SyntheticData:
         for g, c in enumerate(chunks):
             self._assign[g, c] = 1.0
 
+    def _make_deep(self) -> None:
+        """The `deep` teacher's weights: N(0, 1/fan-in), from hashes of the seed."""
+        sizes = (len(self.features.sparse) * LATENT_DIM, *DEEP_HIDDEN, 1)
+        self._deep = []
+        for layer, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            n = fan_in * fan_out
+            keys = np.uint64(_key(self.seed, _TEACHER, 3, layer)) + np.arange(2 * n, dtype=np.uint64)
+            u = _uniform(splitmix64(keys))
+            z = np.sqrt(-2.0 * np.log1p(-u[:n])) * np.cos(2.0 * np.pi * u[n:])  # Box-Muller
+            self._deep.append((z / math.sqrt(fan_in)).reshape(fan_out, fan_in).astype(np.float32))
+
     def _calibrate(self, interaction_std: float, dense_std: float) -> None:
         rows = np.arange(_CALIBRATION_EXAMPLES, dtype=np.int64)
         dense_t, ids_t, lengths_t, _ = self._inputs(_CALIBRATION, 0, rows)
-        inter = self._interactions(ids_t, lengths_t)
+        inter = self._signal(ids_t, lengths_t)
         s_i = float(inter.std())
         self.interaction_scale = interaction_std / s_i if s_i > 0 else 0.0
         raw = self._dense_raw_w @ dense_t
@@ -431,8 +466,38 @@ class SyntheticData:
         dense = np.logaddexp(0.0, self._dense_mu + self._dense_sigma * z)
         return dense, ids, lengths, _uniform(splitmix64(ex + self._salt_label))
 
+    def _signal(self, ids_t: np.ndarray, lengths_t: np.ndarray) -> np.ndarray:
+        """The teacher's interaction term before scaling, f64[B]."""
+        if self.teacher == "deep":
+            return self._deep_term(ids_t, lengths_t)
+        return self._interactions(ids_t, lengths_t)
+
+    def _latent_sums(self, ids_t: np.ndarray, lengths_t: np.ndarray) -> np.ndarray:
+        """f32[F, B, k]: each feature's sum of its valid ids' latent codes plus
+        half their count; times `_LATENT_SCALE` that is the sum of the latents
+        (each of mean 0 and variance about 1)."""
+        fs = self.features
+        b = ids_t.shape[1]
+        h = splitmix64(ids_t.astype(np.uint64) ^ self._col_table_key[:, None])  # [slots, B]
+        h *= self._pos[:, None] < lengths_t[self._col_feature]  # padding -> latent code 0
+        codes = h.view(np.int16).reshape(fs.total_slots, b, LATENT_DIM)
+        sums = np.stack(
+            [
+                codes[off : off + f.max_len].sum(0, dtype=np.int32)
+                for f, off in zip(fs.sparse, fs.offsets, strict=True)
+            ]
+        ).astype(np.float32)  # [F, B, k]
+        return sums + 0.5 * lengths_t.astype(np.float32)[..., None]
+
+    def _deep_term(self, ids_t: np.ndarray, lengths_t: np.ndarray) -> np.ndarray:
+        """The `deep` teacher: w3 . tanh(W2 tanh(W1 x)), x = sum-pooled latents of all features."""
+        v = self._latent_sums(ids_t, lengths_t) * _LATENT_SCALE  # [F, B, k]
+        x = np.transpose(v, (0, 2, 1)).reshape(-1, v.shape[1])  # [F*k, B]
+        w1, w2, w3 = self._deep
+        return (w3 @ np.tanh(w2 @ np.tanh(w1 @ x)))[0].astype(np.float64)
+
     def _interactions(self, ids_t: np.ndarray, lengths_t: np.ndarray) -> np.ndarray:
-        """Teacher interaction term before scaling.
+        """The `dlrm` teacher's interaction term before scaling.
 
         Args:
           ids_t: i32[slots, B] (transposed ids).
@@ -442,25 +507,16 @@ class SyntheticData:
         """
         fs = self.features
         b = ids_t.shape[1]
-        h = splitmix64(ids_t.astype(np.uint64) ^ self._col_table_key[:, None])  # [slots, B]
-        h *= self._pos[:, None] < lengths_t[self._col_feature]  # padding -> latent code 0
         # Each hash is 4 int16 codes c; the latent is (c + 0.5) * scale: mean 0, var ~1.
-        codes = h.view(np.int16).reshape(fs.total_slots, b, LATENT_DIM)
-        sums = np.stack(
-            [
-                codes[off : off + f.max_len].sum(0, dtype=np.int32)
-                for f, off in zip(fs.sparse, fs.offsets, strict=True)
-            ]
-        ).astype(np.float32)  # [F, B, k]
         n = lengths_t.astype(np.float32)[..., None]
-        v = (sums + 0.5 * n) * (np.float32(math.sqrt(12.0) / 65536.0) / np.maximum(n, 1.0))
+        v = self._latent_sums(ids_t, lengths_t) * (_LATENT_SCALE / np.maximum(n, 1.0))
         s = (self._assign @ v.reshape(len(fs.sparse), -1)).reshape(-1, b, LATENT_DIM)  # [G, B, k]
         sq = np.square(s).sum((0, 2), dtype=np.float64) - np.square(v).sum((0, 2), dtype=np.float64)
         return 0.5 * sq
 
     def _logits(self, dense_t, ids_t, lengths_t) -> np.ndarray:
         """Teacher logits f64[B] from transposed inputs ([D, B], [slots, B], [F, B])."""
-        z = self.bias + self.interaction_scale * self._interactions(ids_t, lengths_t)
+        z = self.bias + self.interaction_scale * self._signal(ids_t, lengths_t)
         return z + self.dense_weights @ dense_t
 
     @staticmethod
@@ -563,7 +619,8 @@ class SyntheticData:
     def __repr__(self) -> str:
         return (
             f"SyntheticData({len(self.features.sparse)} features, alpha={self.alpha}, "
-            f"seed={self.seed}, groups={len(self.groups)}, label_rate={self.label_rate})"
+            f"seed={self.seed}, teacher={self.teacher}, groups={len(self.groups)}, "
+            f"label_rate={self.label_rate})"
         )
 
 

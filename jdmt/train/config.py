@@ -17,6 +17,7 @@ from jdmt.embeddings import (
     OptimizerKind,
     ShardingType,
 )
+from jdmt.data.synthetic import TEACHERS
 from jdmt.mesh import parse_mesh_spec
 from jdmt.train.schedule import DENSE_OPTIMIZERS, LR_SCHEDULES, schedule_steps
 from jdmt.pallas_kernels.common import Kernel
@@ -129,6 +130,9 @@ class TrainConfig:
       eval_data: with `data='criteo:PATH'`, a separate held-out Criteo file
         (e.g. day 23): the eval batches are its first examples and training
         reads all of PATH. None: the head of PATH is held out.
+      teacher: the synthetic labels' teacher (`jdmt.data.synthetic.TEACHERS`):
+        'dlrm' (pairwise dot products inside planted groups) or 'deep' (a
+        random tanh network over all features' sum-pooled latents).
       lr_schedule: 'constant', or 'dlrm' (TorchRec's DLRM example schedule:
         linear warm-up, hold, quadratic decay; `jdmt.train.schedule`). It
         scales both `lr` and `embedding_lr`.
@@ -179,6 +183,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     kernel: str = "auto"
     eval_data: str | None = None
+    teacher: str = "dlrm"
     lr_schedule: str = "constant"
     warmup_steps: int | None = None
     decay_start: int | None = None
@@ -281,6 +286,10 @@ class TrainConfig:
             raise ValueError("resume needs a checkpoint_dir")
         if self.eval_data is not None and self.criteo_path is None:
             raise ValueError("eval_data is a held-out Criteo file: it needs data='criteo:PATH'")
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"unknown teacher {self.teacher!r}; available: {', '.join(TEACHERS)}")
+        if self.teacher != "dlrm" and self.criteo_path is not None:
+            raise ValueError("teacher shapes synthetic labels; Criteo data has its own")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; available: "
                              f"{', '.join(LR_SCHEDULES)}")

@@ -119,7 +119,8 @@ class Trainer:
             )
         else:
             self.data = SyntheticData(
-                self.features, seed=config.seed if config.data_seed is None else config.data_seed
+                self.features, seed=config.seed if config.data_seed is None else config.data_seed,
+                teacher=config.teacher,
             )
         fs = self.features
         self.seq_index = np.array([i for i, f in enumerate(fs.sparse) if not f.pooled], np.int32)
@@ -733,6 +734,7 @@ class Trainer:
             "lr_schedule": cfg.lr_schedule,
             "clip_norm": cfg.clip_norm,
             "seed": cfg.seed,
+            "teacher": cfg.teacher if cfg.criteo_path is None else None,
             "train_loss": history["train_loss"],
             "eval_auc": ev["auc"],
             "eval_logloss": ev["logloss"],
