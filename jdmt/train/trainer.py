@@ -24,7 +24,7 @@ import dataclasses
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -167,6 +167,7 @@ class Trainer:
         self.batch_sharding = NamedSharding(self.mesh, P(DEVICES))
         self._train_step = None
         self._train_version = -1
+        self._jitted: dict[str, tuple[int, Callable]] = {}  # by name: (capacity version, jitted fn)
         self.overflow_steps = 0  # steps repeated because an exchange overflowed
         self.capacity_raises = 0
         self.capacities: dict[str, dict[str, int]] = {}
@@ -485,18 +486,18 @@ class Trainer:
                              f"{self.emb.num_devices} devices")
         if "eval" not in self.capacities:
             self.fit_capacities(host, "eval")
-        return host_numpy(self._exact(self.logits_fn, "_logits_jit", state, self.device_batch(host),
+        return host_numpy(self._exact(self.logits_fn, state, self.device_batch(host),
                                       "logits batch"))
 
-    def _exact(self, fn, cache: str, state: TrainState, batch: Batch, where: str):
+    def _exact(self, fn, state: TrainState, batch: Batch, where: str):
         """`fn(state, batch)`'s first output, jitted once per capacity version
         and repeated with larger capacities until no exchange overflows."""
         while True:
-            jitted = getattr(self, cache, None)
+            jitted = self._jitted.get(fn.__name__)
             if jitted is None or jitted[0] != self.emb.version:
                 jitted = (self.emb.version,
                           jax.jit(fn, out_shardings=(self.batch_sharding, self.replicated)))
-                setattr(self, cache, jitted)
+                self._jitted[fn.__name__] = jitted
             out, st = jitted[1](state, batch)
             if int(st["overflow"]) == 0:
                 return out
@@ -556,7 +557,7 @@ class Trainer:
             if "eval" not in self.capacities:
                 self.fit_capacities(host, "eval")
             batch = self.device_batch(host)
-            p = self._exact(self.predict_fn, "_predict_jit", state, batch, f"eval batch {i}")
+            p = self._exact(self.predict_fn, state, batch, f"eval batch {i}")
             probs.append(host_numpy(p))
             labels.append(host_numpy(batch.labels))
         p, y = np.concatenate(probs), np.concatenate(labels)
