@@ -667,3 +667,18 @@ def test_criteo_data_errors(tmp_path, criteo_file):
         data.batch(4, 8)
     with pytest.raises(KeyError, match="no data position for step 0: kept only step -1"):
         criteo_data(criteo_file).position_after(0)
+
+
+@pytest.mark.parametrize("teacher", ["dlrm", "deep"])
+def test_teacher_logits_from_its_slot_latents(teacher):
+    """`slot_latents` and `logits_of_latents` rebuild the teacher's logits
+    (what `benchmarks/quality_ceiling.py` perturbs), and other latents move them."""
+    fs = make_features(6, 500, 8, 3)
+    data = SyntheticData(fs, seed=7, teacher=teacher)
+    b = data.batch(0, 1024)
+    lat = data.slot_latents(b)
+    assert lat.shape == (fs.total_slots, 1024, 4)
+    pad = np.arange(3)[None, :] >= b.lengths[:, :1]  # feature 0's padding slots
+    assert not lat[:3][pad.T].any() and lat[:3][~pad.T].std() > 0.5
+    np.testing.assert_allclose(data.logits_of_latents(b, lat), data.logits(b), rtol=1e-5, atol=1e-5)
+    assert np.abs(data.logits_of_latents(b, 0.5 * lat) - data.logits(b)).max() > 1e-2

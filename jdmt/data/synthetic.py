@@ -578,6 +578,41 @@ class SyntheticData:
             np.ascontiguousarray(np.asarray(batch.lengths, np.int32).T),
         )
 
+    def slot_latents(self, batch: Batch) -> np.ndarray:
+        """The teacher's latent vector of every id slot of a (host) batch.
+
+        Returns f32[slots, B, LATENT_DIM] (slot-major, columns as in
+        `FeatureSet.offsets`), zero at padding positions.
+        """
+        ids_t = np.ascontiguousarray(np.asarray(batch.ids, np.int32).T)
+        lengths_t = np.asarray(batch.lengths, np.int32).T
+        h = splitmix64(ids_t.astype(np.uint64) ^ self._col_table_key[:, None])
+        codes = h.view(np.int16).reshape(*ids_t.shape, LATENT_DIM).astype(np.float32)
+        valid = self._pos[:, None] < lengths_t[self._col_feature]
+        return (codes + 0.5) * _LATENT_SCALE * valid[..., None]
+
+    def logits_of_latents(self, batch: Batch, latents: np.ndarray) -> np.ndarray:
+        """The teacher's logits f64[B] with `latents` (f32[slots, B, LATENT_DIM],
+        e.g. estimates of `slot_latents(batch)`) in place of its own.
+
+        With `latents = slot_latents(batch)` this is `logits(batch)` up to
+        float rounding. Padding slots must hold zero.
+        """
+        fs = self.features
+        lengths_t = np.asarray(batch.lengths, np.int32).T
+        sums = np.stack([latents[off : off + f.max_len].sum(0, dtype=np.float64)
+                         for f, off in zip(fs.sparse, fs.offsets, strict=True)])  # [F, B, k]
+        if self.teacher == "deep":
+            x = np.transpose(sums, (0, 2, 1)).reshape(-1, sums.shape[1])
+            w1, w2, w3 = self._deep
+            signal = (w3 @ np.tanh(w2 @ np.tanh(w1 @ x)))[0]
+        else:
+            v = sums / np.maximum(lengths_t, 1)[..., None]
+            s = np.einsum("gf,fbk->gbk", self._assign.astype(np.float64), v)
+            signal = 0.5 * (np.square(s).sum((0, 2)) - np.square(v).sum((0, 2)))
+        dense_t = np.asarray(batch.dense, np.float32).T
+        return self.bias + self.interaction_scale * signal + self.dense_weights @ dense_t
+
     def probabilities(self, batch: Batch) -> np.ndarray:
         """Teacher click probabilities of a (host) batch: f32[B]."""
         return _sigmoid(self.logits(batch)).astype(np.float32)
