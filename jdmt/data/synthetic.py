@@ -472,14 +472,20 @@ class SyntheticData:
             return self._deep_term(ids_t, lengths_t)
         return self._interactions(ids_t, lengths_t)
 
+    def _slot_hashes(self, ids_t: np.ndarray, lengths_t: np.ndarray):
+        """u64[slots, B] latent hashes of the id slots (four int16 latent codes
+        each) and bool[slots, B]: the slot holds a valid id."""
+        h = splitmix64(ids_t.astype(np.uint64) ^ self._col_table_key[:, None])
+        return h, self._pos[:, None] < lengths_t[self._col_feature]
+
     def _latent_sums(self, ids_t: np.ndarray, lengths_t: np.ndarray) -> np.ndarray:
         """f32[F, B, k]: each feature's sum of its valid ids' latent codes plus
         half their count; times `_LATENT_SCALE` that is the sum of the latents
         (each of mean 0 and variance about 1)."""
         fs = self.features
         b = ids_t.shape[1]
-        h = splitmix64(ids_t.astype(np.uint64) ^ self._col_table_key[:, None])  # [slots, B]
-        h *= self._pos[:, None] < lengths_t[self._col_feature]  # padding -> latent code 0
+        h, valid = self._slot_hashes(ids_t, lengths_t)
+        h *= valid  # padding -> latent code 0
         codes = h.view(np.int16).reshape(fs.total_slots, b, LATENT_DIM)
         sums = np.stack(
             [
@@ -491,7 +497,10 @@ class SyntheticData:
 
     def _deep_term(self, ids_t: np.ndarray, lengths_t: np.ndarray) -> np.ndarray:
         """The `deep` teacher: w3 . tanh(W2 tanh(W1 x)), x = sum-pooled latents of all features."""
-        v = self._latent_sums(ids_t, lengths_t) * _LATENT_SCALE  # [F, B, k]
+        return self._deep_net(self._latent_sums(ids_t, lengths_t) * _LATENT_SCALE)
+
+    def _deep_net(self, v: np.ndarray) -> np.ndarray:
+        """The `deep` teacher's network on sum-pooled latents v [F, B, k]: f64[B]."""
         x = np.transpose(v, (0, 2, 1)).reshape(-1, v.shape[1])  # [F*k, B]
         w1, w2, w3 = self._deep
         return (w3 @ np.tanh(w2 @ np.tanh(w1 @ x)))[0].astype(np.float64)
@@ -505,12 +514,15 @@ class SyntheticData:
         Returns:
           f64[B]: sum over groups of sum over pairs i<j of <v_i, v_j>.
         """
-        fs = self.features
-        b = ids_t.shape[1]
         # Each hash is 4 int16 codes c; the latent is (c + 0.5) * scale: mean 0, var ~1.
         n = lengths_t.astype(np.float32)[..., None]
         v = self._latent_sums(ids_t, lengths_t) * (_LATENT_SCALE / np.maximum(n, 1.0))
-        s = (self._assign @ v.reshape(len(fs.sparse), -1)).reshape(-1, b, LATENT_DIM)  # [G, B, k]
+        return self._group_pairs(v)
+
+    def _group_pairs(self, v: np.ndarray) -> np.ndarray:
+        """Sum over groups of sum over pairs i<j of <v_i, v_j>, v [F, B, k]: f64[B]."""
+        b = v.shape[1]
+        s = (self._assign @ v.reshape(len(self.features.sparse), -1)).reshape(-1, b, LATENT_DIM)
         sq = np.square(s).sum((0, 2), dtype=np.float64) - np.square(v).sum((0, 2), dtype=np.float64)
         return 0.5 * sq
 
@@ -585,10 +597,8 @@ class SyntheticData:
         `FeatureSet.offsets`), zero at padding positions.
         """
         ids_t = np.ascontiguousarray(np.asarray(batch.ids, np.int32).T)
-        lengths_t = np.asarray(batch.lengths, np.int32).T
-        h = splitmix64(ids_t.astype(np.uint64) ^ self._col_table_key[:, None])
+        h, valid = self._slot_hashes(ids_t, np.asarray(batch.lengths, np.int32).T)
         codes = h.view(np.int16).reshape(*ids_t.shape, LATENT_DIM).astype(np.float32)
-        valid = self._pos[:, None] < lengths_t[self._col_feature]
         return (codes + 0.5) * _LATENT_SCALE * valid[..., None]
 
     def logits_of_latents(self, batch: Batch, latents: np.ndarray) -> np.ndarray:
@@ -603,13 +613,9 @@ class SyntheticData:
         sums = np.stack([latents[off : off + f.max_len].sum(0, dtype=np.float64)
                          for f, off in zip(fs.sparse, fs.offsets, strict=True)])  # [F, B, k]
         if self.teacher == "deep":
-            x = np.transpose(sums, (0, 2, 1)).reshape(-1, sums.shape[1])
-            w1, w2, w3 = self._deep
-            signal = (w3 @ np.tanh(w2 @ np.tanh(w1 @ x)))[0]
+            signal = self._deep_net(sums)
         else:
-            v = sums / np.maximum(lengths_t, 1)[..., None]
-            s = np.einsum("gf,fbk->gbk", self._assign.astype(np.float64), v)
-            signal = 0.5 * (np.square(s).sum((0, 2)) - np.square(v).sum((0, 2)))
+            signal = self._group_pairs(sums / np.maximum(lengths_t, 1)[..., None])
         dense_t = np.asarray(batch.dense, np.float32).T
         return self.bias + self.interaction_scale * signal + self.dense_weights @ dense_t
 
