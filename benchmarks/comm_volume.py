@@ -20,7 +20,9 @@ sparse update. Two figures per path, summed over all devices:
 The dense model's gradient all-reduce is left out: it is the same for every
 path, and it does not depend on the batch.
 
-Paths: flat table_wise, row_wise and table_row_wise; SPTT with the identity
+Paths: flat table_wise, row_wise (two hops: requests de-duplicated per
+host), row_wise_device (each device asks the owners directly) and
+table_row_wise; SPTT with the identity
 module (the flat model's embeddings over the two-hop path) and with each
 compressing Tower Module (linear, dcn, mlp) to `--tower-dim` values per
 tower. One JSON object per path, then a summary: each path's cross-host
@@ -111,6 +113,9 @@ def main() -> None:
 
     paths = [("flat", t, lambda t=t: flat_step(fitted(ShardedEmbeddings(features, mesh, t, opt))))
              for t in ("table_wise", "row_wise", "table_row_wise")]
+    # row-wise with each device asking the owners directly (no per-host de-duplication)
+    paths.insert(2, ("flat", "row_wise_device", lambda: flat_step(fitted(
+        ShardedEmbeddings(features, mesh, "row_wise", opt, row_dedup="device")))))
     paths.append(("sptt", "identity", lambda: identity_step(_fit_sptt(
         SPTT(features, mesh, part.towers, part.hosts, opt, module="identity"), fitted))))
     for module in ("linear", "dcn", "mlp"):
@@ -153,6 +158,8 @@ def main() -> None:
             "cross_host_wire_over_payload": round(float(rep.cross_host_bytes) / max(cross, 1.0), 3),
             "dedup_ratio": (round(int(st["ids_unique"]) / int(st["ids_requested"]), 4)
                             if int(st["ids_requested"]) else None),
+            "host_dedup_ratio": (round(int(st["ids_unique_host"]) / int(st["ids_requested"]), 4)
+                                 if int(st["ids_unique_host"]) else None),
             "cross_host_wire_bytes_per_device": float(rep.per_device_cross_host_bytes),
             "intra_host_wire_bytes_per_device": float(rep.per_device_intra_host_bytes),
             # Per-device payload at each level over the Topology's bandwidths (TorchRec's defaults).

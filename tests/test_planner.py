@@ -1,5 +1,6 @@
 """The sharding planner: cost model sanity, budget, baselines, and plans that run."""
 
+import dataclasses
 import functools
 import json
 
@@ -50,9 +51,11 @@ def types_of(plan):
 
 def test_cross_host_bytes_come_only_from_peers_on_other_hosts():
     """Bytes are split by the sender's host, a device's traffic to itself is
-    free, and the mesh shape only moves bytes between the two levels."""
+    free, and the mesh shape only moves bytes between the two levels (on
+    the direct row route; two hops add a hop inside the host:
+    `test_cost_model_counts`)."""
     feats = FeatureSet((SparseFeature("a", 1000, 16, 4), SparseFeature("b", 50, 8, 2)), num_dense=1)
-    model = AnalyticCostModel()
+    model = AnalyticCostModel(row_dedup="device")
     totals = []
     for hosts, local in ((1, 8), (2, 4), (8, 1), (4, 2)):
         pr = Problem(feats, hosts, local, 64)
@@ -103,7 +106,8 @@ def test_cost_model_counts():
     assert half.lookup_s[3] == pytest.approx(tw.lookup_s[3] / 2)
     assert half.cross_host_bytes[0, 3] == 4 * 4 * b * (1 + p / 2)
 
-    rw = model.evaluate(pr, {"a": Placement("row_wise", range(8))})
+    direct = dataclasses.replace(model, row_dedup="device")
+    rw = direct.evaluate(pr, {"a": Placement("row_wise", range(8))})
     # unique rows: u b p = 12 per device, 1.5 to each shard: 4 B asked, 64 B back
     per_peer = 1.5 * (4 + 64)
     assert rw.cross_host_bytes[0].tolist() == [4 * per_peer] * 8
@@ -114,6 +118,19 @@ def test_cost_model_counts():
     assert np.ptp(rw.lookup_s) == 0
     # each device pools its 24 ids from the rows back and serves 12 unique rows
     assert rw.lookup_s[0] == pytest.approx((24 * 64 + 12 * (64 + 128)) / model.memory_bw)
+    # two hops (the default on 2x4), a host's requests a quarter unique: each
+    # device sends its host's device of each local rank 12 / 4 = 3 requests
+    # (4 B, 64 B back); that device asks the owner on the other host for
+    # u_h L b p / S = 0.125 * 4 * 8 * 3 / 8 = 1.5 rows (4 B, 64 B back)
+    hop = dataclasses.replace(model, host_unique_fraction=0.125)
+    rw2 = hop.evaluate(pr, {"a": Placement("row_wise", range(8))})
+    assert rw2.intra_host_bytes[0].tolist() == [3 * 3 * (4 + 64)] * 8
+    assert rw2.cross_host_bytes[0].tolist() == [1.5 * (4 + 64)] * 8
+    assert rw2.cross_host_bytes[1].tolist() == [1.5 * 64] * 8  # gradients: 1.5 rows from the other host
+    assert rw2.intra_host_bytes[1].tolist() == [3 * 3 * 64] * 8
+    # pool 24 ids; hand 12 rows back to the requesters; serve 2 x 1.5 unique rows
+    assert rw2.lookup_s[0] == pytest.approx((24 * 64 + 12 * 64 + 3 * (64 + 128)) / model.memory_bw)
+    assert rw2.num_collectives == rw.num_collectives + 4
 
     dp = model.evaluate(pr, {"a": Placement("data_parallel", range(8))})
     assert dp.cross_host_bytes[:2].sum() == dp.intra_host_bytes[:2].sum() == 0
@@ -292,7 +309,9 @@ def test_payload_matches_the_measured_step(mesh24, sharding):
         u = _device_uniqueness(PAYLOAD, ids, lengths)
     pooling = {f.name: float(lengths[:, i].mean()) for i, f in enumerate(PAYLOAD.sparse)}
     pr = Problem(PAYLOAD, 2, 4, PAYLOAD_BATCH, optimizer=opt, pooling=pooling)
-    c = AnalyticCostModel(unique_fraction=u).evaluate(pr, plan)
+    u_host = st["ids_unique_host"] / st["ids_requested"] if st["ids_unique_host"] else None
+    assert (u_host is not None) == (sharding == "row_wise")  # two hops on 2x4
+    c = AnalyticCostModel(unique_fraction=u, host_unique_fraction=u_host).evaluate(pr, plan)
     model = {
         "forward": (c.cross_host_bytes[0].sum(), c.intra_host_bytes[0].sum()),
         "update": (c.cross_host_bytes[1:].sum(), c.intra_host_bytes[1:].sum()),

@@ -197,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "on CPU; the Pallas kernels are chosen only by name until they have been "
                    "verified on GPU and TPU hardware), pallas (Mosaic GPU needs compute "
                    "capability 9.0; on CPU interpreted: slow, for checks) or xla")
+    p.add_argument("--row-dedup", type=_one_of("row dedup", ("host", "device")), default=d.row_dedup,
+                   help="row-wise tables: de-duplicate requests per host before they cross hosts "
+                   "(host: two hops, inside the host first; applies with more than one host of "
+                   "more than one device) or per device (device: ask the owners directly)")
     p.add_argument("--embedding-optimizer", type=_one_of("embedding optimizer", EMB_OPTIMIZERS),
                    default=d.embedding_optimizer,
                    help=f"fused sparse optimizer of the tables; one of: {', '.join(EMB_OPTIMIZERS)}")
@@ -414,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             keep_checkpoints=args.keep_checkpoints,
             resume=args.resume,
             kernel=args.kernel,
+            row_dedup=args.row_dedup,
             eval_data=args.eval_data,
             teacher=args.teacher,
             lr_schedule=args.lr_schedule,

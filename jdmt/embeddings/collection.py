@@ -39,6 +39,8 @@ from jdmt.embeddings.exchange import MODES, broadcast
 from jdmt.embeddings.flat import Caps, Stats, WidthRoute, owner_rows
 from jdmt.embeddings.hosted import HostCaps, HostPath
 from jdmt.embeddings.layout import Layout, Memory, storage_name
+from jdmt.embeddings import two_hop
+from jdmt.embeddings.two_hop import HopCaps, TwoHopRows
 from jdmt.embeddings.types import (
     OptimizerKind,
     Placement,
@@ -145,6 +147,13 @@ class ShardedEmbeddings:
       towers: the host path stops at the entry devices: `forward` returns
         the hosted bags pooled there (the Tower Modules' inputs) instead of
         embeddings at the requesters (every feature must be hosted).
+      row_dedup: how row-wise requests are de-duplicated before they cross
+        hosts: "host" (default; `jdmt.embeddings.two_hop`: inside the host
+        first, then one request per host and row across hosts) or
+        "device" (every device asks the row shards directly, one request
+        per device and row). "host" applies on meshes with more than one
+        host and more than one device per host; elsewhere both are the
+        direct route.
     """
 
     def __init__(
@@ -161,8 +170,11 @@ class ShardedEmbeddings:
         bag_features=None,
         host_features=None,
         towers: bool = False,
+        row_dedup: str = "host",
     ):
         self.features = features
+        if row_dedup not in ("host", "device"):
+            raise ValueError(f"row_dedup must be 'host' or 'device', got {row_dedup!r}")
         platform = mesh.devices.flat[0].platform
         self.impl = kernel if isinstance(kernel, Impl) else resolve(kernel, platform=platform)
         if self.impl.pallas:
@@ -211,7 +223,17 @@ class ShardedEmbeddings:
                 i for i in hosted if features.sparse[i].pooled and i in bag)
             self.host = HostPath(self.layout, frozenset(hosted), host_bags, towers=self.towers)
             exclude = frozenset(self.host.piece.values())
-        self.routes = {w: WidthRoute(self.layout, w, bag, exclude) for w in self.layout.widths}
+        # row-wise pieces of a width take two hops where de-duplication per host applies
+        self.hops: dict[int, TwoHopRows] = {}
+        if row_dedup == "host":
+            for w in self.layout.widths:
+                rw = [i for i, p in enumerate(self.layout.pieces) if p.width == w and i not in exclude
+                      and p.type is ShardingType.ROW_WISE and not p.replicated]
+                if rw and two_hop.usable(self.layout, w):
+                    self.hops[w] = TwoHopRows(self.layout, w, rw)
+        self.row_dedup = "host" if self.hops else "device"
+        hopped = frozenset(i for r in self.hops.values() for i in r.pieces)
+        self.routes = {w: WidthRoute(self.layout, w, bag, exclude | hopped) for w in self.layout.widths}
         self.routes = {w: r for w, r in self.routes.items() if r.pieces}
         self._caps: dict[int, dict[int, Caps]] = {}
         self.version = 0  # bumped when capacities change (re-trace jitted steps)
@@ -253,11 +275,12 @@ class ShardedEmbeddings:
 
     def caps(self, batch: int) -> dict:
         """Block capacities for a local batch of `batch` samples:
-        `{"flat": {width: Caps}, "host": HostCaps or None}`."""
+        `{"flat": {width: Caps}, "host": HostCaps or None, "hop": {width: HopCaps}}`."""
         if batch not in self._caps:
             self._caps[batch] = {
                 "flat": {w: r.default_caps(batch) for w, r in self.routes.items()},
                 "host": None if self.host is None else self.host.default_caps(batch),
+                "hop": {w: r.default_caps(batch) for w, r in self.hops.items()},
             }
         return self._caps[batch]
 
@@ -291,7 +314,11 @@ class ShardedEmbeddings:
                 {w: up(v, f"host/host_rows_{w}", bd.host_rows[w]) for w, v in host.host_rows.items()},
                 {w: up(v, f"host/fwd_rows_{w}", bd.fwd_rows[w]) for w, v in host.fwd_rows.items()},
             )
-        new = {"flat": flat, "host": host}
+        hop = {}
+        for w, c in old["hop"].items():
+            bd = self.hops[w].bound(batch)
+            hop[w] = HopCaps(up(c.local, f"w{w}/rows_local", bd.local), up(c.host, f"w{w}/rows_host", bd.host))
+        new = {"flat": flat, "host": host, "hop": hop}
         self.set_caps(batch, new)
         return new
 
@@ -310,6 +337,8 @@ class ShardedEmbeddings:
             out.update(r_.measure(canon))
         if self.host is not None:
             out.update(self.host.measure(canon))
+        for r_ in self.hops.values():
+            out.update(r_.measure(canon))
         return out
 
     def fit_caps(self, batch: int, need: Mapping[str, int], headroom: float = 1.25) -> dict:
@@ -333,7 +362,11 @@ class ShardedEmbeddings:
                 {w: fit(f"host/host_rows_{w}", v) for w, v in bd.host_rows.items()},
                 {w: fit(f"host/fwd_rows_{w}", v) for w, v in bd.fwd_rows.items()},
             )
-        self.set_caps(batch, {"flat": flat, "host": host})
+        hop = {}
+        for w, r in self.hops.items():
+            bd = r.bound(batch)
+            hop[w] = HopCaps(fit(f"w{w}/rows_local", bd.local), fit(f"w{w}/rows_host", bd.host))
+        self.set_caps(batch, {"flat": flat, "host": host, "hop": hop})
         return self._caps[batch]
 
     def describe_caps(self, batch: int) -> dict[str, int]:
@@ -359,6 +392,9 @@ class ShardedEmbeddings:
                 if hp.host_row[w]["features"]:
                     out[f"host/host_rows_{w}"] = h.host_rows[w]
                     out[f"host/fwd_rows_{w}"] = h.fwd_rows[w]
+        for w, hc in c["hop"].items():
+            out[f"w{w}/rows_local"] = hc.local
+            out[f"w{w}/rows_host"] = hc.host
         return out
 
     @staticmethod
@@ -531,6 +567,13 @@ class ShardedEmbeddings:
                     outs[i] = bag[k]
                 for k, i in enumerate(route.row_pieces):
                     outs[i] = rows[k]
+            ctx["hop"] = {}
+            for w, route in self.hops.items():
+                rows, c, s = route.forward(weights[storage_name(w)], canon, caps["hop"][w], mode, impl)
+                ctx["hop"][w] = {**c, "read": c["read"][None]}
+                st.append(s)
+                for k, i in enumerate(route.pieces):
+                    outs[i] = rows[k]
             entry = None
             if self.host is not None:
                 tables = {w: weights[storage_name(w)] for w in self.host.widths}
@@ -651,6 +694,11 @@ class ShardedEmbeddings:
                 g_bag = (jnp.stack([gp[i] for i in route.bag_pieces]) if route.bag_pieces else None)
                 g_rows = {k: gp[i] for k, i in enumerate(route.row_pieces)}
                 rows, src, g, s = route.backward(c, g_bag, g_rows, caps["flat"][w], mode)
+                st.append(s)
+                streams.setdefault(storage_name(w), []).append((rows, src, g))
+            for w, route in self.hops.items():
+                c = {**ctx["hop"][w], "read": ctx["hop"][w]["read"][0]}
+                rows, src, g, s = route.backward(c, {k: gp[i] for k, i in enumerate(route.pieces)}, mode)
                 st.append(s)
                 streams.setdefault(storage_name(w), []).append((rows, src, g))
             if self.host is not None:
@@ -868,6 +916,7 @@ def _reduce(stats, bad) -> dict:
     intra = sum((s.intra for s in stats), jnp.zeros((), jnp.float32))
     req = sum((s.requested for s in stats), jnp.zeros((), jnp.int32))
     uni = sum((s.unique for s in stats), jnp.zeros((), jnp.int32))
+    host_uni = sum((s.host_unique for s in stats), jnp.zeros((), jnp.int32))
     over = jnp.zeros((), jnp.int32)
     for s in stats:
         over = jnp.maximum(over, s.overflow)
@@ -877,6 +926,7 @@ def _reduce(stats, bad) -> dict:
         "payload_intra_host_bytes": lax.psum(intra, DEVICES),
         "ids_requested": lax.psum(req, DEVICES),
         "ids_unique": lax.psum(uni, DEVICES),
+        "ids_unique_host": lax.psum(host_uni, DEVICES),
         "out_of_range": lax.psum(bad, DEVICES),
         "overflow": lax.pmax(over, DEVICES),
         "need": need,

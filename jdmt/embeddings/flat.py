@@ -12,8 +12,9 @@ For the pieces of one width (`WidthRoute`), a step:
    table-wise, column shards): every bag of the local batch goes to the
    piece's owner (`routing.bag_send`); the owner pools it and returns one
    row per bag; the backward returns one gradient row per bag.
-2. *rows* (row-wise pieces, sequence features, and pooled bags where asking
-   for unique rows is cheaper): the ids are de-duplicated per owner
+2. *rows* (row-wise pieces, unless they take two hops (`two_hop`),
+   sequence features, and pooled bags where asking for unique rows is
+   cheaper): the ids are de-duplicated per owner
    (`routing.row_send`), each owner returns each asked row once, and the
    requester pools (or places) them; the backward sums each unique row's
    gradients before they go back.
@@ -392,6 +393,7 @@ class Stats:
         self.needs: dict[str, jax.Array] = {}
         self.requested = jnp.zeros((), jnp.int32)
         self.unique = jnp.zeros((), jnp.int32)
+        self.host_unique = jnp.zeros((), jnp.int32)  # rows a host asks across (`two_hop`)
 
     def payload(self, sizes, row_bytes, peer_host, my_host, me):
         c, i = payload_bytes(sizes, row_bytes, peer_host, my_host, me)

@@ -35,6 +35,7 @@ __all__ = [
     "gather_rows",
     "pool_rows",
     "row_send",
+    "send_keys",
 ]
 
 _BIG = jnp.iinfo(jnp.int32).max
@@ -121,7 +122,6 @@ def row_send(rows: jax.Array, piece: jax.Array, stride: jax.Array, devices: jax.
     several times more) and each id finds its key among the unique ones by
     binary search.
     """
-    n = rows.shape[0]
     ok = rows >= 0
     r = jnp.maximum(rows, 0)
     k = stride[piece]
@@ -130,7 +130,15 @@ def row_send(rows: jax.Array, piece: jax.Array, stride: jax.Array, devices: jax.
     local = offsets[piece, s] + r // k
     if peers * rows_per_peer >= _BIG:  # keys do not fit in int32: sort the pairs
         return _row_send_pairs(dst, local, ok, rows_per_peer, peers, cap)
-    key = jnp.where(ok, dst * rows_per_peer + local, _BIG)
+    return send_keys(jnp.where(ok, dst * rows_per_peer + local, -1), rows_per_peer, peers, cap)
+
+
+def send_keys(key: jax.Array, rows_per_peer: int, peers: int, cap: int):
+    """`row_send` of ready keys: i32[n] `peer * rows_per_peer + local row`
+    (-1: none), `peers * rows_per_peer` within int32. Same returns."""
+    n = key.shape[0]
+    ok = key >= 0
+    key = jnp.where(ok, key, _BIG)
     skey = lax.sort(key)
     valid = skey != _BIG
     new = jnp.concatenate([jnp.ones((1,), bool), skey[1:] != skey[:-1]]) & valid

@@ -45,6 +45,12 @@ Routes, per table (`jdmt.embeddings.flat`, `.hosted`, `.collection`):
   table, spread evenly over the S row shards that hold rows (S = 1 for a
   whole piece, min(R, N) row-wise); each owner returns 4 w per request, and
   backward receives 4 w per request.
+- *row-wise in two hops* (`row_dedup="host"`, the default on meshes with
+  H > 1 and L > 1): a device sends its U = u B p unique requests to the
+  device of its host with the owner's local rank (4 B, 4 w back, 4 w of
+  gradient); that device merges its host's requests and asks each owner
+  on another host for u_h L B p / S rows (u_h = `host_unique_fraction`),
+  4 B out, 4 w back, 4 w of gradient.
 - *table-row-wise* (the host path, table on host h): a pooled bag (P > 1)
   goes first to its *entry*, the device of host h with the requester's
   local rank, over `host` (4 B (1 + p), free when the requester is on h);
@@ -320,16 +326,29 @@ class AnalyticCostModel:
       access_bytes: granularity of memory accesses: a row's read (or its
         optimizer state's) costs whole accesses (GPU sectors are 32 bytes),
         so very narrow column shards are not free.
+      row_dedup: the route of row-wise tables, as `ShardedEmbeddings`'
+        `row_dedup`: "host" (two hops, one request per host and row across
+        hosts, on meshes with H > 1 and L > 1) or "device" (direct).
+      host_unique_fraction: with "host", the fraction of a host's ids (to
+        the owners of one local rank) that are distinct rows: it sizes the
+        cross-host hop (`ids_unique_host / ids_requested`). None: the same
+        as `unique_fraction` (no gain from merging a host's requests assumed).
     """
 
     memory_bw: float = 900e9
     id_bytes: float = 16.0
     unique_fraction: float = 0.5
     access_bytes: int = 32
+    row_dedup: str = "host"
+    host_unique_fraction: float | None = None
 
     def __post_init__(self):
         if self.memory_bw <= 0 or self.id_bytes < 0 or not 0 < self.unique_fraction <= 1:
             raise ValueError("memory_bw > 0, id_bytes >= 0 and 0 < unique_fraction <= 1 needed")
+        if self.row_dedup not in ("host", "device"):
+            raise ValueError(f"row_dedup must be 'host' or 'device', got {self.row_dedup!r}")
+        if self.host_unique_fraction is not None and not 0 < self.host_unique_fraction <= 1:
+            raise ValueError("0 < host_unique_fraction <= 1 needed")
         if self.access_bytes < 1:
             raise ValueError("access_bytes must be >= 1")
 
@@ -353,6 +372,8 @@ class _Costing:
         self.n, self.hosts, self.local = problem.num_devices, problem.hosts, problem.local
         self.b = problem.local_batch
         self.u = model.unique_fraction
+        self.u_host = model.host_unique_fraction or model.unique_fraction
+        self.two_hop = model.row_dedup == "host" and self.hosts > 1 and self.local > 1
         self.ib = model.id_bytes
         # bytes[phase, to, from], and terms added to it at the end: what every
         # device sends device d (to_dev), what d sends every device (from_dev),
@@ -374,6 +395,7 @@ class _Costing:
         # exchanges by route, for `num_collectives`
         self.flat_bags: set[int] = set()
         self.flat_rows: set[int] = set()
+        self.hop_rows: set[int] = set()
         self.host_widths: set[int] = set()
         self.host_bag_widths: set[int] = set()
         self.host_row_widths: set[int] = set()
@@ -435,6 +457,28 @@ class _Costing:
         self.work_all += self.b * p * (self.ib + self.read(w))  # de-duplicate, pool the rows back
         self.work[devices] += self.n * per * (2 * self.ib + self.read(w) + self.apply(w))
         self.flat_rows.add(w)
+
+    def rows_two_hop(self, devices: list[int], w: int, p: float) -> None:
+        """Unique rows of row shards `devices` in two hops (`embeddings.two_hop`):
+        each requester's U = u B p requests go to the device of its host with
+        the owner's local rank; that device asks each owner on another host
+        for the u_h L B p / S unique rows of its host, once."""
+        b, h, ln = self.b, self.hosts, self.local
+        d = np.asarray(devices)
+        s = len(d)
+        frac = np.bincount(d % ln, minlength=ln) / s  # a requester's share to each local rank
+        big_u = self.u * b * p
+        m1 = np.kron(np.eye(h), np.broadcast_to(frac[:, None], (ln, ln)))  # [to entry, from requester]
+        x = self.u_host * ln * b * p / s
+        m2 = np.zeros((self.n, self.n))  # [to owner, from entry]
+        for hh in range(h):
+            m2[d, hh * ln + d % ln] = 1.0
+        self.bytes[0] += _F32 * big_u * m1 + _F32 * w * big_u * m1.T + _F32 * x * m2 + _F32 * w * x * m2.T
+        self.bytes[1] += _F32 * w * big_u * m1 + _F32 * w * x * m2
+        self.work_all += b * p * (self.ib + self.read(w))  # de-duplicate, pool the rows back
+        self.work += big_u * ln * np.tile(frac, h) * (2 * self.ib + self.read(w))  # merge, hand rows back
+        self.work[d] += h * x * (2 * self.ib + self.read(w) + self.apply(w))
+        self.hop_rows.add(w)
 
     def hosted(self, host: int, shards: int, w: int, p: float, bag: bool) -> None:
         """A table-row-wise table on `host`, rows on its first `shards` devices."""
@@ -502,7 +546,9 @@ class _Costing:
                 s = len(devs)
                 self.own(devs, f.dim, np.maximum(0, (f.rows - np.arange(s) + s - 1) // s))
                 shards = devs[: min(s, f.rows)]  # the shards holding rows get the ids
-                if t is ShardingType.ROW_WISE:
+                if t is ShardingType.ROW_WISE and self.two_hop:
+                    self.rows_two_hop(shards, f.dim, p)
+                elif t is ShardingType.ROW_WISE:
                     self.rows(shards, f.dim, p)
                 else:
                     self.hosted(devs[0] // ln, len(shards), f.dim, p, bag)
@@ -540,11 +586,11 @@ class _Costing:
     def collectives(self) -> int:
         """The step's collectives, as `ShardedEmbeddings` issues them: per flat
         width, bags and unique rows each take a size exchange and three
-        exchanges; the host path one hop of bags (two) and per width their
+        exchanges; two-hop row-wise rows twice that (eight); the host path one hop of bags (two) and per width their
         return (two), the in-host unique rows (four) and the forwarded host
         rows (eight); each data-parallel width two broadcasts (four); each
         column-split width one all-reduce."""
-        c = 4 * (len(self.flat_bags) + len(self.flat_rows))
+        c = 4 * (len(self.flat_bags) + len(self.flat_rows)) + 8 * len(self.hop_rows)
         if self.host_bag_widths:
             c += 2 + 2 * len(self.host_widths) + 4 * len(self.host_bag_widths)
         c += 8 * len(self.host_row_widths)

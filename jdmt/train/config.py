@@ -127,6 +127,10 @@ class TrainConfig:
         kernels have run on GPU and TPU hardware), 'pallas'
         (`jdmt.pallas_kernels`; in interpret mode on CPU: slow, for checks)
         or 'xla'.
+      row_dedup: where row-wise tables' requests are de-duplicated before
+        they cross hosts: 'host' (two hops: inside the host first, then one
+        request per host and row; on meshes of more than one host of more
+        than one device) or 'device' (each device asks the owners directly).
       eval_data: with `data='criteo:PATH'`, a separate held-out Criteo file
         (e.g. day 23): the eval batches are its first examples and training
         reads all of PATH. None: the head of PATH is held out.
@@ -182,6 +186,7 @@ class TrainConfig:
     resume: bool = False
     keep_checkpoints: int = 3
     kernel: str = "auto"
+    row_dedup: str = "host"
     eval_data: str | None = None
     teacher: str = "dlrm"
     lr_schedule: str = "constant"
@@ -235,6 +240,8 @@ class TrainConfig:
             _choice("sharding", self.sharding, ShardingType)
         _choice("embedding_optimizer", self.embedding_optimizer, OptimizerKind)
         _choice("kernel", self.kernel, Kernel)
+        if self.row_dedup not in ("host", "device"):
+            raise ValueError(f"row_dedup must be 'host' or 'device', got {self.row_dedup!r}")
         if self.combiner is not None:
             _choice("combiner", self.combiner, Combiner)
         for name in ("steps", "global_batch", "embedding_dim", "eval_batches", "num_tables",

@@ -147,7 +147,7 @@ class Trainer:
             self.emb = self.sptt.emb
         else:
             self.emb = ShardedEmbeddings(self.features, self.mesh, sharding, sparse_opt,
-                                         kernel=config.kernel)
+                                         kernel=config.kernel, row_dedup=config.row_dedup)
         if config.model == "dcn":
             self.model = DCN(config.embedding_dim, bottom=config.bottom_mlp, top=config.top_mlp,
                              sequence_pooling=config.sequence_pooling)
@@ -214,6 +214,8 @@ class Trainer:
                 path += " (planner; plan above)"
         exchange = (self.emb.exchange_mode if self.emb.exchange_mode != "auto" else
                     "padded all-to-all" if jax.default_backend() == "cpu" else "ragged all-to-all")
+        if self.emb.hops:
+            exchange += ", row-wise requests de-duplicated per host (two hops)"
         return (f"mesh {self.hosts}x{self.local}, {cfg.model}, {path}, kernels {self._kernel_name()}, "
                 f"exchange {exchange}")
 
@@ -259,7 +261,7 @@ class Trainer:
 
         The mean bag sizes come from the synthetic data's length model when
         it has one (else the caps)."""
-        from jdmt.planner import auto_plan
+        from jdmt.planner import AnalyticCostModel, auto_plan
 
         frac = getattr(self.data, "mean_len_frac", None)
         pooling = None if frac is None else {
@@ -268,6 +270,7 @@ class Trainer:
         return auto_plan(
             self.features, self.hosts, self.local, self.config.global_batch,
             optimizer=optimizer, topology=Topology.from_mesh(self.mesh), pooling=pooling,
+            cost_model=AnalyticCostModel(row_dedup=self.config.row_dedup),
         )
 
     def _check_features(self) -> None:
@@ -449,6 +452,7 @@ class Trainer:
             "payload_intra_host_bytes": stats["payload_intra_host_bytes"] + ustats["payload_intra_host_bytes"],
             "ids_requested": stats["ids_requested"],
             "ids_unique": stats["ids_unique"],
+            "ids_unique_host": stats["ids_unique_host"],
         }
 
     def compiled_step(self, state: TrainState):
@@ -755,6 +759,9 @@ class Trainer:
             "intra_host_payload_bytes_per_step": _mean(stats["payload"]["intra"]),
             "dedup_ratio": (stats["payload"]["unique"] / stats["payload"]["requested"]
                             if stats["payload"]["requested"] else None),
+            "row_dedup": "host" if self.emb.hops else "device",
+            "host_dedup_ratio": (stats["payload"]["unique_host"] / stats["payload"]["requested"]
+                                 if stats["payload"]["unique_host"] else None),
             "overflow_steps": self.overflow_steps,
             "exchange_capacities": self.capacities,
             **self.emb.memory().to_json(),
@@ -787,7 +794,7 @@ class Trainer:
         p0 = min(start + 1, cfg.steps - 1)
         p1 = min(p0 + 3, cfg.steps)
         tracing = False
-        payload = {"cross": [], "intra": [], "requested": 0, "unique": 0}
+        payload = {"cross": [], "intra": [], "requested": 0, "unique": 0, "unique_host": 0}
 
         def evaluate(at: int) -> dict:
             ev = self.evaluate(state)
@@ -830,6 +837,7 @@ class Trainer:
                 payload["intra"].append(float(stats["payload_intra_host_bytes"]))
                 payload["requested"] += int(stats["ids_requested"])
                 payload["unique"] += int(stats["ids_unique"])
+                payload["unique_host"] += int(stats["ids_unique_host"])
                 t1 = time.perf_counter()
                 step_times.append(t1 - t0)
                 if s == start:
