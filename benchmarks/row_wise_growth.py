@@ -11,11 +11,11 @@ hosts:
 
 - `raw`: one per id occurrence (no de-duplication);
 - `per_device`: one per unique (requesting device, feature, row): what the
-  flat row-wise path sends (`jdmt.embeddings.flat`);
+  direct row-wise route sends (`--row-dedup=device`, `jdmt.embeddings.flat`);
 - `per_host`: one per unique (requesting host, feature, row): the least any
   routing can send across hosts, since every host must receive each row it
-  needs from another host at least once (two hops with de-duplication at an
-  entry device would reach it).
+  needs from another host at least once; jdmt's default two-hop route
+  (`--row-dedup=host`, `jdmt.embeddings.two_hop`) sends exactly this.
 
 and the growth of each from the first mesh to the second. The growth of
 `per_host` is the floor for any row-wise exchange: de-duplication removes
