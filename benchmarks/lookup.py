@@ -9,6 +9,13 @@ tables of `--rows` x `--dim`, `--batch` bags per table of exactly
     python benchmarks/lookup.py                  # the defaults below
     python benchmarks/lookup.py --tuned-malloc   # re-run under a tuned glibc malloc
     python benchmarks/lookup.py --kernel=pallas  # Pallas kernels vs XLA
+    JDMT_PEER=DIR python benchmarks/lookup.py    # and FBGEMM / TorchRec beside it
+
+With a peer (`--peer DIR`, `benchmarks/peers.py`), the one-device figures
+are measured in `--rounds` rounds, jdmt and FBGEMM's CPU TBE (and TorchRec's
+FusedEBC) alternately on the same shape and id distribution, and the
+one-device JSON objects carry the peer's medians and the ratios
+(`ratio_to_fbgemm`: jdmt's time over FBGEMM's, below 1 is faster).
 
 `--kernel=pallas` (or `auto` on a GPU or TPU) times the Pallas kernels
 (`jdmt.pallas_kernels`) and the XLA path side by side on the accelerator,
@@ -18,8 +25,6 @@ table of known chips). On CPU the kernels only run interpreted, so it
 checks them instead: forward and one training step of every configuration
 against the XLA path, at a smaller shape (`--check-*`), no timings.
 
-Measured before on a 2-core CPU: FBGEMM's CPU TBE 61-67 ms for
-forward + backward + row-wise Adagrad, 19-21 ms forward only.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import os
 import statistics
 import sys
 import time
+
+import peers
 
 TUNED_MALLOC = {
     "MALLOC_ARENA_MAX": "1",
@@ -64,7 +71,13 @@ def parse_args(argv=None):
     p.add_argument("--check-rows", type=int, default=2000, help="rows per table of the CPU check")
     p.add_argument("--check-batch", type=int, default=256, help="bags per table of the CPU check")
     p.add_argument("--check-tables", type=int, default=4, help="tables of the CPU check")
-    return p.parse_args(argv)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="with a peer: rounds of jdmt then the peer on the one-device shape")
+    peers.add_arguments(p)
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
+    return args
 
 
 # Peak memory bandwidth in GB/s by `device_kind` (vendor data sheets).
@@ -235,12 +248,16 @@ def time_kernels(args) -> list[dict]:
 
 
 def run(args) -> list[dict]:
-    """The XLA path: every configuration with each sparse update."""
+    """The XLA path: every configuration with each sparse update; with a peer,
+    the one-device ones alternately with FBGEMM's TBE and TorchRec's FusedEBC."""
     import jax
     import numpy as np
 
     from jdmt.embeddings import cpu_kernels
 
+    peer, reason = peers.find(args.peer, args.peer_python)
+    if peer is None:
+        peers.warn_missing(reason)
     feats, ids, lengths, weights = workload(args, args.tables, args.rows, args.batch)
     lookups = args.batch * args.tables * args.pooling
     unique = np.mean([len(np.unique(ids[:, feats.columns(f.name)])) for f in feats.sparse])
@@ -248,13 +265,51 @@ def run(args) -> list[dict]:
     if "cpu" in updates and not cpu_kernels.available():
         print(f"# CPU kernel unavailable: {cpu_kernels.unavailable_reason()}", file=sys.stderr)
         updates = [u for u in updates if u != "cpu"]
+    runs = [(c, u) for c in configs(args) for u in updates]
+    single = [r for r in runs if r[0][0] == "1x1"] if peer is not None else []
+    # with a peer, the one-device configurations go first, in rounds with it
+    timed = {}
+    if single:
+        built = {u: build(feats, c[0], c[1], c[2], "xla", ids, lengths, weights,
+                          cpu_update=u == "cpu")[2:] for c, u in single}
+        rounds = []
+        for r in range(args.rounds):
+            row = {}
+            for u, (fwd, step) in built.items():
+                row[u] = (median_ms(fwd, args.iters), median_ms(step, args.iters))
+            row["peer"] = peers.ebc_bench(
+                peer, tables=args.tables, rows=args.rows, dim=args.dim, batch=args.batch,
+                pooling=args.pooling, alpha=args.alpha, iters=args.iters,
+                variants=(peers.TBE_FWD, peers.TBE_STEP, peers.TORCHREC_STEP))["ms"]
+            print(f"# round {r + 1}/{args.rounds}: " + ", ".join(
+                f"jdmt {u}-update fwd {row[u][0]:.1f} ms step {row[u][1]:.1f} ms" for u in built)
+                + ", " + ", ".join(f"{k} {v:.1f} ms" for k, v in row["peer"].items()),
+                file=sys.stderr, flush=True)
+            rounds.append(row)
+            del row
+        for u in built:
+            timed[u] = {
+                "fwd_ms": statistics.median(r[u][0] for r in rounds),
+                "step_ms": statistics.median(r[u][1] for r in rounds),
+                "peer": {k: statistics.median(r["peer"][k] for r in rounds)
+                         for k in rounds[0]["peer"]},
+                "rounds": [{"jdmt_fwd_ms": round(r[u][0], 2), "jdmt_fwd_bwd_update_ms":
+                            round(r[u][1], 2), **{k: round(v, 2) for k, v in r["peer"].items()}}
+                           for r in rounds],
+            }
+        del built
     results = []
-    for (spec, sharding, devices), update in [(c, u) for c in configs(args) for u in updates]:
-        _, _, fwd, step = build(feats, spec, sharding, devices, "xla", ids, lengths, weights,
-                                cpu_update=update == "cpu")
-        fwd_ms = median_ms(fwd, args.iters)
-        step_ms = median_ms(step, args.iters)
-        results.append({
+    for (spec, sharding, devices), update in runs:
+        if spec == "1x1" and update in timed:
+            t = timed[update]
+            fwd_ms, step_ms = t["fwd_ms"], t["step_ms"]
+        else:
+            _, _, fwd, step = build(feats, spec, sharding, devices, "xla", ids, lengths, weights,
+                                    cpu_update=update == "cpu")
+            fwd_ms = median_ms(fwd, args.iters)
+            step_ms = median_ms(step, args.iters)
+            t = None
+        row = {
             "benchmark": "lookup",
             "mesh": spec,
             "devices": len(devices),
@@ -271,8 +326,25 @@ def run(args) -> list[dict]:
             "fwd_lookups_per_sec": round(lookups / (fwd_ms / 1e3)),
             "malloc_tuned": all(os.environ.get(k) == v for k, v in TUNED_MALLOC.items()),
             "backend": jax.default_backend(),
-        })
-        print(json.dumps(results[-1]), flush=True)
+        }
+        if spec == "1x1":
+            row["peer"] = peers.describe(peer, reason)
+        if t is not None:
+            p = t["peer"]
+            row["peer"].update({
+                "fbgemm_tbe_fwd_ms": round(p[peers.TBE_FWD], 2),
+                "fbgemm_tbe_fwd_bwd_update_ms": round(p[peers.TBE_STEP], 2),
+                "torchrec_fused_ebc_fwd_bwd_update_ms": round(p[peers.TORCHREC_STEP], 2),
+                "rounds": t["rounds"],
+            })
+            # jdmt's time over the peer's (medians over the rounds): below 1 is faster
+            row["ratio_to_fbgemm"] = {
+                "fwd": round(fwd_ms / p[peers.TBE_FWD], 3),
+                "fwd_bwd_update": round(step_ms / p[peers.TBE_STEP], 3),
+            }
+            row["ratio_to_torchrec"] = {"fwd_bwd_update": round(step_ms / p[peers.TORCHREC_STEP], 3)}
+        results.append(row)
+        print(json.dumps(row), flush=True)
     return results
 
 

@@ -5,7 +5,11 @@ port, gloo collectives; on CPU each emulates 4 devices), which train the
 DLRM with `jdmt.train.Trainer` on a `2x4` `('host','local')` mesh, and prints
 one JSON object: the shape, step time (median of the steps after the
 compiled first one), examples/s, the bytes per step that cross hosts and stay
-inside them (from the compiled step), and the ratio to TorchRec's reference.
+inside them (from the compiled step). With a peer (`--peer DIR`,
+`benchmarks/peers.py`), TorchRec's DistributedModelParallel trains the same
+shape in two gloo processes (its `dmp_dlrm.py`: fused FBGEMM TBE tables with
+row-wise Adagrad, its own sharding plan), alternately with jdmt for
+`--rounds` rounds, and the JSON gives both medians and their ratio.
 
 Workload: 26 tables x 100k rows x 64 dims, exactly 10 ids per bag (Zipf
 1.05), 13 dense features, 4096 examples per host (global 8192), sum pooling,
@@ -17,6 +21,7 @@ defaults (`dlrm_main.py`): bottom (dense arch) 512-256-64, top (over arch)
     python benchmarks/train_throughput.py --sharding=row_wise
     python benchmarks/train_throughput.py --tuned-malloc     # glibc malloc tuned (docs/design.md)
     python benchmarks/train_throughput.py --quick            # tiny smoke run
+    JDMT_PEER=DIR python benchmarks/train_throughput.py      # and TorchRec DMP beside it
     sudo python benchmarks/train_throughput.py --link=1000   # two namespaces, a 1 Gbit/s link
 
 The batches are made before training (a few distinct ones, cycled) so the
@@ -37,8 +42,8 @@ import sys
 import tempfile
 import time
 
-# TorchRec's run from the issue: the same shape, global batch 8192.
-TORCHREC = {"step_time_ms": 804.0, "examples_per_sec": 10_200.0, "global_batch": 8192}
+import peers
+
 TUNED_MALLOC = {
     "MALLOC_ARENA_MAX": "1",
     "MALLOC_MMAP_MAX_": "0",
@@ -82,6 +87,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800,
                    help="seconds to wait for the two processes")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="with a peer: rounds of jdmt then TorchRec (medians over the rounds)")
+    peers.add_arguments(p)
     # Internal: the launched processes.
     p.add_argument("--child", metavar="COORDINATOR", default=None, help=argparse.SUPPRESS)
     p.add_argument("--process-id", type=int, default=0, help=argparse.SUPPRESS)
@@ -91,6 +99,8 @@ def parse_args(argv=None):
         args.steps = 3 if args.quick else 20
     if args.steps < 2:
         p.error("--steps must be >= 2 (the first step compiles and is not timed)")
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
     return args
 
 
@@ -195,6 +205,52 @@ def _free_port() -> int:
 
 
 def launch(args) -> dict | int:
+    """jdmt's two processes, and with a peer TorchRec's, alternately for
+    --rounds rounds; prints and returns the report."""
+    peer, reason = peers.find(args.peer, args.peer_python)
+    if peer is not None and args.link is not None:
+        peer, reason = None, "the peer runs over loopback only (--link=loopback)"
+    if peer is None:
+        peers.warn_missing(reason)
+    runs, peer_runs = [], []
+    for r in range(args.rounds if peer is not None else 1):
+        got = _launch_on_link(args)
+        if isinstance(got, int):
+            return got
+        runs.append(got)
+        if peer is not None:
+            peer_runs.append(run_peer(peer, args))
+            print(f"# round {r + 1}: jdmt {got[0]['step_time_ms_median']:.1f} ms/step, TorchRec "
+                  f"DMP {peer_runs[-1]['step_time_ms_median']:.1f} ms/step", file=sys.stderr,
+                  flush=True)
+    out = report(args, runs, peer_runs, peers.describe(peer, reason))
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def run_peer(peer, args) -> dict:
+    """TorchRec DMP (dmp_dlrm.py) on jdmt's shape: two gloo processes, each
+    with half of this machine's cores as torch threads."""
+    shape = QUICK if args.quick else FULL
+    layers = lambda xs: ",".join(str(x) for x in xs)  # noqa: E731
+    argv = ["--nproc", str(PROCESSES), "--tables", str(shape["tables"]),
+            "--rows", str(shape["rows"]), "--dim", str(shape["dim"]),
+            "--pooling", str(shape["ids_per_bag"]), "--batch", str(shape["examples_per_host"]),
+            "--bottom-layers", layers([*shape["bottom_mlp"], shape["dim"]]),
+            "--top-layers", layers([*shape["top_mlp"], 1]),
+            "--threads", str(peer_threads()), "--iters", str(args.steps - 1),
+            "--port", str(_free_port())]
+    t0 = time.perf_counter()
+    out = peers.parse_dmp_dlrm(peer.run("dmp_dlrm.py", argv, args.timeout))
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def peer_threads() -> int:
+    return max(1, (os.cpu_count() or 2) // PROCESSES)
+
+
+def _launch_on_link(args):
     if args.link is None:
         return _launch(args, [[], []], "127.0.0.1")
     from two_hosts import two_hosts
@@ -203,7 +259,9 @@ def launch(args) -> dict | int:
         return _launch(args, prefixes, address)
 
 
-def _launch(args, prefixes: list[list[str]], address: str) -> dict | int:
+def _launch(args, prefixes: list[list[str]], address: str) -> tuple[dict, float, list] | int:
+    """One jdmt run: (its summary, wall seconds, load average before/after),
+    or an exit status."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.setdefault("JAX_PLATFORMS", "cpu")
     if args.tuned_malloc:
@@ -235,10 +293,7 @@ def _launch(args, prefixes: list[list[str]], address: str) -> dict | int:
         with open(result) as f:
             s = json.load(f)
         wall = time.perf_counter() - t0
-    load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-    out = report(args, s, wall, load)
-    print(json.dumps(out), flush=True)
-    return out
+    return s, wall, [round(load_before, 2), round(os.getloadavg()[0], 2)]
 
 
 def _wait_all(procs, timeout: float) -> str | None:
@@ -255,10 +310,28 @@ def _wait_all(procs, timeout: float) -> str | None:
     return f"process {bad[0][0]} exited with status {bad[0][1]}" if bad else None
 
 
-def report(args, s: dict, wall_s: float, load: list[float]) -> dict:
+def report(args, runs: list, peer_runs: list[dict], peer: dict) -> dict:
+    """One JSON object: the last jdmt run's summary, step time and examples/s
+    as medians over the rounds, and the peer's beside them."""
+    import statistics
+
     shape = QUICK if args.quick else FULL
-    examples_per_sec = s["examples_per_sec"]
-    step_ms = s["step_time_ms_median"]
+    s = runs[-1][0]
+    step_ms = statistics.median(r[0]["step_time_ms_median"] for r in runs)
+    examples_per_sec = statistics.median(r[0]["examples_per_sec"] for r in runs)
+    if peer_runs:
+        t_ms = statistics.median(r["step_time_ms_median"] for r in peer_runs)
+        t_eps = statistics.median(r["examples_per_sec"] for r in peer_runs)
+        peer.update({
+            "system": "TorchRec DistributedModelParallel (dmp_dlrm.py), FBGEMM TBE tables, "
+                      "row-wise Adagrad, dense Adagrad",
+            "processes": PROCESSES, "threads_per_process": peer_threads(),
+            "plan": peer_runs[-1]["plan"],
+            "step_time_ms_median": t_ms, "examples_per_sec": round(t_eps, 1),
+            "rounds": [{"jdmt_step_time_ms": round(r[0]["step_time_ms_median"], 1),
+                        "torchrec_step_time_ms": p["step_time_ms_median"]}
+                       for r, p in zip(runs, peer_runs)],
+        })
     return {
         "benchmark": "train_throughput",
         "quick": args.quick,
@@ -301,19 +374,18 @@ def report(args, s: dict, wall_s: float, load: list[float]) -> dict:
         "cross_host_payload_bytes_per_step": s["cross_host_payload_bytes_per_step"],
         "intra_host_payload_bytes_per_step": s["intra_host_payload_bytes_per_step"],
         "overflow_steps": s["overflow_steps"],
-        "torchrec_reference": TORCHREC,
-        # Ours over TorchRec's: a step_time above 1 and examples_per_sec below 1 are slower.
-        # (None for --quick: another shape.)
-        "ratio_to_torchrec": None if args.quick else {
-            "step_time": round(step_ms / TORCHREC["step_time_ms"], 3),
-            "examples_per_sec": round(examples_per_sec / TORCHREC["examples_per_sec"], 3),
+        "peer": peer,
+        # Ours over TorchRec's, measured in this run: examples_per_sec above 1 is faster.
+        "ratio_to_torchrec": None if not peer_runs else {
+            "step_time": round(step_ms / peer["step_time_ms_median"], 3),
+            "examples_per_sec": round(examples_per_sec / peer["examples_per_sec"], 3),
         },
         "backend": s["backend"],
         "host_cpus": os.cpu_count(),
         "malloc_tuned": bool(args.tuned_malloc),
         # 1-minute load average before and after: other work on a shared machine slows the steps.
-        "load_average_1m": load,
-        "wall_s": round(wall_s, 1),
+        "load_average_1m": runs[-1][2],
+        "wall_s": round(sum(r[1] for r in runs), 1),
     }
 
 

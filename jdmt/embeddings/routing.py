@@ -185,16 +185,27 @@ def gather_rows(table: jax.Array, idx: jax.Array) -> jax.Array:
     return table.at[idx].get(mode="fill", fill_value=0)
 
 
+_UNROLL = 16  # positions unrolled in Python (bags longer than this loop in blocks of it)
+
+
 def pool_rows(table: jax.Array, idx: jax.Array, count: jax.Array | int | None = None) -> jax.Array:
     """Sum of `table[idx[..., p]]` over the last axis, skipping idx < 0, one
-    position after another (nothing of size [ids, D] is formed; XLA fuses
-    each position's gather into the sum). `count`: a bound on the positions
-    to visit (a traced value runs a loop of that many positions)."""
+    position after another, in order (nothing of size [ids, D] is formed; XLA
+    fuses each position's gather into the sum). `count`: a bound on the
+    positions to visit (a traced value runs a loop of that many positions).
+    Up to `_UNROLL` positions are unrolled; longer bags run a loop whose body
+    is `_UNROLL` positions, so the program (and its trace and compile time)
+    does not grow with the pooling factor."""
     pmax = idx.shape[-1]
     out = jnp.zeros(idx.shape[:-1] + table.shape[1:], table.dtype)
     if count is None or isinstance(count, int):
-        for p in range(pmax if count is None else min(count, pmax)):
-            out = out + gather_rows(table, idx[..., p])
-        return out
+        n = pmax if count is None else min(count, pmax)
+        if n <= _UNROLL:
+            for p in range(n):
+                out = out + gather_rows(table, idx[..., p])
+            return out
+        cols = jnp.moveaxis(idx[..., :n], -1, 0)  # [n, ...]: one position per loop step
+        return lax.scan(lambda o, c: (o + gather_rows(table, c), None), out, cols,
+                        unroll=_UNROLL)[0]
     body = lambda p, o: o + gather_rows(table, lax.dynamic_index_in_dim(idx, p, idx.ndim - 1, False))  # noqa: E731
     return lax.fori_loop(0, jnp.minimum(count, pmax), body, out)
