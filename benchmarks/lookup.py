@@ -1,8 +1,10 @@
 """Pooled embedding lookup: forward, and forward + backward + row-wise Adagrad.
 
 Prints one JSON object per configuration: one device, then a 2x4 mesh for
-each sharding type, each with the sparse update as XLA ops and as the C++ CPU
-kernel (`jdmt.embeddings.cpu_kernels`), measured side by side in one run. Workload (FBGEMM's TBE benchmark shape): `--tables`
+each sharding type, each with the pooled lookup and the sparse update as XLA
+ops and as the C++ CPU kernels (`jdmt.embeddings.cpu_kernels`, the default on
+CPU), measured side by side in one run. Workload (FBGEMM's TBE benchmark
+shape): `--tables`
 tables of `--rows` x `--dim`, `--batch` bags per table of exactly
 `--pooling` ids, Zipf(`--alpha`) ids.
 
@@ -55,11 +57,13 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=1.05, help="Zipf exponent of the ids")
     p.add_argument("--iters", type=int, default=10, help="timed iterations per measurement")
     p.add_argument("--mesh", default="2x4", help="the multi-device mesh")
-    p.add_argument("--shardings", default="data_parallel,table_wise,row_wise,column_wise")
+    p.add_argument("--shardings", default="data_parallel,table_wise,row_wise,column_wise",
+                   help="sharding types timed on --mesh ('': the one-device run only)")
     p.add_argument("--skip-single", action="store_true", help="skip the one-device run")
     p.add_argument("--update", default="both", choices=["both", "xla", "cpu"],
-                   help="the sparse update as XLA ops, as the C++ CPU kernel, or both "
-                        "(side by side, one JSON object each)")
+                   help="the pooled lookup and sparse update as XLA ops, as the C++ CPU "
+                        "kernels (the default of a CPU run), or both (side by side, one "
+                        "JSON object each)")
     p.add_argument("--tuned-malloc", action="store_true",
                    help="re-execute with MALLOC_ARENA_MAX=1 etc. (see docs/design.md)")
     p.add_argument("--kernel", default="xla", choices=["auto", "pallas", "xla"],
@@ -144,7 +148,7 @@ def configs(args):
         print(f"# skipping mesh {args.mesh}: it needs {h * l} devices, {len(jax.devices())} here",
               file=sys.stderr)
         return out
-    for s in args.shardings.split(","):
+    for s in filter(None, args.shardings.split(",")):  # --shardings '': one device only
         out.append((args.mesh, s, jax.devices()[: h * l]))
     return out
 
@@ -318,7 +322,8 @@ def run(args) -> list[dict]:
             "batch": args.batch, "pooling": args.pooling, "alpha": args.alpha,
             "unique_ids_per_table": float(unique),
             "optimizer": "rowwise_adagrad",
-            "lookup": "xla",
+            # the C++ CPU kernels run the pooled lookup and the update together
+            "lookup": "cpu_kernel" if update == "cpu" else "xla",
             "update": "cpu_kernel" if update == "cpu" else "xla",
             "fwd_ms": round(fwd_ms, 2),
             "fwd_bwd_update_ms": round(step_ms, 2),

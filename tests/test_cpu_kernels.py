@@ -1,4 +1,5 @@
-"""The C++ FFI sparse update against the XLA path (`optimizers.sparse_step`)."""
+"""The C++ FFI kernels against the XLA path: the sparse update (`optimizers.sparse_step`)
+and the pooled lookup (`routing.pool_rows`)."""
 
 import re
 
@@ -168,6 +169,26 @@ def test_wide_keys_and_threads():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_slot_split_over_threads(kind):
+    """One slot of enough ids (one storage buffer, as a device has per width)
+    is split by row range over the threads: the same bits as one thread."""
+    rng = np.random.default_rng(11)
+    opt = _opt(kind)
+    rows, n = 40_000, 1 << 16
+    table, acc = _state(rng, opt, rows, 16)
+    ids = rng.integers(0, rows, size=(1, 1, n)).astype(np.int32)
+    ids[0, 0, ::5] = rng.integers(0, 50, size=ids[0, 0, ::5].shape)  # hot rows, many duplicates
+    ids[0, 0, 7::97] = -1
+    grads = rng.normal(size=(1, 1, n, 16)).astype(np.float32)
+    one = _ffi(opt, table, acc, ids, grads)
+    _compare(_xla(opt, table, acc, ids, grads), one, table, acc)
+    for threads in (2, 3):
+        for a, b in zip(one, _ffi(opt, table, acc, ids, grads, threads=threads)):
+            if a is not None:
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_in_place_no_table_copy():
     rows, dim = 1000, 24
     opt = _opt("adagrad")
@@ -250,3 +271,53 @@ def test_build_failures_are_reported(tmp_path, monkeypatch):
     path, why = build.build()
     assert path is None and "compile failed" in why
     assert not list(tmp_path.iterdir())  # no partial library left behind
+
+
+@pytest.mark.parametrize("pooling,dim", [(1, 4), (5, 64), (17, 100), (40, 16)])
+def test_pooled_lookup_matches_xla_bit_for_bit(pooling, dim):
+    from jdmt.embeddings import routing
+
+    rng = np.random.default_rng(pooling * dim)
+    rows = 3000
+    table = rng.normal(size=(rows, dim)).astype(np.float32)
+    ids = rng.integers(0, rows, (3, 700, pooling)).astype(np.int32)
+    ids[rng.random(ids.shape) < 0.2] = -1  # no id
+    ids[1, 7] = -1  # an empty bag: zeros
+    got = np.asarray(jax.jit(lambda t, i: cpu_kernels.pooled_lookup(t, i))(table, ids))
+    want = np.asarray(jax.jit(routing.pool_rows)(table, ids))
+    np.testing.assert_array_equal(got, want)
+    assert got.shape == (3, 700, dim) and not got[1, 7].any()
+    # split over threads (enough ids per thread to split): the same bits
+    big = rng.integers(-1, rows, (40_000, pooling)).astype(np.int32)
+    one = np.asarray(jax.jit(lambda t, i: cpu_kernels.pooled_lookup(t, i, threads=1))(table, big))
+    two = np.asarray(jax.jit(lambda t, i: cpu_kernels.pooled_lookup(t, i, threads=3))(table, big))
+    np.testing.assert_array_equal(one, two)
+    np.testing.assert_array_equal(one, np.asarray(jax.jit(routing.pool_rows)(table, big)))
+
+
+def test_pooled_lookup_skips_ids_outside_the_table():
+    table = np.arange(12, dtype=np.float32).reshape(4, 3)
+    ids = np.array([[0, 4, -1, 3], [99, -7, 2, 2], [-1, -1, -1, -1]], np.int32)
+    got = np.asarray(cpu_kernels.pooled_lookup(jnp.asarray(table), ids))
+    np.testing.assert_array_equal(got, [table[0] + table[3], 2 * table[2], np.zeros(3)])
+
+
+def test_the_embeddings_run_the_pooled_lookup_kernel(mesh24):
+    from jdmt.data import make_features
+    from jdmt.embeddings import ShardedEmbeddings
+
+    feats = make_features(3, 50, 8, 4)
+    opt = SparseOptimizer("rowwise_adagrad", lr=0.1)
+    ids = np.random.default_rng(0).integers(0, 50, (16, 12)).astype(np.int32)
+    lengths = np.full((16, 3), 4, np.int32)
+    outs = {}
+    for ck in (True, False):
+        emb = ShardedEmbeddings(feats, mesh24, "table_wise", opt, cpu_kernels=ck)
+        # this process's cores shared by its 8 devices
+        assert emb.impl.cpu_threads == (max(1, cpu_kernels.host_cores() // 8) if ck else 0)
+        emb.fit_caps(2, emb.measure(ids, lengths))
+        fwd = jax.jit(lambda s, i, n, e=emb: e.forward(s, i, n)[0].pooled)
+        text = fwd.lower(emb.init(seed=0), ids, lengths).as_text()
+        assert ("jdmt_pooled_lookup" in text) == ck
+        outs[ck] = np.asarray(fwd(emb.init(seed=0), ids, lengths))
+    np.testing.assert_array_equal(outs[True], outs[False])

@@ -34,9 +34,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jdmt.data.specs import Combiner, FeatureSet
-from jdmt.embeddings import optimizers, routing
+from jdmt.embeddings import optimizers
 from jdmt.embeddings.exchange import MODES, broadcast
-from jdmt.embeddings.flat import Caps, Stats, WidthRoute, owner_rows
+from jdmt.embeddings.flat import Caps, Stats, WidthRoute, owner_rows, pool_received
 from jdmt.embeddings.hosted import HostCaps, HostPath
 from jdmt.embeddings.layout import Layout, Memory, storage_name
 from jdmt.embeddings import two_hop
@@ -198,6 +198,12 @@ class ShardedEmbeddings:
                                  + (ck.unavailable_reason() or "the mesh is not on CPU"))
             cpu_kernels = on_cpu and ck.available()
         self.cpu_kernels = bool(cpu_kernels)
+        if self.cpu_kernels:  # the pooled lookup in C++ too, over this process's share of cores
+            from jdmt.embeddings.cpu_kernels import host_cores
+
+            mine = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+            self.impl = dataclasses.replace(
+                self.impl, cpu_threads=max(1, host_cores() // max(1, mine)))
         if isinstance(sharding, Mapping) and all(isinstance(v, Placement) for v in sharding.values()):
             plan = dict(sharding)
         else:
@@ -558,6 +564,7 @@ class ShardedEmbeddings:
         def body(weights, ids, lengths):
             canon, bad = self._canonical(ids, lengths)
             outs, st = {}, []
+            stacked = {}  # piece -> (its route's bag block f32[K, B, D], k)
             ctx = {"flat": {}}
             for w, route in self.routes.items():
                 bag, rows, c, s = route.forward(weights[storage_name(w)], canon, caps["flat"][w], mode, impl)
@@ -565,6 +572,7 @@ class ShardedEmbeddings:
                 st.append(s)
                 for k, i in enumerate(route.bag_pieces):
                     outs[i] = bag[k]
+                    stacked[i] = (bag, k)
                 for k, i in enumerate(route.row_pieces):
                     outs[i] = rows[k]
             ctx["hop"] = {}
@@ -591,12 +599,12 @@ class ShardedEmbeddings:
                 for k, i in enumerate(pieces):
                     base = self.layout.pieces[i].offsets[0]
                     rows = jnp.where(at[:, self._dp_pos[w][k]] >= 0, at[:, self._dp_pos[w][k]] + base, -1)
-                    outs[i] = (routing.pool_rows(table, rows) if feats[self.layout.pieces[i].feature].pooled
+                    outs[i] = (pool_received(table, rows, impl) if feats[self.layout.pieces[i].feature].pooled
                                else owner_rows(table, rows, impl))
             stats = _reduce(st, bad)
             if self.towers:
                 return entry, {}, ctx, stats
-            pooled, seqs = self._assemble(outs, lengths)
+            pooled, seqs = self._assemble(outs, lengths, stacked)
             return pooled, seqs, ctx, stats
 
         pooled_spec = P(DEVICES) if (self.pooled_idx or self.towers) else None
@@ -610,15 +618,38 @@ class ShardedEmbeddings:
                           tuple(feats[i].dim for i in self.pooled_idx))
         return embs, ctx, stats
 
-    def _assemble(self, outs, lengths):
+    def _assemble(self, outs, lengths, stacked=None):
         """Per-piece outputs -> pooled f32[B, sum dims] (feature order, mean
-        applied) and sequences {name: f32[B, S, D]}."""
+        applied) and sequences {name: f32[B, S, D]}.
+
+        `stacked`: piece -> (block f32[K, B, D], k) where the piece's output
+        is row k of a block; a run of consecutive rows of one block goes in
+        as one transpose rather than K slices and a concatenation (which
+        XLA:CPU runs as K copies)."""
         feats = self.features.sparse
+        stacked = stacked or {}
         pooled = None
         if self.pooled_idx:
-            cols = []
-            for i in self.pooled_idx:
-                cols += [outs[j] for j, p in enumerate(self.layout.pieces) if p.feature == i]
+            order = [j for i in self.pooled_idx
+                     for j, p in enumerate(self.layout.pieces) if p.feature == i]
+            cols, run = [], []
+
+            def flush():
+                if len(run) > 1:
+                    block, k0 = stacked[run[0]]
+                    part = block[k0 : k0 + len(run)]  # [n, B, D]
+                    cols.append(jnp.swapaxes(part, 0, 1).reshape(part.shape[1], -1))
+                elif run:
+                    cols.append(outs[run[0]])
+                run.clear()
+
+            for j in order:
+                prev = stacked.get(run[-1]) if run else None
+                cur = stacked.get(j)
+                if not (prev and cur and cur[0] is prev[0] and cur[1] == prev[1] + 1):
+                    flush()
+                run.append(j)
+            flush()
             pooled = jnp.concatenate(cols, axis=1) if len(cols) > 1 else cols[0]
             if self._mean:
                 scale = self._mean_scale(lengths)
@@ -630,8 +661,36 @@ class ShardedEmbeddings:
             seqs[feats[i].name] = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
         return pooled, seqs
 
-    def _piece_grads(self, g_pooled, g_seqs, lengths) -> dict[int, jax.Array]:
-        """The embeddings' gradients split per piece (mean's 1/count applied)."""
+    def _bag_grads(self, pieces, width: int, gp, g_pooled):
+        """f32[K, B, D]: the gradients of a route's bag pieces, stacked. Pieces
+        that lie side by side in the pooled gradient (the usual case) are one
+        reshape and transpose of its columns rather than K slices (which
+        XLA:CPU copies one by one)."""
+        if not pieces:
+            return None
+        cols = self._pooled_columns()
+        c0 = cols.get(pieces[0])
+        if (g_pooled is not None and c0 is not None
+                and all(cols.get(j) == c0 + k * width and self.layout.pieces[j].width == width
+                        for k, j in enumerate(pieces))):
+            block = g_pooled[:, c0 : c0 + len(pieces) * width]
+            return jnp.swapaxes(block.reshape(block.shape[0], len(pieces), width), 0, 1)
+        return jnp.stack([gp[i] for i in pieces])
+
+    def _pooled_columns(self) -> dict[int, int]:
+        """Piece -> its first column in the pooled embeddings f32[B, sum dims]."""
+        feats = self.features.sparse
+        out, start = {}, 0
+        for i in self.pooled_idx:
+            for j, p in enumerate(self.layout.pieces):
+                if p.feature == i:
+                    out[j] = start + p.col0
+            start += feats[i].dim
+        return out
+
+    def _piece_grads(self, g_pooled, g_seqs, lengths) -> tuple[dict[int, jax.Array], jax.Array | None]:
+        """The embeddings' gradients split per piece (mean's 1/count applied),
+        and the pooled gradient they were cut from."""
         feats = self.features.sparse
         out = {}
         if self.pooled_idx:
@@ -639,18 +698,14 @@ class ShardedEmbeddings:
                 dims = [feats[i].dim for i in self.pooled_idx]
                 scale = self._mean_scale(lengths)
                 g_pooled = g_pooled * jnp.repeat(scale, np.array(dims), axis=1, total_repeat_length=sum(dims))
-            start = 0
-            for i in self.pooled_idx:
-                for j, p in enumerate(self.layout.pieces):
-                    if p.feature == i:
-                        out[j] = g_pooled[:, start + p.col0 : start + p.col0 + p.width]
-                start += feats[i].dim
+            for j, c in self._pooled_columns().items():
+                out[j] = g_pooled[:, c : c + self.layout.pieces[j].width]
         for i in self.seq_idx:
             g = g_seqs[feats[i].name]
             for j, p in enumerate(self.layout.pieces):
                 if p.feature == i:
                     out[j] = g[..., p.col0 : p.col0 + p.width]
-        return out
+        return out, (g_pooled if self.pooled_idx else None)
 
     def update(
         self,
@@ -688,10 +743,10 @@ class ShardedEmbeddings:
             streams: dict[str, list] = {}
             st = []
             if not self.towers:
-                gp = self._piece_grads(g_pooled, g_seqs, lengths)
+                gp, g_scaled = self._piece_grads(g_pooled, g_seqs, lengths)
             for w, route in self.routes.items():
                 c = {**ctx["flat"][w], "read": ctx["flat"][w]["read"][0]}
-                g_bag = (jnp.stack([gp[i] for i in route.bag_pieces]) if route.bag_pieces else None)
+                g_bag = self._bag_grads(route.bag_pieces, route.width, gp, g_scaled)
                 g_rows = {k: gp[i] for k, i in enumerate(route.row_pieces)}
                 rows, src, g, s = route.backward(c, g_bag, g_rows, caps["flat"][w], mode)
                 st.append(s)

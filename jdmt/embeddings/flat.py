@@ -41,7 +41,8 @@ from jdmt.pallas_kernels.common import Impl
 from jdmt.pallas_kernels.pooled_lookup import pooled_gather
 from jdmt.pallas_kernels.sequence_lookup import sequence_gather
 
-__all__ = ["AXIS", "FLAT_TYPES", "Caps", "Stats", "WidthRoute", "owner_pool", "owner_rows", "peer_of"]
+__all__ = ["AXIS", "FLAT_TYPES", "Caps", "Stats", "WidthRoute", "owner_pool", "owner_rows", "peer_of",
+           "pool_received"]
 
 AXIS = (LOCAL, HOST)
 FLAT_TYPES = (ShardingType.TABLE_WISE, ShardingType.COLUMN_WISE, ShardingType.ROW_WISE)
@@ -68,7 +69,20 @@ def owner_pool(table, ids, count, impl: Impl):
         flat = ids.reshape(-1, ids.shape[-1])
         flat = jnp.where((flat >= 0) & (flat < table.shape[0]), flat, -1)
         return pooled_gather(impl, table, flat, None).reshape(ids.shape[:-1] + table.shape[1:])
+    if impl.cpu_threads:  # C++ visits every position; those past `count` hold -1
+        return pool_received(table, ids, impl)
     return routing.pool_rows(table, ids, count)
+
+
+def pool_received(rows, at, impl: Impl):
+    """Bags f32[..., D] summed from rows f32[M, D] (a table, or rows received
+    from their owners) at i32[..., P] (-1: none), in position order: in C++
+    where the CPU kernels run (`impl.cpu_threads`), else XLA ops."""
+    if impl.cpu_threads:
+        from jdmt.embeddings import cpu_kernels
+
+        return cpu_kernels.pooled_lookup(rows, at, threads=impl.cpu_threads)
+    return routing.pool_rows(rows, at)
 
 
 def owner_rows(table, ids, impl: Impl):
@@ -298,7 +312,7 @@ class WidthRoute:
             row_out = {}
             for j, pos in enumerate(self.row_pos):
                 at = inv[:, pos]
-                row_out[j] = (routing.pool_rows(rows_back, at) if self.row_pooled[j]
+                row_out[j] = (pool_received(rows_back, at, impl) if self.row_pooled[j]
                               else routing.gather_rows(rows_back, at))
         ctx["read"] = _read_token(outs)
         return bag_out, row_out, ctx, stats

@@ -43,7 +43,7 @@ from jax import lax
 
 from jdmt.embeddings import routing
 from jdmt.embeddings.exchange import exchange, overflow
-from jdmt.embeddings.flat import Stats, owner_pool, owner_rows
+from jdmt.embeddings.flat import Stats, owner_pool, owner_rows, pool_received
 from jdmt.embeddings.layout import Layout
 from jdmt.embeddings.types import ShardingType
 from jdmt.mesh import HOST, LOCAL
@@ -542,7 +542,7 @@ class HostPath:
                     got = back[k][q[3], jnp.minimum(q[4], m["imax"] - 1)]  # [n, D]
                     e = e.at[jnp.where(m["ok"], q[1], h), q[0], q[2]].set(got, mode="drop")
                 elif kind == "rows":
-                    pooled = routing.pool_rows(back[k].reshape(-1, w), m["inv"])  # [H, T, B, D]
+                    pooled = pool_received(back[k].reshape(-1, w), m["inv"], impl)  # [H, T, B, D]
                     e = e.at[:, jnp.where(m["t_ok"], m["t_j"], self.jmax)].set(pooled, mode="drop")
                 else:  # forwarded host rows, back into the blocks they came in
                     hr_back = routing.gather_rows(back[k].reshape(-1, w), m["at"])  # [H(src), cap_h, D]
@@ -584,7 +584,7 @@ class HostPath:
                     inv = hrq[w]["inv"]
                     for kk, f in enumerate(hr["features"]):
                         a = inv[:, hr["pos"][kk]]
-                        out[f] = routing.pool_rows(flat, a) if hr["pooled"][kk] else routing.gather_rows(flat, a)
+                        out[f] = pool_received(flat, a, impl) if hr["pooled"][kk] else routing.gather_rows(flat, a)
         # what the backward needs
         assert [(kind, w) for kind, w, _ in meta] == self._kinds()
         ctx["meta"] = [{kk: v for kk, v in m.items() if kk in ("ids", "inv", "sizes", "recv", "at")}

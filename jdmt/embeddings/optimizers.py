@@ -107,7 +107,8 @@ def sparse_step(
       cpu_kernel: do the whole update in the C++ FFI kernel
         (`cpu_kernels.sparse_update`: one pass, in place; CPU only). The
         caller checks `cpu_kernels.available()` and that `row_mean_sq` is
-        the plain mean over this buffer's columns.
+        the plain mean over this buffer's columns. It runs on
+        `impl.cpu_threads` threads (at least one).
       impl: with a Pallas implementation, each unique row's run of gradients
         is summed by the `segment_sum` kernel and the rows are written by the
         `row_update` kernel, in place (`jdmt.pallas_kernels`); the sort stays
@@ -125,7 +126,9 @@ def sparse_step(
     if cpu_kernel:
         from jdmt.embeddings import cpu_kernels
 
-        table, accum = cpu_kernels.sparse_update(opt.kind, table, accum, rows, src, grads, lr, eps=opt.eps)
+        threads = max(1, getattr(impl, "cpu_threads", 1))
+        table, accum = cpu_kernels.sparse_update(opt.kind, table, accum, rows, src, grads, lr,
+                                                 eps=opt.eps, threads=threads)
         return table, accum, jnp.zeros((), jnp.int32)
     d = grads.shape[-1]
     sentinel = r

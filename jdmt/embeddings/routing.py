@@ -190,22 +190,29 @@ _UNROLL = 16  # positions unrolled in Python (bags longer than this loop in bloc
 
 def pool_rows(table: jax.Array, idx: jax.Array, count: jax.Array | int | None = None) -> jax.Array:
     """Sum of `table[idx[..., p]]` over the last axis, skipping idx < 0, one
-    position after another, in order (nothing of size [ids, D] is formed; XLA
-    fuses each position's gather into the sum). `count`: a bound on the
+    position after another, in order, starting from the first position's
+    row (nothing of size [ids, D] is formed). `count`: a bound on the
     positions to visit (a traced value runs a loop of that many positions).
-    Up to `_UNROLL` positions are unrolled; longer bags run a loop whose body
-    is `_UNROLL` positions, so the program (and its trace and compile time)
-    does not grow with the pooling factor."""
+
+    Bags of up to `_UNROLL` positions are unrolled (XLA fuses the gathers
+    into one sum); longer ones loop over blocks of `_UNROLL` positions, so
+    the program (and its trace and compile time) does not grow with the
+    pooling factor. `cpu_kernels.pooled_lookup` is the same sum in C++."""
     pmax = idx.shape[-1]
-    out = jnp.zeros(idx.shape[:-1] + table.shape[1:], table.dtype)
     if count is None or isinstance(count, int):
         n = pmax if count is None else min(count, pmax)
+        if n == 0:
+            return jnp.zeros(idx.shape[:-1] + table.shape[1:], table.dtype)
         if n <= _UNROLL:
-            for p in range(n):
+            out = gather_rows(table, idx[..., 0])
+            for p in range(1, n):
                 out = out + gather_rows(table, idx[..., p])
             return out
         cols = jnp.moveaxis(idx[..., :n], -1, 0)  # [n, ...]: one position per loop step
-        return lax.scan(lambda o, c: (o + gather_rows(table, c), None), out, cols,
-                        unroll=_UNROLL)[0]
+        return lax.scan(lambda o, c: (o + gather_rows(table, c), None),
+                        gather_rows(table, cols[0]), cols[1:], unroll=_UNROLL)[0]
+    if pmax == 0:
+        return jnp.zeros(idx.shape[:-1] + table.shape[1:], table.dtype)
+    first = gather_rows(table, jnp.where(count > 0, idx[..., 0], -1))
     body = lambda p, o: o + gather_rows(table, lax.dynamic_index_in_dim(idx, p, idx.ndim - 1, False))  # noqa: E731
-    return lax.fori_loop(0, jnp.minimum(count, pmax), body, out)
+    return lax.fori_loop(1, jnp.minimum(count, pmax), body, first)

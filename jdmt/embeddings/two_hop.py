@@ -36,7 +36,7 @@ from jax import lax
 
 from jdmt.embeddings import routing
 from jdmt.embeddings.exchange import exchange, overflow
-from jdmt.embeddings.flat import Stats, _read_token, owner_rows
+from jdmt.embeddings.flat import Stats, _read_token, owner_rows, pool_received
 from jdmt.embeddings.layout import Layout
 from jdmt.mesh import HOST, LOCAL
 from jdmt.pallas_kernels.common import Impl
@@ -201,7 +201,7 @@ class TwoHopRows:
         out = {}
         for k, pos in enumerate(self.pos):
             at = inv1[:, pos]
-            out[k] = routing.pool_rows(flat, at) if self.pooled[k] else routing.gather_rows(flat, at)
+            out[k] = pool_received(flat, at, impl) if self.pooled[k] else routing.gather_rows(flat, at)
         ctx = dict(inv1=inv1, sz1=sz1, rsz1=rsz1, inv2=inv2, sz2=sz2, rsz2=rsz2, ids=ids,
                    read=_read_token([got]))
         return out, ctx, stats

@@ -49,6 +49,9 @@ class Impl:
     kernel: str = "xla"
     target: str | None = None
     interpret: object = False
+    # XLA path on CPU: threads of each C++ kernel call (`jdmt.embeddings.
+    # cpu_kernels`: the pooled lookup and the sparse update); 0: no C++ lookup.
+    cpu_threads: int = 0
 
     @property
     def pallas(self) -> bool:

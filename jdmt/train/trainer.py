@@ -221,10 +221,10 @@ class Trainer:
 
     def _kernel_name(self) -> str:
         """What runs the lookups and updates: 'xla' (with the C++ update on
-        CPU: 'xla+cpu_update') or 'pallas:<target>' (', interpreted' on CPU)."""
+        CPU: 'xla+cpu_lookup+cpu_update') or 'pallas:<target>' (', interpreted' on CPU)."""
         impl = self.emb.impl
         if not impl.pallas:
-            return "xla+cpu_update" if self.emb.cpu_kernels else "xla"
+            return "xla+cpu_lookup+cpu_update" if self.emb.cpu_kernels else "xla"
         return f"pallas:{impl.target}" + (", interpreted" if impl.interpret else "")
 
     def _model_features(self) -> int:

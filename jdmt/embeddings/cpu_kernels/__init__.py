@@ -1,10 +1,12 @@
-"""C++ XLA FFI kernels for CPU: the fused sparse optimizer step, in place.
+"""C++ XLA FFI kernels for CPU: the fused sparse optimizer step, in place,
+and the pooled lookup.
 
 `sparse_update` does what `optimizers.sparse_step` does for one device's
 storage buffer (sort the ids by row, sum each row's gradients in ascending
 position order, apply the optimizer once per touched row), in one pass over
-the ids, with the table and accumulator updated in place. It is a
-CPU-only custom call: use it inside `jax.jit` / `jax.shard_map` bodies that
+the ids, with the table and accumulator updated in place. `pooled_lookup`
+sums each bag's rows in position order, as `routing.pool_rows` does. Both
+are CPU-only custom calls: use it inside `jax.jit` / `jax.shard_map` bodies that
 run on CPU; it is not vmappable and has no gradient.
 
 The library is compiled on first use (see `build.py`). `available()` says
@@ -27,7 +29,8 @@ from jdmt.embeddings.types import OptimizerKind
 
 _TARGET = "jdmt_sparse_update"
 _TARGET_SGD = "jdmt_sparse_update_sgd"
-_ABI = 2
+_TARGET_POOL = "jdmt_pooled_lookup"
+_ABI = 3
 _KIND = {
     OptimizerKind.ROWWISE_ADAGRAD: 0,
     OptimizerKind.ADAGRAD: 1,
@@ -55,6 +58,7 @@ def _load() -> None:
             return
         jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.JdmtSparseUpdate), platform="cpu")
         jax.ffi.register_ffi_target(_TARGET_SGD, jax.ffi.pycapsule(lib.JdmtSparseUpdateSgd), platform="cpu")
+        jax.ffi.register_ffi_target(_TARGET_POOL, jax.ffi.pycapsule(lib.JdmtPooledLookup), platform="cpu")
     except Exception as e:  # noqa: BLE001
         _state.update(ok=False, reason=f"loading {path} failed: {e!r}")
         return
@@ -156,4 +160,36 @@ def sparse_update(
     return table, accum
 
 
-__all__ = ["available", "unavailable_reason", "library_path", "sparse_update"]
+def host_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def pooled_lookup(table: jax.Array, ids: jax.Array, *, threads: int = 1) -> jax.Array:
+    """Pooled rows f32[..., D]: the sum of `table[ids[..., p]]` over the last
+    axis in position order, ids outside [0, R) skipped (CPU).
+
+    Args:
+      table: f32[R, D].
+      ids: i32[..., P] rows (-1: no id).
+      threads: host threads to split the bags over (static; bags are split
+        only where each thread gets at least ~16k ids).
+    """
+    if not _ensure():
+        raise RuntimeError(f"jdmt CPU kernels unavailable: {_state.get('reason')}")
+    if table.dtype != jnp.float32 or table.ndim != 2:
+        raise TypeError(f"table must be f32[R, D], got {table.dtype}{list(table.shape)}")
+    ids = jnp.asarray(ids, jnp.int32)
+    lead, p = ids.shape[:-1], ids.shape[-1]
+    flat = ids.reshape(-1, p)
+    (out,) = jax.ffi.ffi_call(
+        _TARGET_POOL, (jax.ShapeDtypeStruct((flat.shape[0], table.shape[1]), jnp.float32),),
+    )(table, flat, threads=np.int64(max(1, int(threads))))
+    return out.reshape(*lead, table.shape[1])
+
+
+__all__ = ["available", "host_cores", "unavailable_reason", "library_path", "pooled_lookup",
+           "sparse_update"]

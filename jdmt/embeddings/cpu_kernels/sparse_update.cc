@@ -1,4 +1,5 @@
-// Fused sparse optimizer step of one device's local table shard (XLA FFI, CPU).
+// Fused sparse optimizer step of one device's local table shard, and the
+// pooled lookup of its bags (XLA FFI, CPU; the lookup is at the end).
 //
 // Same meaning as `jdmt.embeddings.optimizers.sparse_step`: for each slot k
 // (a storage buffer's ids), every id of the slot is sorted by row (stable, so
@@ -29,9 +30,10 @@
 // prefetched a few unique rows ahead (they are mostly cache and TLB misses).
 //
 // Ids outside [0, R) are skipped (never written out of bounds); negative ids
-// mean "no id". Slots are processed one after another (or split over
-// `threads` std::threads); distinct slots must not share rows when threads > 1
-// (they never do: each slot is its own table).
+// mean "no id". Slots are processed one after another, or split over
+// `threads` std::threads: whole slots per thread when there are at least as
+// many slots (distinct slots must not share rows; they never do: each slot is
+// its own table), else each slot's ids split by row range over the threads.
 
 #include <algorithm>
 #include <cmath>
@@ -239,7 +241,44 @@ void Pack(const int32_t* ids, const int32_t* src, int64_t n, int64_t R, int64_t 
   }
 }
 
-void Slot(const Problem& p, int64_t k, Scratch& s) {
+template <typename T>
+void SortWalk(const Problem& p, int64_t k, T* a, T* b, int64_t m, int pbits, int rbits,
+              int64_t lo, Scratch& s) {
+  if (m == 0) return;  // (Walk assumes at least one item)
+  const T* srt = RadixSort<T>(a, b, m, pbits, rbits, s.hist);
+  Walk<T>(p, k, srt, m, pbits, lo, s);
+}
+
+// One slot over nt threads: the items are split by row range into nt stable
+// partitions (a -> b; a row's occurrences stay in position order), and each
+// thread sorts and walks its own partition (the row ranges are disjoint, so
+// no two threads touch a row). The same bits as one thread.
+template <typename T>
+void SortWalkThreaded(const Problem& p, int64_t k, T* a, T* b, int64_t m, int pbits, int rbits,
+                      int64_t lo, int64_t nt) {
+  auto part = [&](T v) {
+    return static_cast<int64_t>((static_cast<uint64_t>(v >> pbits) * static_cast<uint64_t>(nt)) >> rbits);
+  };
+  std::vector<int64_t> off(nt + 1, 0);
+  for (int64_t i = 0; i < m; ++i) ++off[part(a[i]) + 1];
+  for (int64_t t = 0; t < nt; ++t) off[t + 1] += off[t];
+  std::vector<int64_t> pos(off.begin(), off.end() - 1);
+  for (int64_t i = 0; i < m; ++i) b[pos[part(a[i])]++] = a[i];
+  std::vector<Scratch> scratch(nt);
+  auto work = [&](int64_t t) {
+    scratch[t].acc.resize(std::max<int64_t>(p.D, 1));
+    SortWalk<T>(p, k, b + off[t], a + off[t], off[t + 1] - off[t], pbits, rbits, lo, scratch[t]);
+  };
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < nt; ++t) pool.emplace_back(work, t);
+  work(0);
+  for (auto& th : pool) th.join();
+}
+
+// Below this many ids a slot is not split over threads.
+constexpr int64_t kMinIdsToSplit = 32768;
+
+void Slot(const Problem& p, int64_t k, Scratch& s, int64_t nt = 1) {
   const int32_t* ids = p.ids + k * p.n;
   const int32_t* src = p.src + k * p.n;
   const int64_t n = p.n, R = p.R;
@@ -262,23 +301,30 @@ void Slot(const Problem& p, int64_t k, Scratch& s) {
     s.a.resize(n);
     s.b.resize(n);
   }
+  const bool split = nt > 1 && m >= kMinIdsToSplit;
   if (pbits + rbits <= 32) {
     uint32_t* a = reinterpret_cast<uint32_t*>(s.a.data());
     uint32_t* b = reinterpret_cast<uint32_t*>(s.b.data());
     Pack<uint32_t>(ids, src, n, R, p.G, lo, pbits, a);
-    const uint32_t* srt = RadixSort<uint32_t>(a, b, m, pbits, rbits, s.hist);
-    Walk<uint32_t>(p, k, srt, m, pbits, lo, s);
+    if (split) SortWalkThreaded<uint32_t>(p, k, a, b, m, pbits, rbits, lo, nt);
+    else SortWalk<uint32_t>(p, k, a, b, m, pbits, rbits, lo, s);
   } else {
     uint64_t* a = s.a.data();
     uint64_t* b = s.b.data();
     Pack<uint64_t>(ids, src, n, R, p.G, lo, pbits, a);
-    const uint64_t* srt = RadixSort<uint64_t>(a, b, m, pbits, rbits, s.hist);
-    Walk<uint64_t>(p, k, srt, m, pbits, lo, s);
+    if (split) SortWalkThreaded<uint64_t>(p, k, a, b, m, pbits, rbits, lo, nt);
+    else SortWalk<uint64_t>(p, k, a, b, m, pbits, rbits, lo, s);
   }
 }
 
 void Run(const Problem& p, int64_t threads) {
-  threads = std::max<int64_t>(1, std::min<int64_t>(threads, p.K));
+  threads = std::max<int64_t>(1, threads);
+  if (threads > p.K) {  // fewer slots than threads: each slot split over the threads
+    Scratch s;
+    s.acc.resize(std::max<int64_t>(p.D, 1));
+    for (int64_t k = 0; k < p.K; ++k) Slot(p, k, s, threads);
+    return;
+  }
   auto work = [&p](int64_t t, int64_t nt) {
     Scratch s;
     s.acc.resize(std::max<int64_t>(p.D, 1));
@@ -368,12 +414,88 @@ ffi::Error SgdImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> ids,
               threads);
 }
 
+// ---------------------------------------------------------------- pooled lookup
+//
+// out[b] = sum over p of table[ids[b, p]], positions in ascending order, ids
+// outside [0, R) skipped (a bag with none is zeros). The same sum, in the same
+// order, as `routing.pool_rows` (its first valid row, then one row added after
+// another), so results are bit-identical to the XLA path (up to the sign of a
+// zero). The next bag's rows are prefetched while one bag is summed (they are
+// mostly cache and TLB misses); bags are split over `threads` std::threads.
+
+void PoolBags(const float* table, const int32_t* ids, float* out, int64_t R, int64_t D,
+              int64_t P, int64_t b0, int64_t b1) {
+  constexpr int64_t kAhead = 2;  // bags prefetched ahead
+  for (int64_t b = b0; b < b1; ++b) {
+    if (b + kAhead < b1) {
+      const int32_t* nx = ids + (b + kAhead) * P;
+      for (int64_t p = 0; p < P; ++p) {
+        const int32_t r = nx[p];
+        if (r >= 0 && r < R) {
+          const float* row = table + r * D;
+          for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(row + d, 0, 1);
+        }
+      }
+    }
+    const int32_t* bag = ids + b * P;
+    float* o = out + b * D;
+    bool first = true;
+    for (int64_t p = 0; p < P; ++p) {
+      const int32_t r = bag[p];
+      if (r < 0 || r >= R) continue;
+      const float* row = table + static_cast<int64_t>(r) * D;
+      if (first) {
+        std::memcpy(o, row, sizeof(float) * D);
+        first = false;
+      } else {
+        for (int64_t d = 0; d < D; ++d) o[d] += row[d];
+      }
+    }
+    if (first) std::memset(o, 0, sizeof(float) * D);
+  }
+}
+
+ffi::Error PooledLookupImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> ids,
+                            ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t threads) {
+  auto td = table.dimensions(), idd = ids.dimensions(), od = out->dimensions();
+  if (td.size() != 2) return ffi::Error::InvalidArgument("table must be f32[R, D], got " + Dims(td));
+  if (idd.size() != 2) return ffi::Error::InvalidArgument("ids must be i32[B, P], got " + Dims(idd));
+  const int64_t R = td[0], D = td[1], B = idd[0], P = idd[1];
+  if (od.size() != 2 || od[0] != B || od[1] != D)
+    return ffi::Error::InvalidArgument("out must be f32[" + std::to_string(B) + "," +
+                                       std::to_string(D) + "], got " + Dims(od));
+  float* o = out->typed_data();
+  if (B == 0 || D == 0) return ffi::Error::Success();
+  if (P == 0 || R == 0) {
+    std::memset(o, 0, sizeof(float) * B * D);
+    return ffi::Error::Success();
+  }
+  const float* t = table.typed_data();
+  const int32_t* i = ids.typed_data();
+  // at least ~16k ids per thread: below that a thread costs more than it saves
+  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(threads, B * P / 16384));
+  if (n == 1) {
+    PoolBags(t, i, o, R, D, P, 0, B);
+    return ffi::Error::Success();
+  }
+  std::vector<std::thread> pool;
+  const int64_t per = (B + n - 1) / n;
+  for (int64_t k = 1; k < n; ++k) {
+    const int64_t b0 = std::min(B, k * per), b1 = std::min(B, (k + 1) * per);
+    pool.emplace_back(PoolBags, t, i, o, R, D, P, b0, b1);
+  }
+  PoolBags(t, i, o, R, D, P, 0, std::min(B, per));
+  for (auto& th : pool) th.join();
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Exported (the library is built with -fvisibility=hidden).
 #define JDMT_EXPORT __attribute__((visibility("default")))
 extern "C" JDMT_EXPORT XLA_FFI_Error* JdmtSparseUpdate(XLA_FFI_CallFrame* call_frame);
 extern "C" JDMT_EXPORT XLA_FFI_Error* JdmtSparseUpdateSgd(XLA_FFI_CallFrame* call_frame);
+extern "C" JDMT_EXPORT XLA_FFI_Error* JdmtPooledLookup(XLA_FFI_CallFrame* call_frame);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JdmtSparseUpdate, UpdateImpl,
                               ffi::Ffi::Bind()
@@ -400,5 +522,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdmtSparseUpdateSgd, SgdImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // table (aliased)
                                   .Attr<int64_t>("threads"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdmtPooledLookup, PooledLookupImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // table
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // ids [B, P]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out [B, D]
+                                  .Attr<int64_t>("threads"));
+
 // Lets the loader check the library matches the Python side.
-extern "C" JDMT_EXPORT int jdmt_cpu_kernels_abi_version() { return 2; }
+extern "C" JDMT_EXPORT int jdmt_cpu_kernels_abi_version() { return 3; }
