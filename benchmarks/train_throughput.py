@@ -49,7 +49,7 @@ TUNED_MALLOC = {
     "MALLOC_MMAP_MAX_": "0",
     "MALLOC_TRIM_THRESHOLD_": "100000000000",
 }
-PROCESSES, LOCAL = 2, 4
+PROCESSES = 2
 
 FULL = dict(tables=26, rows=100_000, dim=64, ids_per_bag=10, examples_per_host=4096,
             bottom_mlp=(512, 256), top_mlp=(512, 512, 256))
@@ -84,6 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--kernel", default="auto", choices=("auto", "pallas", "xla"),
                    help="lookups and sparse updates: auto (Pallas on TPU/GPU, XLA on CPU), "
                    "pallas (interpreted on CPU: slow) or xla")
+    p.add_argument("--local", type=int, default=4,
+                   help="devices per process (on CPU: emulated devices; the mesh is 2xLOCAL)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800,
                    help="seconds to wait for the two processes")
@@ -97,6 +99,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.steps is None:
         args.steps = 3 if args.quick else 20
+    if args.local < 1:
+        p.error("--local must be >= 1")
     if args.steps < 2:
         p.error("--steps must be >= 2 (the first step compiles and is not timed)")
     if args.rounds < 1:
@@ -165,7 +169,7 @@ class FixedBags:
 def child(args) -> int:
     from jdmt.mesh import initialize_distributed
 
-    initialize_distributed(args.child, PROCESSES, args.process_id, local_devices=LOCAL)
+    initialize_distributed(args.child, PROCESSES, args.process_id, local_devices=args.local)
     import jax
 
     from jdmt.data import make_features
@@ -176,10 +180,10 @@ def child(args) -> int:
     global_batch = shape["examples_per_host"] * PROCESSES
     features = make_features(shape["tables"], shape["rows"], shape["dim"], shape["ids_per_bag"],
                              combiner="sum")
-    mesh = make_mesh(f"{PROCESSES}x{LOCAL}")
+    mesh = make_mesh(f"{PROCESSES}x{args.local}")
     data = FixedBags(features, args.seed, global_batch, jax.process_index(), jax.process_count())
     config = TrainConfig(
-        mesh=f"{PROCESSES}x{LOCAL}", features=features, embedding_dim=shape["dim"],
+        mesh=f"{PROCESSES}x{args.local}", features=features, embedding_dim=shape["dim"],
         steps=args.steps, global_batch=global_batch, sharding=args.sharding,
         bottom_mlp=shape["bottom_mlp"], top_mlp=shape["top_mlp"], eval_batches=1,
         seed=args.seed, progress=False, towers=args.towers,
@@ -273,7 +277,8 @@ def _launch(args, prefixes: list[list[str]], address: str) -> tuple[dict, float,
                "--result", result, "--steps", str(args.steps), "--sharding", args.sharding,
                "--seed", str(args.seed), "--towers", str(args.towers),
                "--tower-module", args.tower_module, "--tower-dim", str(args.tower_dim),
-               "--kernel", args.kernel, *(["--quick"] if args.quick else [])]
+               "--kernel", args.kernel, "--local", str(args.local),
+               *(["--quick"] if args.quick else [])]
         load_before = os.getloadavg()[0]
         t0 = time.perf_counter()
         # The children's output (gloo's connection lines included) goes to stderr.
@@ -356,6 +361,7 @@ def report(args, runs: list, peer_runs: list[dict], peer: dict) -> dict:
         },
         "mesh": s["mesh"],
         "processes": PROCESSES,
+        "devices_per_process": args.local,
         "link": link_name(args.link),
         "sharding": s["sharding"],
         "kernel": s.get("kernel"),

@@ -339,8 +339,19 @@ class WidthRoute:
             imax = int(header.max())
             kk = np.repeat(np.arange(len(self.bag_pieces)), b)
             rank = self.bag_kd[kk] * b + np.tile(np.arange(b), len(self.bag_pieces))
-            send = jnp.zeros((g, imax, self.width), g_bag.dtype)
-            sends.append(send.at[self.bag_dst[kk], rank].set(g_bag.reshape(-1, self.width)))
+            # Each block slot's item is known statically: a gather of the
+            # gradients (zeros for a slot no item fills), not a scatter into
+            # zeros (on CPU a memset and a scatter of the whole block).
+            item_at = np.full(g * imax, len(kk), np.int32)  # len(kk): out of range -> 0
+            item_at[self.bag_dst[kk] * imax + rank] = np.arange(len(kk))
+            g_items = g_bag.reshape(-1, self.width)
+            if np.array_equal(item_at, np.arange(g * imax)):  # already in block order
+                send = g_items
+            elif (item_at < len(kk)).all():  # a permutation: no slot left empty
+                send = jnp.take(g_items, jnp.asarray(item_at), axis=0, mode="promise_in_bounds")
+            else:
+                send = jnp.take(g_items, jnp.asarray(item_at), axis=0, mode="fill", fill_value=0)
+            sends.append(send.reshape(g, imax, self.width))
             sizes.append(jnp.asarray(header))
             recv_sizes.append(jnp.full((g,), items, jnp.int32))
             ids = ctx["bag_ids"]  # [G, I, P]
