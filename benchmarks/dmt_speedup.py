@@ -124,7 +124,8 @@ def main(argv=None) -> int:
                    help="examples per device of the projection's compiled step (bytes "
                    "scale linearly with it; the ratio does not depend on it)")
     args = p.parse_args(argv)
-    common = ["--steps", str(args.steps), "--kernel", args.kernel,
+    # jdmt against itself: no peer run (train_throughput.py --peer '')
+    common = ["--steps", str(args.steps), "--kernel", args.kernel, "--peer", "",
               *(["--quick"] if args.quick else []),
               *(["--tuned-malloc"] if args.tuned_malloc else [])]
     for link in filter(None, args.links.split(",")):

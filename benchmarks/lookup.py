@@ -261,7 +261,7 @@ def run(args) -> list[dict]:
 
     peer, reason = peers.find(args.peer, args.peer_python)
     if peer is None:
-        peers.warn_missing(reason)
+        peers.warn_missing(reason, args.peer)
     feats, ids, lengths, weights = workload(args, args.tables, args.rows, args.batch)
     lookups = args.batch * args.tables * args.pooling
     unique = np.mean([len(np.unique(ids[:, feats.columns(f.name)])) for f in feats.sparse])

@@ -85,8 +85,10 @@ def describe(peer: Peer | None, reason: str) -> dict:
     return {"available": True, "python": peer.python, "scripts": peer.scripts}
 
 
-def warn_missing(reason: str) -> None:
-    print(f"# peer: {reason}; printing jdmt's figures only", file=sys.stderr)
+def warn_missing(reason: str, scripts: str | None = None) -> None:
+    """Say why there is no peer (not when `--peer ''` turned it off)."""
+    if scripts != "":
+        print(f"# peer: {reason}; printing jdmt's figures only", file=sys.stderr)
 
 
 _EBC_ROW = re.compile(r"^(?P<name>\S.*?)\s+(?P<median>[0-9.]+)\s+(?P<min>[0-9.]+)\s+[0-9]+\s+[0-9.]+\s*$")

@@ -215,7 +215,7 @@ def launch(args) -> dict | int:
     if peer is not None and args.link is not None:
         peer, reason = None, "the peer runs over loopback only (--link=loopback)"
     if peer is None:
-        peers.warn_missing(reason)
+        peers.warn_missing(reason, args.peer)
     runs, peer_runs = [], []
     for r in range(args.rounds if peer is not None else 1):
         got = _launch_on_link(args)
