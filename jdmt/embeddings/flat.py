@@ -347,9 +347,7 @@ class WidthRoute:
             g_items = g_bag.reshape(-1, self.width)
             if np.array_equal(item_at, np.arange(g * imax)):  # already in block order
                 send = g_items
-            elif (item_at < len(kk)).all():  # a permutation: no slot left empty
-                send = jnp.take(g_items, jnp.asarray(item_at), axis=0, mode="promise_in_bounds")
-            else:
+            else:  # (pieces are sorted by peer, so this means slots left empty)
                 send = jnp.take(g_items, jnp.asarray(item_at), axis=0, mode="fill", fill_value=0)
             sends.append(send.reshape(g, imax, self.width))
             sizes.append(jnp.asarray(header))
