@@ -84,6 +84,9 @@ def parse_args(argv=None):
     p.add_argument("--kernel", default="auto", choices=("auto", "pallas", "xla"),
                    help="lookups and sparse updates: auto (Pallas on TPU/GPU, XLA on CPU), "
                    "pallas (interpreted on CPU: slow) or xla")
+    p.add_argument("--profile", action="store_true",
+                   help="trace 3 steps and add their time split to the JSON (`profile`: C++ "
+                   "lookup and update, collectives, dense matmuls, other XLA ops)")
     p.add_argument("--local", type=int, default=4,
                    help="devices per process (on CPU: emulated devices; the mesh is 2xLOCAL)")
     p.add_argument("--seed", type=int, default=0)
@@ -190,13 +193,88 @@ def child(args) -> int:
         tower_module=args.tower_module if args.towers else "identity",
         tower_dim=None if args.tower_module == "identity" or not args.towers else args.tower_dim,
         kernel=args.kernel,
+        profile_dir=(os.path.join(os.path.dirname(args.result), f"trace{args.process_id}")
+                     if args.profile else None),
     )
-    summary = Trainer(config, mesh, data).run()
+    trainer = Trainer(config, mesh, data)
+    summary = trainer.run()
     summary["backend"] = jax.default_backend()
+    if args.profile:
+        summary["profile"] = step_profile(trainer, config.profile_dir)
     if jax.process_index() == 0:
         with open(args.result, "w") as f:
             json.dump(summary, f)
     return 0
+
+
+# Device-op categories of the profile, by HLO op name (C++ kernels by their target).
+_COLLECTIVES = ("all-to-all", "all-reduce", "all-gather", "reduce-scatter", "collective-permute")
+_DENSE = ("ynn_fusion", "dot", "convolution", "onednn")
+
+
+def step_profile(trainer, trace_dir: str) -> dict:
+    """The profiled steps' time split (this process): device-op time per
+    category in ms per step, summed over the process's devices (devices run
+    concurrently, so the sum can exceed the step's wall time), and the
+    step's median wall time. Categories: the C++ lookup and update kernels,
+    collectives (the exchanges and gradient all-reduces), dense matmuls
+    (XLA:CPU's dot thunks and YNNPACK fusions), and every other XLA op.
+    A collective's time includes waiting for the other devices and process."""
+    import glob
+    import gzip
+    import re
+
+    # which custom call each ffi_call.N of the step is (from the compiled HLO)
+    state = trainer.init_state()
+    host = trainer._host_train_batch(0)
+    trainer.fit_capacities(host, "train")
+    compiled, _ = trainer.compile_ahead(state, trainer.device_batch(host))
+    targets = dict(re.findall(r"%(\S+) = .*?custom_call_target=\"([^\"]+)\"", compiled.as_text()))
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
+    if not files:
+        return {"error": f"no trace under {trace_dir}"}
+    with gzip.open(files[-1]) as f:
+        events = json.load(f)["traceEvents"]
+    ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in (e.get("args") or {})
+           and e["args"].get("hlo_module", "").startswith("jit_step")]
+    # Whole steps only: the trace can start or stop inside one (dispatch is
+    # asynchronous), and such a step has fewer op events than a whole one.
+    per_run: dict[str, int] = {}
+    for e in ops:
+        per_run[e["args"].get("run_id")] = per_run.get(e["args"].get("run_id"), 0) + 1
+    whole = {r for r, n in per_run.items() if n >= 0.95 * max(per_run.values(), default=0)}
+    cats: dict[str, float] = {}
+    for e in ops:
+        if e["args"].get("run_id") not in whole:
+            continue
+        a = e["args"]
+        op = a["hlo_op"]
+        target = targets.get(op, "")
+        if "pooled_lookup" in target:
+            cat = "embedding_lookup_cpp"
+        elif "sparse_update" in target:
+            cat = "embedding_update_cpp"
+        elif op.startswith(_COLLECTIVES):
+            cat = "collectives"
+        elif op.startswith(_DENSE):
+            cat = "dense_matmuls"
+        else:
+            cat = "other_xla_ops"
+        cats[cat] = cats.get(cat, 0.0) + e["dur"] / 1e3
+    steps = max(1, len(whole))
+    total = sum(cats.values())
+    return {
+        "profiled_steps": steps,
+        "device_op_ms_per_step": {k: round(v / steps, 1) for k, v in sorted(cats.items())},
+        "device_op_share": {k: round(v / total, 3) for k, v in sorted(cats.items())} if total else {},
+        "devices_in_process": len(jax_local_devices()),
+    }
+
+
+def jax_local_devices():
+    import jax
+
+    return jax.local_devices()
 
 
 # ---------------------------------------------------------------------------- launcher
@@ -278,6 +356,7 @@ def _launch(args, prefixes: list[list[str]], address: str) -> tuple[dict, float,
                "--seed", str(args.seed), "--towers", str(args.towers),
                "--tower-module", args.tower_module, "--tower-dim", str(args.tower_dim),
                "--kernel", args.kernel, "--local", str(args.local),
+               *(["--profile"] if args.profile else []),
                *(["--quick"] if args.quick else [])]
         load_before = os.getloadavg()[0]
         t0 = time.perf_counter()
@@ -380,6 +459,7 @@ def report(args, runs: list, peer_runs: list[dict], peer: dict) -> dict:
         "cross_host_payload_bytes_per_step": s["cross_host_payload_bytes_per_step"],
         "intra_host_payload_bytes_per_step": s["intra_host_payload_bytes_per_step"],
         "overflow_steps": s["overflow_steps"],
+        "profile": s.get("profile"),
         "peer": peer,
         # Ours over TorchRec's, measured in this run: examples_per_sec above 1 is faster.
         "ratio_to_torchrec": None if not peer_runs else {
