@@ -290,7 +290,6 @@ def run(args) -> list[dict]:
                 + ", " + ", ".join(f"{k} {v:.1f} ms" for k, v in row["peer"].items()),
                 file=sys.stderr, flush=True)
             rounds.append(row)
-            del row
         for u in built:
             timed[u] = {
                 "fwd_ms": statistics.median(r[u][0] for r in rounds),

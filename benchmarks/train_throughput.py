@@ -224,6 +224,8 @@ def step_profile(trainer, trace_dir: str) -> dict:
     import gzip
     import re
 
+    import jax
+
     # which custom call each ffi_call.N of the step is (from the compiled HLO)
     state = trainer.init_state()
     host = trainer._host_train_batch(0)
@@ -267,14 +269,8 @@ def step_profile(trainer, trace_dir: str) -> dict:
         "profiled_steps": steps,
         "device_op_ms_per_step": {k: round(v / steps, 1) for k, v in sorted(cats.items())},
         "device_op_share": {k: round(v / total, 3) for k, v in sorted(cats.items())} if total else {},
-        "devices_in_process": len(jax_local_devices()),
+        "devices_in_process": len(jax.local_devices()),
     }
-
-
-def jax_local_devices():
-    import jax
-
-    return jax.local_devices()
 
 
 # ---------------------------------------------------------------------------- launcher

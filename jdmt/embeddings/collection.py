@@ -274,6 +274,13 @@ class ShardedEmbeddings:
             self._dp_pos[w] = pos
         self.pooled_idx = [i for i, f in enumerate(feats) if f.pooled]
         self.seq_idx = [i for i, f in enumerate(feats) if not f.pooled]
+        # piece -> its first column in the pooled embeddings f32[B, sum dims]
+        self._pooled_col, start = {}, 0
+        for i in self.pooled_idx:
+            for j, p in enumerate(self.layout.pieces):
+                if p.feature == i:
+                    self._pooled_col[j] = start + p.col0
+            start += feats[i].dim
         self._mean = [i for i in self.pooled_idx if feats[i].combiner is Combiner.MEAN]
         del slots
 
@@ -668,7 +675,7 @@ class ShardedEmbeddings:
         XLA:CPU copies one by one)."""
         if not pieces:
             return None
-        cols = self._pooled_columns()
+        cols = self._pooled_col
         c0 = cols.get(pieces[0])
         if (g_pooled is not None and c0 is not None
                 and all(cols.get(j) == c0 + k * width and self.layout.pieces[j].width == width
@@ -676,17 +683,6 @@ class ShardedEmbeddings:
             block = g_pooled[:, c0 : c0 + len(pieces) * width]
             return jnp.swapaxes(block.reshape(block.shape[0], len(pieces), width), 0, 1)
         return jnp.stack([gp[i] for i in pieces])
-
-    def _pooled_columns(self) -> dict[int, int]:
-        """Piece -> its first column in the pooled embeddings f32[B, sum dims]."""
-        feats = self.features.sparse
-        out, start = {}, 0
-        for i in self.pooled_idx:
-            for j, p in enumerate(self.layout.pieces):
-                if p.feature == i:
-                    out[j] = start + p.col0
-            start += feats[i].dim
-        return out
 
     def _piece_grads(self, g_pooled, g_seqs, lengths) -> tuple[dict[int, jax.Array], jax.Array | None]:
         """The embeddings' gradients split per piece (mean's 1/count applied),
@@ -698,7 +694,7 @@ class ShardedEmbeddings:
                 dims = [feats[i].dim for i in self.pooled_idx]
                 scale = self._mean_scale(lengths)
                 g_pooled = g_pooled * jnp.repeat(scale, np.array(dims), axis=1, total_repeat_length=sum(dims))
-            for j, c in self._pooled_columns().items():
+            for j, c in self._pooled_col.items():
                 out[j] = g_pooled[:, c : c + self.layout.pieces[j].width]
         for i in self.seq_idx:
             g = g_seqs[feats[i].name]

@@ -199,10 +199,11 @@ def pool_rows(table: jax.Array, idx: jax.Array, count: jax.Array | int | None = 
     the program (and its trace and compile time) does not grow with the
     pooling factor. `cpu_kernels.pooled_lookup` is the same sum in C++."""
     pmax = idx.shape[-1]
-    if count is None or isinstance(count, int):
-        n = pmax if count is None else min(count, pmax)
-        if n == 0:
-            return jnp.zeros(idx.shape[:-1] + table.shape[1:], table.dtype)
+    static = count is None or isinstance(count, int)
+    n = min(count, pmax) if static and count is not None else pmax
+    if n == 0:
+        return jnp.zeros(idx.shape[:-1] + table.shape[1:], table.dtype)
+    if static:
         if n <= _UNROLL:
             out = gather_rows(table, idx[..., 0])
             for p in range(1, n):
@@ -211,8 +212,6 @@ def pool_rows(table: jax.Array, idx: jax.Array, count: jax.Array | int | None = 
         cols = jnp.moveaxis(idx[..., :n], -1, 0)  # [n, ...]: one position per loop step
         return lax.scan(lambda o, c: (o + gather_rows(table, c), None),
                         gather_rows(table, cols[0]), cols[1:], unroll=_UNROLL)[0]
-    if pmax == 0:
-        return jnp.zeros(idx.shape[:-1] + table.shape[1:], table.dtype)
     first = gather_rows(table, jnp.where(count > 0, idx[..., 0], -1))
     body = lambda p, o: o + gather_rows(table, lax.dynamic_index_in_dim(idx, p, idx.ndim - 1, False))  # noqa: E731
     return lax.fori_loop(1, jnp.minimum(count, pmax), body, first)
