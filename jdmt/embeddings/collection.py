@@ -36,7 +36,8 @@ from jax.sharding import PartitionSpec as P
 from jdmt.data.specs import Combiner, FeatureSet
 from jdmt.embeddings import optimizers
 from jdmt.embeddings.exchange import MODES, broadcast
-from jdmt.embeddings.flat import Caps, Stats, WidthRoute, owner_rows, pool_received
+from jdmt.embeddings.flat import Caps, Stats, WidthRoute, _read_token, owner_rows, pool_received
+from jdmt.embeddings.host_replicated import LocalRows, replica_sum
 from jdmt.embeddings.hosted import HostCaps, HostPath
 from jdmt.embeddings.layout import Layout, Memory, storage_name
 from jdmt.embeddings import two_hop
@@ -211,14 +212,20 @@ class ShardedEmbeddings:
         check_plan(features, plan, self.num_devices, self.local)
         self.plan = {f.name: plan[f.name] for f in features.sparse}
         self.layout = Layout(features, self.plan, self.hosts, self.local)
+        # From here on `features` are the layout's tables: a flexshard table's
+        # tier tables in its place (`jdmt.embeddings.tiers`); the model's
+        # features are `user_features`.
+        features = self.tables = self.layout.features
+        if self.layout.row_tiers and towers:
+            raise ValueError("flexshard tables take the flat path, not towers")
         if bag_features is None:
             bag = frozenset(i for i, f in enumerate(features.sparse) if f.pooled and f.max_len > 1)
         else:
-            bag = frozenset(features.index(n) for n in bag_features)
+            bag = frozenset(features.index(n) for n in bag_features if n in features.names)
         self.bag_features = bag
         hosted = {i for i, f in enumerate(features.sparse)
-                  if self.plan[f.name].type is ShardingType.TABLE_ROW_WISE}
-        hosted |= {features.index(n) for n in (host_features or ())}
+                  if self.layout.plan[f.name].type is ShardingType.TABLE_ROW_WISE}
+        hosted |= {features.index(n) for n in (host_features or ()) if n in features.names}
         self.towers = bool(towers)
         if self.towers and len(hosted) != len(features.sparse):
             raise ValueError("towers=True needs every feature on the host path (host_features)")
@@ -241,6 +248,7 @@ class ShardedEmbeddings:
         hopped = frozenset(i for r in self.hops.values() for i in r.pieces)
         self.routes = {w: WidthRoute(self.layout, w, bag, exclude | hopped) for w in self.layout.widths}
         self.routes = {w: r for w, r in self.routes.items() if r.pieces}
+        self.hr_routes = {w: LocalRows(self.layout, w) for w in self.layout.hr_rows}
         self._caps: dict[int, dict[int, Caps]] = {}
         self.version = 0  # bumped when capacities change (re-trace jitted steps)
         self._static_tables()
@@ -248,13 +256,16 @@ class ShardedEmbeddings:
     # ---- static tables -----------------------------------------------------------------------
 
     def _static_tables(self) -> None:
-        feats = self.features.sparse
-        offs = self.features.offsets
-        slots = self.features.total_slots
-        self._col_feature = np.concatenate([[i] * f.max_len for i, f in enumerate(feats)]).astype(np.int32)
-        self._col_pos = np.concatenate([np.arange(f.max_len) for f in feats]).astype(np.int32)
-        self._col_rows = np.array([feats[i].rows for i in self._col_feature], np.int32)
-        self._col_hashed = np.array([feats[i].hashed for i in self._col_feature], bool)
+        feats = self.tables.sparse
+        offs = self.tables.offsets
+        slots = self.tables.total_slots
+        ufeats = self.features.sparse  # the batch's columns are the model's features'
+        self._col_feature = np.concatenate([[i] * f.max_len for i, f in enumerate(ufeats)]).astype(np.int32)
+        self._col_pos = np.concatenate([np.arange(f.max_len) for f in ufeats]).astype(np.int32)
+        self._col_rows = np.array([ufeats[i].rows for i in self._col_feature], np.int32)
+        self._col_hashed = np.array([ufeats[i].hashed for i in self._col_feature], bool)
+        self.user_pooled_idx = [i for i, f in enumerate(ufeats) if f.pooled]
+        self.user_seq_idx = [i for i, f in enumerate(ufeats) if not f.pooled]
         self._dp: dict[int, list[int]] = {}
         for i, p in enumerate(self.layout.pieces):
             if p.replicated:
@@ -283,6 +294,93 @@ class ShardedEmbeddings:
             start += feats[i].dim
         self._mean = [i for i in self.pooled_idx if feats[i].combiner is Combiner.MEAN]
         del slots
+        # flexshard: each model pooled feature's blocks among the tables' pooled columns
+        src = self.layout.source
+        ustart, vstart = {}, {}
+        start = 0
+        for i in self.user_pooled_idx:
+            ustart[i] = start
+            start += ufeats[i].dim
+        start = 0
+        for i in self.pooled_idx:
+            vstart[i] = start
+            start += feats[i].dim
+        self._fold_blocks = {u: [vstart[v] for v in self.pooled_idx if src[v] == u] for u in self.user_pooled_idx}
+        self._unfold_blocks = [(ustart[int(src[v])], feats[v].dim, self.layout.tier_of[v] is not None
+                                and ufeats[int(src[v])].combiner is Combiner.MEAN) for v in self.pooled_idx]
+
+    # ---- flexshard: the model's features <-> the tier tables ----------------------------------
+
+    def _to_tiers(self, canon, xp=jnp):
+        """i32[B, model slots + 1] rows of the model's tables -> rows of the
+        layout's tables (a flexshard table's ids split into its tiers' slots)."""
+        if not self.layout.row_tiers:
+            return canon
+        uoff = self.features.offsets
+        blocks, split = [], {}
+        for v, u in enumerate(self.layout.source):
+            f = self.features.sparse[u]
+            x = canon[:, uoff[u] : uoff[u] + f.max_len]
+            t = self.layout.tier_of[v]
+            if t is not None:
+                if u not in split:
+                    split[u] = t[1].split(x) if xp is jnp else t[1].split_np(x)
+                x = split[u][t[0]].astype(xp.int32)
+            blocks.append(x)
+        blocks.append(canon[:, -1:])
+        return xp.concatenate(blocks, axis=1)
+
+    def _tier_lengths(self, lengths):
+        """i32[B, model features] -> i32[B, tables]."""
+        return lengths[:, self.layout.source] if self.layout.row_tiers else lengths
+
+    def _user_mean(self, lengths, u):
+        return 1.0 / jnp.maximum(lengths[:, u : u + 1], 1).astype(jnp.float32)
+
+    def _fold(self, pooled, seqs, lengths):
+        """The tables' outputs -> the model's features' (a flexshard
+        feature's tiers summed; mean applied after the sum)."""
+        if not self.layout.row_tiers:
+            return pooled, seqs
+        ufeats = self.features.sparse
+        out_pooled = None
+        if self.user_pooled_idx:
+            cols = []
+            for u in self.user_pooled_idx:
+                d = ufeats[u].dim
+                starts = self._fold_blocks[u]
+                x = pooled[:, starts[0] : starts[0] + d]
+                for c in starts[1:]:
+                    x = x + pooled[:, c : c + d]
+                if len(starts) > 1 or u in self.layout.row_tiers:
+                    if ufeats[u].combiner is Combiner.MEAN:
+                        x = x * self._user_mean(lengths, u)
+                cols.append(x)
+            out_pooled = jnp.concatenate(cols, axis=1) if len(cols) > 1 else cols[0]
+        out_seqs = {}
+        for v, u in enumerate(self.layout.source):
+            f = self.tables.sparse[v]
+            if f.pooled:
+                continue
+            name = ufeats[u].name
+            out_seqs[name] = seqs[f.name] if name not in out_seqs else out_seqs[name] + seqs[f.name]
+        return out_pooled, out_seqs
+
+    def _unfold(self, g_pooled, g_seqs, lengths):
+        """The model's features' gradients -> the tables' (`_fold`'s transpose)."""
+        if not self.layout.row_tiers:
+            return g_pooled, g_seqs
+        src = self.layout.source
+        out_pooled = None
+        if self.pooled_idx:
+            cols = []
+            for v, (c, d, mean) in zip(self.pooled_idx, self._unfold_blocks):
+                x = g_pooled[:, c : c + d]
+                cols.append(x * self._user_mean(lengths, int(src[v])) if mean else x)
+            out_pooled = jnp.concatenate(cols, axis=1) if len(cols) > 1 else cols[0]
+        ufeats = self.features.sparse
+        out_seqs = {self.tables.sparse[v].name: g_seqs[ufeats[int(src[v])].name] for v in self.seq_idx}
+        return out_pooled, out_seqs
 
     # ---- capacities ---------------------------------------------------------------------------
 
@@ -294,6 +392,7 @@ class ShardedEmbeddings:
                 "flat": {w: r.default_caps(batch) for w, r in self.routes.items()},
                 "host": None if self.host is None else self.host.default_caps(batch),
                 "hop": {w: r.default_caps(batch) for w, r in self.hops.items()},
+                "hr": {w: r.default_caps(batch) for w, r in self.hr_routes.items()},
             }
         return self._caps[batch]
 
@@ -331,7 +430,8 @@ class ShardedEmbeddings:
         for w, c in old["hop"].items():
             bd = self.hops[w].bound(batch)
             hop[w] = HopCaps(up(c.local, f"w{w}/rows_local", bd.local), up(c.host, f"w{w}/rows_host", bd.host))
-        new = {"flat": flat, "host": host, "hop": hop}
+        hr = {w: up(c, f"hr{w}/rows", self.hr_routes[w].bound(batch)) for w, c in old.get("hr", {}).items()}
+        new = {"flat": flat, "host": host, "hop": hop, "hr": hr}
         self.set_caps(batch, new)
         return new
 
@@ -344,6 +444,7 @@ class ShardedEmbeddings:
         r = np.where(self._col_hashed[None, :], np.mod(ids, rows), ids)
         canon = np.where(valid & (r >= 0) & (r < rows), r, -1).astype(np.int32)
         canon = np.concatenate([canon, np.full((canon.shape[0], 1), -1, np.int32)], axis=1)
+        canon = self._to_tiers(canon, np)
         canon = canon.reshape(self.num_devices, -1, canon.shape[1])
         out = {}
         for r_ in self.routes.values():
@@ -351,6 +452,8 @@ class ShardedEmbeddings:
         if self.host is not None:
             out.update(self.host.measure(canon))
         for r_ in self.hops.values():
+            out.update(r_.measure(canon))
+        for r_ in self.hr_routes.values():
             out.update(r_.measure(canon))
         return out
 
@@ -379,7 +482,8 @@ class ShardedEmbeddings:
         for w, r in self.hops.items():
             bd = r.bound(batch)
             hop[w] = HopCaps(fit(f"w{w}/rows_local", bd.local), fit(f"w{w}/rows_host", bd.host))
-        self.set_caps(batch, {"flat": flat, "host": host, "hop": hop})
+        hr = {w: fit(f"hr{w}/rows", r.bound(batch)) for w, r in self.hr_routes.items()}
+        self.set_caps(batch, {"flat": flat, "host": host, "hop": hop, "hr": hr})
         return self._caps[batch]
 
     def describe_caps(self, batch: int) -> dict[str, int]:
@@ -408,6 +512,8 @@ class ShardedEmbeddings:
         for w, hc in c["hop"].items():
             out[f"w{w}/rows_local"] = hc.local
             out[f"w{w}/rows_host"] = hc.host
+        for w, hc in c.get("hr", {}).items():
+            out[f"hr{w}/rows"] = hc
         return out
 
     @staticmethod
@@ -491,10 +597,14 @@ class ShardedEmbeddings:
         elif acc_kind is not None:
             init = self.optimizer.initial_accumulator
             accs = [np.full((f.rows,) if per_row else (f.rows, f.dim), init, np.float32) for f in feats]
+        order = self.layout.split_values(order)  # the layout's tables
+        if acc_kind is not None:
+            accs = self.layout.split_values(accs)
         out = {}
         for name, (rows, width, rep) in self.layout.storages().items():
             sh = NamedSharding(self.mesh, self._storage_spec(name))
             total = rows if rep else rows * self.num_devices
+            cut = self.layout.assemble_split
 
             def make(shape, piece):
                 def cb(index):
@@ -503,14 +613,14 @@ class ShardedEmbeddings:
 
                 return jax.make_array_from_callback(shape, sh, cb)
 
-            w = make((total, width), lambda d: self.layout.assemble(name, d, order))
+            w = make((total, width), lambda d: cut(name, d, order))
             acc = None
             if acc_kind is not None:
                 fill = self.optimizer.initial_accumulator
                 if per_row:
-                    acc = make((total,), lambda d: self.layout.assemble(name, d, accs, per_row=True, fill=fill))
+                    acc = make((total,), lambda d: cut(name, d, accs, per_row=True, fill=fill))
                 else:
-                    acc = make((total, width), lambda d: self.layout.assemble(name, d, accs, fill=fill))
+                    acc = make((total, width), lambda d: cut(name, d, accs, fill=fill))
             out[name] = TableState(w, acc)
         return out
 
@@ -530,18 +640,20 @@ class ShardedEmbeddings:
 
     def _canonical(self, ids, lengths):
         """i32[B, slots + 1] table rows of the batch's ids (-1: none, and a last
-        all -1 column), and the count of out-of-range ids of non-hashed tables."""
+        all -1 column), and the count of out-of-range ids of non-hashed tables.
+        The columns are the layout's tables' (a flexshard table's tiers)."""
         valid = jnp.asarray(self._col_pos)[None, :] < lengths[:, self._col_feature]
         rows = jnp.asarray(self._col_rows)[None, :]
         r = jnp.where(jnp.asarray(self._col_hashed)[None, :], jnp.remainder(ids, rows), ids)
         inside = (r >= 0) & (r < rows)
         bad = jnp.sum(valid & ~inside, dtype=jnp.int32)
         canon = jnp.where(valid & inside, r, -1)
-        return jnp.concatenate([canon, jnp.full((canon.shape[0], 1), -1, jnp.int32)], axis=1), bad
+        canon = jnp.concatenate([canon, jnp.full((canon.shape[0], 1), -1, jnp.int32)], axis=1)
+        return self._to_tiers(canon), bad
 
     def _mean_scale(self, lengths):
         """f32[B, F_pooled] the factor of each pooled feature (1 / count for mean)."""
-        feats = self.features.sparse
+        feats = self.tables.sparse
         n = jnp.maximum(lengths[:, np.array(self.pooled_idx)], 1).astype(jnp.float32)
         mean = np.array([feats[i].combiner is Combiner.MEAN for i in self.pooled_idx])
         return jnp.where(jnp.asarray(mean)[None, :], 1.0 / n, 1.0)
@@ -562,7 +674,7 @@ class ShardedEmbeddings:
           payload bytes across and inside hosts, `ids_requested` and
           `ids_unique` (de-duplication of the row requests).
         """
-        feats = self.features.sparse
+        feats = self.tables.sparse
         b = ids.shape[0] // self.num_devices
         caps = self.caps(b)
         mode = self.exchange_mode
@@ -589,6 +701,13 @@ class ShardedEmbeddings:
                 st.append(s)
                 for k, i in enumerate(route.pieces):
                     outs[i] = rows[k]
+            ctx["hr"] = {}
+            for w, route in self.hr_routes.items():
+                res, c, s = route.forward(weights[storage_name(w, "host")], canon, caps["hr"][w], mode, impl)
+                ctx["hr"][w] = {**c, "read": c["read"][None]}
+                st.append(s)
+                for k, i in enumerate(route.pieces):
+                    outs[i] = res[k]
             entry = None
             if self.host is not None:
                 tables = {w: weights[storage_name(w)] for w in self.host.widths}
@@ -608,21 +727,24 @@ class ShardedEmbeddings:
                     rows = jnp.where(at[:, self._dp_pos[w][k]] >= 0, at[:, self._dp_pos[w][k]] + base, -1)
                     outs[i] = (pool_received(table, rows, impl) if feats[self.layout.pieces[i].feature].pooled
                                else owner_rows(table, rows, impl))
+                ctx.setdefault("dp", {})[w] = _read_token([outs[i] for i in pieces])[None]
             stats = _reduce(st, bad)
             if self.towers:
                 return entry, {}, ctx, stats
-            pooled, seqs = self._assemble(outs, lengths, stacked)
+            pooled, seqs = self._assemble(outs, self._tier_lengths(lengths), stacked)
+            pooled, seqs = self._fold(pooled, seqs, lengths)
             return pooled, seqs, ctx, stats
 
+        ufeats = self.features.sparse
         pooled_spec = P(DEVICES) if (self.pooled_idx or self.towers) else None
-        seq_specs = {} if self.towers else {feats[i].name: P(DEVICES) for i in self.seq_idx}
+        seq_specs = {} if self.towers else {ufeats[i].name: P(DEVICES) for i in self.user_seq_idx}
         pooled, seqs, ctx, stats = self._shard_map(
             body, (self._weight_specs(), P(DEVICES), P(DEVICES)), (pooled_spec, seq_specs, P(DEVICES), P()),
         )({k: v.weights for k, v in state.items()}, ids, lengths)
         if self.towers:
             return pooled, ctx, stats
-        embs = Embeddings(pooled, seqs, tuple(feats[i].name for i in self.pooled_idx),
-                          tuple(feats[i].dim for i in self.pooled_idx))
+        embs = Embeddings(pooled, seqs, tuple(ufeats[i].name for i in self.user_pooled_idx),
+                          tuple(ufeats[i].dim for i in self.user_pooled_idx))
         return embs, ctx, stats
 
     def _assemble(self, outs, lengths, stacked=None):
@@ -633,7 +755,7 @@ class ShardedEmbeddings:
         is row k of a block; a run of consecutive rows of one block goes in
         as one transpose rather than K slices and a concatenation (which
         XLA:CPU runs as K copies)."""
-        feats = self.features.sparse
+        feats = self.tables.sparse
         stacked = stacked or {}
         pooled = None
         if self.pooled_idx:
@@ -687,7 +809,7 @@ class ShardedEmbeddings:
     def _piece_grads(self, g_pooled, g_seqs, lengths) -> tuple[dict[int, jax.Array], jax.Array | None]:
         """The embeddings' gradients split per piece (mean's 1/count applied),
         and the pooled gradient they were cut from."""
-        feats = self.features.sparse
+        feats = self.tables.sparse
         out = {}
         if self.pooled_idx:
             if self._mean:
@@ -733,13 +855,14 @@ class ShardedEmbeddings:
         b = ids.shape[0] // self.num_devices
         caps = self.caps(b)
         mode = self.exchange_mode
-        feats = self.features.sparse
+        feats = self.tables.sparse
 
         def body(state, ctx, g_pooled, g_seqs, ids, lengths, lr, skip):
             streams: dict[str, list] = {}
             st = []
             if not self.towers:
-                gp, g_scaled = self._piece_grads(g_pooled, g_seqs, lengths)
+                g_pooled, g_seqs = self._unfold(g_pooled, g_seqs, lengths)
+                gp, g_scaled = self._piece_grads(g_pooled, g_seqs, self._tier_lengths(lengths))
             for w, route in self.routes.items():
                 c = {**ctx["flat"][w], "read": ctx["flat"][w]["read"][0]}
                 g_bag = self._bag_grads(route.bag_pieces, route.width, gp, g_scaled)
@@ -769,6 +892,17 @@ class ShardedEmbeddings:
                 new[name], o = self._apply(name, state[name], rows, src, g, lr, skip, b)
                 chunked = chunked + o
                 st.append(self._split_payload(name, rows))
+            for w, route in self.hr_routes.items():
+                name = storage_name(w, "host")
+                c = {**ctx["hr"][w], "read": ctx["hr"][w]["read"][0]}
+                rows, g, s = route.backward(c, {k: gp[i] for k, i in enumerate(route.pieces)}, mode)
+                st.append(s)
+                r_all = state[name].weights.shape[0]
+                rows, g, s = replica_sum(rows, g, r_all, self.hosts, self.local, False, c["read"])
+                st.append(s)
+                new[name], o = self._apply(name, state[name], rows, jnp.arange(r_all, dtype=jnp.int32), g, lr,
+                                           skip, b, chunk=False)
+                chunked = chunked + o
             for w, pieces in self._dp.items():
                 name = storage_name(w, True)
                 canon, _ = self._canonical(ids, lengths)
@@ -785,6 +919,15 @@ class ShardedEmbeddings:
                 rows = jnp.concatenate(rows, axis=1).reshape(-1)
                 gpos = jnp.concatenate(gpos, axis=1).reshape(-1, w)
                 table = state[name].weights
+                if any(self.layout.tier_of[self.layout.pieces[i].feature] for i in pieces):
+                    # hot tiers: a dense sum over all replicas (`replica_sum`)
+                    r_all = table.shape[0]
+                    rows, g, s = replica_sum(rows, gpos, r_all, self.hosts, self.local, True, ctx["dp"][w][0])
+                    st.append(s)
+                    new[name], o = self._apply(name, state[name], rows, jnp.arange(r_all, dtype=jnp.int32), g,
+                                               lr, skip, b, chunk=False)
+                    chunked = chunked + o
+                    continue
                 rows = jnp.where((rows >= 0) & (rows < table.shape[0]), rows, -1)
                 srows, spos = optimizers.sort_by_row(rows[None], jnp.zeros((1,), jnp.int32),
                                                      table.shape[0], table.shape[0])
@@ -814,7 +957,7 @@ class ShardedEmbeddings:
             seq_specs = {}
         else:
             g_pooled, g_seqs = grads.pooled, dict(grads.sequence)
-            seq_specs = {feats[i].name: P(DEVICES) for i in self.seq_idx}
+            seq_specs = {self.features.sparse[i].name: P(DEVICES) for i in self.user_seq_idx}
         new, stats = self._shard_map(
             body,
             (self.state_specs(), P(DEVICES), P(DEVICES) if g_pooled is not None else None, seq_specs,
@@ -824,8 +967,9 @@ class ShardedEmbeddings:
           jnp.asarray(skip, bool))
         return new, stats
 
-    def _apply(self, name, st: TableState, rows, src, grads, lr, skip, batch: int):
-        """sparse_step on one storage buffer (inside the body)."""
+    def _apply(self, name, st: TableState, rows, src, grads, lr, skip, batch: int, chunk: bool = True):
+        """sparse_step on one storage buffer (inside the body); `chunk=False`:
+        the rows are already unique (one chunk, whatever `unique_capacity`)."""
         rows = jnp.where(skip, -1, rows)
         split = self._split_rows(name, batch)
         opt = self.optimizer
@@ -834,7 +978,7 @@ class ShardedEmbeddings:
             row_mean_sq = split
         n = rows.shape[0]
         cap = None
-        if self.unique_capacity is not None and row_mean_sq is None:
+        if self.unique_capacity is not None and row_mean_sq is None and chunk:
             cap = max(8, -(-int(self.unique_capacity * n) // 8) * 8)
             cap = None if cap >= n else cap
         w, acc, o = optimizers.sparse_step(
@@ -869,7 +1013,7 @@ class ShardedEmbeddings:
                 d = q.devices[0]
                 others = [e for e in devs if e != d]
                 cross = sum(e // ln != d // ln for e in others)
-                per[d].append((q.offsets[0], self.features.sparse[f].rows, cross, len(others) - cross))
+                per[d].append((q.offsets[0], self.tables.sparse[f].rows, cross, len(others) - cross))
         k = max(len(v) for v in per)
         tab = np.zeros((n, k, 4), np.int32)
         for d, v in enumerate(per):
@@ -900,7 +1044,7 @@ class ShardedEmbeddings:
                         and p.width == width})
         if not split:
             return None
-        feats = self.features.sparse
+        feats = self.tables.sparse
         n = self.num_devices
         per = [[] for _ in range(n)]
         for p in self.layout.pieces:
@@ -954,7 +1098,7 @@ class ShardedEmbeddings:
         """One line per storage buffer: its width, tables and rows per device."""
         out = []
         for name, (rows, width, rep) in self.layout.storages().items():
-            tables = sorted({self.features.sparse[p.feature].name for p in self.layout.pieces
+            tables = sorted({self.tables.sparse[p.feature].name for p in self.layout.pieces
                              if p.width == width and p.replicated == rep})
             out.append({"storage": name, "tables": tables, "rows_per_device": rows, "width": width,
                         "replicated": rep})

@@ -14,6 +14,8 @@ width. The sharding types are placements of pieces:
 | row_wise        | one                     | N | every device                     |
 | table_row_wise  | one                     | L | the L devices of its host        |
 | data_parallel   | one                     | 1 | every device (replicated storage)|
+| host_replicated | one                     | L | local rank r % L of every host   |
+| flexshard       | three tier tables (below)                                  |
 
 Storage is owned, not padded per table: a device holds one buffer per
 embedding width, `f32[rows, width]`, in which its shards of every piece of
@@ -25,7 +27,15 @@ to a multiple of `ROW_ALIGN` rows: `allocated - owned` is the plan's
 imbalance plus at most `ROW_ALIGN - 1` rows per device and width. A
 balanced plan (row-wise, table-row-wise, or table-wise over tables that
 split evenly) allocates what it owns; `Layout.memory()` reports both.
-Data-parallel tables live in a replicated buffer per width.
+Data-parallel tables live in a replicated buffer per width (`dp_w64`),
+host-replicated ones in a buffer per width sharded over the devices whose
+shard l is the same on every host (`hr_w64`).
+
+A flexshard table is laid out as three *tier tables* (`jdmt.embeddings.tiers`):
+its hot rows data-parallel, its warm rows host-replicated, its cold rows
+row-wise. `features` and `plan` are those of the tier tables (what the routes
+see); `user_features` and `user_plan` are the model's. `assemble` and
+`to_dense` take and give the model's tables.
 
 The layout depends only on the features, the plan and the mesh shape, so a
 saved state can be read anywhere (`to_dense`), and the tables' initial
@@ -41,7 +51,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdmt.data.specs import FeatureSet
+from jdmt.data.specs import Combiner, FeatureSet, SparseFeature
+from jdmt.embeddings import tiers as tiers_
+from jdmt.embeddings.tiers import RowTiers, tier_name
 from jdmt.embeddings.types import (
     OptimizerKind,
     Placement,
@@ -64,9 +76,11 @@ ROW_ALIGN = 8
 """Storage rows per device are rounded up to a multiple of this (the stated slack)."""
 
 
-def storage_name(width: int, replicated: bool = False) -> str:
-    """Key of a storage buffer in the state: `w64` (sharded) or `dp_w64` (replicated)."""
-    return f"{'dp_' if replicated else ''}w{width}"
+def storage_name(width: int, replicated: bool | str = False) -> str:
+    """Key of a storage buffer in the state: `w64` (sharded), `dp_w64`
+    (replicated: `replicated=True`) or `hr_w64` (host-replicated: `"host"`)."""
+    prefix = "hr_" if replicated == "host" else "dp_" if replicated else ""
+    return f"{prefix}w{width}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +103,15 @@ class Piece:
     @property
     def replicated(self) -> bool:
         return self.type is ShardingType.DATA_PARALLEL
+
+    @property
+    def host_replicated(self) -> bool:
+        """Shard s on local rank s of every host (`devices` are the local ranks)."""
+        return self.type is ShardingType.HOST_REPLICATED
+
+    @property
+    def storage(self) -> str:
+        return storage_name(self.width, "host" if self.host_replicated else self.replicated)
 
     @property
     def stride(self) -> int:
@@ -148,15 +171,18 @@ class Layout:
     """
 
     def __init__(self, features: FeatureSet, plan: Mapping[str, Placement], hosts: int, local: int):
-        self.features = features
         self.hosts, self.local = int(hosts), int(local)
         self.num_devices = self.hosts * self.local
         plan = {f.name: plan[f.name] for f in features.sparse}
         check_plan(features, plan, self.num_devices, self.local)
+        self.user_features, self.user_plan = features, plan
+        features, plan = self._expand(features, plan)
+        self.features = features
         self.plan = plan
         self.pieces: list[Piece] = []
         used: dict[tuple[int, int], int] = {}  # (device, width) -> rows so far
         dp_used: dict[int, int] = {}
+        hr_used: dict[tuple[int, int], int] = {}  # (local rank, width) -> rows so far
 
         def place(dev: int, width: int, rows: int) -> int:
             off = used.get((dev, width), 0)
@@ -166,7 +192,14 @@ class Layout:
         for i, f in enumerate(features.sparse):
             p = plan[f.name]
             t = p.type
-            if t is ShardingType.DATA_PARALLEL:
+            if t is ShardingType.HOST_REPLICATED:
+                probe = Piece(i, 0, f.dim, t, tuple(range(self.local)), (0,) * self.local)
+                offs = []
+                for s in range(self.local):
+                    offs.append(hr_used.get((s, f.dim), 0))
+                    hr_used[(s, f.dim)] = offs[-1] + probe.shard_rows(f.rows, s)
+                self.pieces.append(Piece(i, 0, f.dim, t, probe.devices, tuple(offs)))
+            elif t is ShardingType.DATA_PARALLEL:
                 off = dp_used.get(f.dim, 0)
                 dp_used[f.dim] = off + f.rows
                 self.pieces.append(Piece(i, 0, f.dim, t, (), (off,)))
@@ -188,6 +221,65 @@ class Layout:
         }
         self.rows = {w: int(-(-max(1, self.owned_rows[w].max()) // ROW_ALIGN) * ROW_ALIGN) for w in widths}
         self.dp_rows = dict(sorted(dp_used.items()))
+        hr_widths = sorted({w for (_, w) in hr_used})
+        self.hr_rows = {w: int(-(-max(hr_used.get((s, w), 0) for s in range(self.local)) // ROW_ALIGN)
+                               * ROW_ALIGN) for w in hr_widths}
+
+    def _expand(self, features: FeatureSet, plan: Mapping[str, Placement]):
+        """The tier tables of the flexshard tables (the others as they are).
+
+        Sets `source` (each table's model feature), `tier_of` (each table's
+        (tier, RowTiers) or None) and `row_tiers` ({model feature: RowTiers})."""
+        feats, vplan, source, tier_of = [], {}, [], []
+        self.row_tiers: dict[int, RowTiers] = {}
+        everyone = tuple(range(self.num_devices))
+        kinds = {tiers_.HOT: ShardingType.DATA_PARALLEL, tiers_.WARM: ShardingType.HOST_REPLICATED,
+                 tiers_.COLD: ShardingType.ROW_WISE}
+        for u, f in enumerate(features.sparse):
+            p = plan[f.name]
+            if p.type is not ShardingType.FLEXSHARD:
+                feats.append(f), source.append(u), tier_of.append(None)
+                vplan[f.name] = p
+                continue
+            rt = RowTiers(f.rows, p.hot, p.warm)
+            self.row_tiers[u] = rt
+            for tier, rows in rt.sizes.items():
+                if not rows:
+                    continue
+                name = tier_name(f.name, tier)
+                feats.append(SparseFeature(name, rows, f.dim, f.max_len, f.kind, Combiner.SUM))
+                source.append(u), tier_of.append((tier, rt))
+                vplan[name] = Placement(kinds[tier], everyone)
+        self.source = np.array(source, np.int64)
+        self.tier_of = tier_of
+        if not self.row_tiers:
+            return features, plan
+        return FeatureSet(tuple(feats), num_dense=features.num_dense), vplan
+
+    # ---- tier tables <-> the model's tables (host numpy) ---------------------------------------
+
+    def split_values(self, values: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Per-table arrays of the model's tables (rows first) -> the tier tables'."""
+        out = []
+        for v, u in enumerate(self.source):
+            t = self.tier_of[v]
+            out.append(values[u] if t is None else np.asarray(values[u])[t[1].rows_of(t[0])])
+        return out
+
+    def fold_values(self, values: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The inverse of `split_values`."""
+        if not self.row_tiers:
+            return list(values)
+        out: list = [None] * len(self.user_features.sparse)
+        for v, u in enumerate(self.source):
+            t = self.tier_of[v]
+            if t is None:
+                out[u] = values[v]
+                continue
+            if out[u] is None:
+                out[u] = np.zeros((t[1].rows,) + np.shape(values[v])[1:], np.asarray(values[v]).dtype)
+            out[u][t[1].rows_of(t[0])] = values[v]
+        return out
 
     # ---- queries -----------------------------------------------------------------------------
 
@@ -199,6 +291,7 @@ class Layout:
         """`{name: (rows per device or replicated rows, width, replicated)}`."""
         out = {storage_name(w): (r, w, False) for w, r in self.rows.items()}
         out.update({storage_name(w, True): (r, w, True) for w, r in self.dp_rows.items()})
+        out.update({storage_name(w, "host"): (r, w, False) for w, r in self.hr_rows.items()})
         return out
 
     def pieces_of(self, feature: int) -> list[Piece]:
@@ -215,31 +308,37 @@ class Layout:
             owned += f.rows * row_bytes
             if p.replicated:
                 per_dev += f.rows * row_bytes
+            elif p.host_replicated:
+                for d in range(n):
+                    per_dev[d] += p.shard_rows(f.rows, d % self.local) * row_bytes
             else:
                 for s, d in enumerate(p.devices):
                     per_dev[d] += p.shard_rows(f.rows, s) * row_bytes
         alloc_dev = sum(r * 4.0 * (w + _acc_floats(optimizer, w)) for w, r in self.rows.items())
         alloc_dev += sum(r * 4.0 * (w + _acc_floats(optimizer, w)) for w, r in self.dp_rows.items())
+        alloc_dev += sum(r * 4.0 * (w + _acc_floats(optimizer, w)) for w, r in self.hr_rows.items())
         return Memory(owned, alloc_dev * n, per_dev, alloc_dev)
 
     # ---- initial values (traced, on the devices) ---------------------------------------------
 
-    def _segments(self, width: int) -> np.ndarray:
-        """i64[N, S, 6] per device, the shards in its storage of `width`:
-        (offset, rows, feature, first row, stride, col0), padded with
-        segments that start past the end."""
+    def _segments(self, width: int, host: bool = False) -> np.ndarray:
+        """i64[N, S, 6] per device, the shards in its storage of `width`
+        (`host`: its host-replicated storage): (offset, rows, feature, first
+        row, stride, col0), padded with segments that start past the end."""
         segs: list[list[tuple]] = [[] for _ in range(self.num_devices)]
         for p in self.pieces:
-            if p.width != width or p.replicated:
+            if p.width != width or p.replicated or p.host_replicated != host:
                 continue
             rows = self.features.sparse[p.feature].rows
             for s, (d, off) in enumerate(zip(p.devices, p.offsets)):
                 n = p.shard_rows(rows, s)
-                if n:
-                    segs[d].append((off, n, p.feature, s, p.stride, p.col0))
+                if not n:
+                    continue
+                for dev in (range(d, self.num_devices, self.local) if host else (d,)):
+                    segs[dev].append((off, n, p.feature, s, p.stride, p.col0))
         k = max(1, max(len(v) for v in segs))
         out = np.zeros((self.num_devices, k, 6), np.int64)
-        out[:, :, 0] = self.rows[width]
+        out[:, :, 0] = (self.hr_rows if host else self.rows)[width]
         for d, v in enumerate(segs):
             for j, s in enumerate(sorted(v)):
                 out[d, j] = s
@@ -254,9 +353,14 @@ class Layout:
         """A device's storage buffer `name`: each owned value a hash of (seed,
         feature, row, col), uniform in `[-scale, scale)` with the feature's
         scale (TorchRec's `sqrt(1 / rows)`); unowned rows 0. The values do not
-        depend on the plan: every plan starts from the same tables."""
+        depend on the plan: every plan starts from the same tables (a tier
+        table's rows hash as the raw rows of their model table).
+
+        Args:
+          scales: f32[model features] each model table's scale."""
         rows, width, replicated = self.storages()[name]
-        seg = self._dp_segments(width) if replicated else self._segments(width)
+        host = name.startswith("hr_")
+        seg = self._dp_segments(width) if replicated else self._segments(width, host)
         seg = jnp.asarray(seg.astype(np.int32))
         if not replicated:
             seg = seg[device]
@@ -265,22 +369,34 @@ class Layout:
         s = seg[j]  # [R, 6]
         inside = (r >= s[:, 0]) & (r < s[:, 0] + s[:, 1])
         grow = s[:, 3] + (r - s[:, 0]) * s[:, 4]
+        for v, t in enumerate(self.tier_of):  # tier tables: slot -> the model table's row
+            if t is not None and any(p.feature == v and p.storage == name for p in self.pieces):
+                grow = jnp.where(s[:, 2] == v, t[1].raw(t[0], grow), grow)
+        feature = jnp.asarray(self.source.astype(np.int32))[s[:, 2]]
         cols = s[:, 5][:, None] + jnp.arange(width, dtype=jnp.int32)[None, :]
-        u = hash_uniform(seed, s[:, 2][:, None], grow[:, None], cols)
-        scale = jnp.asarray(scales, jnp.float32)[s[:, 2]][:, None]
+        u = hash_uniform(seed, feature[:, None], grow[:, None], cols)
+        scale = jnp.asarray(scales, jnp.float32)[feature][:, None]
         return jnp.where(inside[:, None], (2.0 * u - 1.0) * scale, 0.0)
 
     # ---- host-side conversion ----------------------------------------------------------------
 
     def assemble(self, name: str, device: int, values: Sequence[np.ndarray], per_row: bool = False,
                  fill: float = 0.0) -> np.ndarray:
-        """Device `device`'s buffer `name` cut from full per-feature arrays:
-        tables f32[rows, dim] (or, `per_row`, row-wise accumulators f32[rows])."""
+        """Device `device`'s buffer `name` cut from full per-feature arrays of
+        the model's tables: f32[rows, dim] (or, `per_row`, row-wise
+        accumulators f32[rows])."""
+        return self.assemble_split(name, device, self.split_values(values), per_row, fill)
+
+    def assemble_split(self, name: str, device: int, values: Sequence[np.ndarray], per_row: bool = False,
+                       fill: float = 0.0) -> np.ndarray:
+        """`assemble` from arrays of the layout's tables (`split_values`)."""
         rows, width, replicated = self.storages()[name]
         shape = (rows,) if per_row else (rows, width)
         buf = np.full(shape, fill, np.float32)
+        if name.startswith("hr_"):  # host-replicated: shard l sits on local rank l of every host
+            device = device % self.local
         for p in self.pieces:
-            if p.width != width or p.replicated != replicated:
+            if p.storage != name:
                 continue
             full = values[p.feature]
             part = full if per_row else full[:, p.col0 : p.col0 + width]
@@ -294,13 +410,14 @@ class Layout:
         return buf
 
     def to_dense(self, buffers: Mapping[str, np.ndarray], per_row: bool = False) -> list[np.ndarray]:
-        """Full per-feature arrays (feature order) from host copies of the
-        global storage buffers `{name: [N * rows (or rows), width]}`.
+        """Full per-feature arrays of the model's tables (feature order) from
+        host copies of the global storage buffers `{name: [N * rows (or
+        rows), width]}` (host-replicated rows read from the first host).
         With `per_row`, row-wise accumulators f32[rows] instead of tables."""
         feats = self.features.sparse
         out = [np.zeros((f.rows,) if per_row else (f.rows, f.dim), np.float32) for f in feats]
         for p in self.pieces:
-            name = storage_name(p.width, p.replicated)
+            name = p.storage
             if name not in buffers:
                 continue
             arr = np.asarray(buffers[name])
@@ -313,7 +430,7 @@ class Layout:
             for s, (d, off) in enumerate(zip(p.devices, p.offsets)):
                 n = p.shard_rows(feats[p.feature].rows, s)
                 view[s :: p.stride] = arr[d * rows + off : d * rows + off + n]
-        return out
+        return self.fold_values(out)
 
 
 def _mix32(x: jax.Array) -> jax.Array:

@@ -17,6 +17,8 @@ class ShardingType(str, enum.Enum):
     ROW_WISE = "row_wise"  # rows split evenly over all devices
     COLUMN_WISE = "column_wise"  # columns split over several devices
     TABLE_ROW_WISE = "table_row_wise"  # one host holds the table, rows split over its devices
+    HOST_REPLICATED = "host_replicated"  # every host holds the table, rows split over its devices
+    FLEXSHARD = "flexshard"  # rows in tiers: hot replicated, warm host-replicated, cold row-wise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,20 +30,38 @@ class Placement:
       devices: flat device indices (into `mesh.devices.flat`): the owner for
         table-wise, one owner per column shard for column-wise; all devices
         for row-wise and data-parallel; the L devices of one host, in order
-        (`host * L ... host * L + L - 1`), for table-row-wise.
+        (`host * L ... host * L + L - 1`), for table-row-wise; all devices for
+        host-replicated (row r on local rank r % L of every host) and
+        flexshard.
+      hot, warm: flexshard only: the rows replicated on every device, and
+        those replicated once per host (sharded over its devices); the rest
+        are row-wise (`jdmt.embeddings.tiers`). Sorted, disjoint.
     """
 
     type: ShardingType
     devices: tuple[int, ...]
+    hot: tuple[int, ...] = ()
+    warm: tuple[int, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "type", ShardingType(self.type))
         object.__setattr__(self, "devices", tuple(int(d) for d in self.devices))
+        object.__setattr__(self, "hot", tuple(int(r) for r in self.hot))
+        object.__setattr__(self, "warm", tuple(int(r) for r in self.warm))
         if not self.devices:
             raise ValueError("a placement needs at least one device")
+        if (self.hot or self.warm) and self.type is not ShardingType.FLEXSHARD:
+            raise ValueError(f"hot and warm rows apply to flexshard placements, not {self.type.value}")
 
     def to_json(self) -> dict:
-        return {"type": self.type.value, "devices": list(self.devices)}
+        out = {"type": self.type.value, "devices": list(self.devices)}
+        if self.type is ShardingType.FLEXSHARD:
+            out.update(hot=list(self.hot), warm=list(self.warm))
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Mapping) -> "Placement":
+        return cls(obj["type"], obj["devices"], tuple(obj.get("hot", ())), tuple(obj.get("warm", ())))
 
 
 ShardingPlan = Mapping[str, Placement]
@@ -135,7 +155,8 @@ def plan_sharding(
     pieces = []  # (bytes, feature, shards)
     for f in features.sparse:
         t = types[f.name]
-        if t in (ShardingType.DATA_PARALLEL, ShardingType.ROW_WISE):
+        if t in (ShardingType.DATA_PARALLEL, ShardingType.ROW_WISE, ShardingType.HOST_REPLICATED,
+                 ShardingType.FLEXSHARD):  # flexshard without row statistics: every row cold
             plan[f.name] = Placement(t, everyone)
             continue
         c = 1
@@ -194,9 +215,19 @@ def check_plan(
                 )
             if len(set(p.devices)) != len(p.devices):
                 raise ValueError(f"feature {f.name!r}: column shards need distinct devices")
-        if p.type in (ShardingType.ROW_WISE, ShardingType.DATA_PARALLEL):
+        if p.type in (ShardingType.ROW_WISE, ShardingType.DATA_PARALLEL, ShardingType.HOST_REPLICATED,
+                      ShardingType.FLEXSHARD):
             if tuple(p.devices) != tuple(range(num_devices)):
                 raise ValueError(f"feature {f.name!r}: {p.type.value} spans all devices")
+        if p.type is ShardingType.HOST_REPLICATED and local is None:
+            raise ValueError(f"feature {f.name!r}: host_replicated needs the mesh's devices per host")
+        if p.type is ShardingType.FLEXSHARD:
+            from jdmt.embeddings.tiers import RowTiers
+
+            try:
+                RowTiers(f.rows, p.hot, p.warm)
+            except ValueError as e:
+                raise ValueError(f"feature {f.name!r}: {e}") from None
         if p.type is ShardingType.TABLE_ROW_WISE:
             try:
                 _, ln = table_row_wise_host(p, local)

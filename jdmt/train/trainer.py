@@ -387,7 +387,7 @@ class Trainer:
         if saved["mesh"] == here["mesh"] and saved["plan"] == here["plan"]:
             return ckpt.restore(step, like), meta
         # Another mesh or plan: rebuild the saved layout, cut the tables out on the host.
-        old_plan = {n: Placement(p["type"], p["devices"]) for n, p in saved["plan"].items()}
+        old_plan = {n: Placement.from_json(p) for n, p in saved["plan"].items()}
         old = Layout(self.features, old_plan, *saved["mesh"])
         has_acc = any(t.accum is not None for t in like.tables.values())
         old_tables = {name: TableState(0, 0 if has_acc else None) for name in old.storages()}
