@@ -201,6 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="row-wise tables: de-duplicate requests per host before they cross hosts "
                    "(host: two hops, inside the host first; applies with more than one host of "
                    "more than one device) or per device (device: ask the owners directly)")
+    p.add_argument("--row-tiers", type=_one_of("row tiers", ("auto", "none")), default=d.row_tiers,
+                   help="flexshard tables (--sharding=flexshard): hot rows on every device, warm rows "
+                   "once per host, the rest row-wise; auto sizes the tiers from the first batches' "
+                   "row statistics under --memory-budget-per-device, none keeps every row cold")
+    p.add_argument("--memory-budget-per-device", type=float, default=d.memory_budget,
+                   help="flexshard: table memory per device the tiers may use, as a multiple of "
+                   "row-wise's own footprint (default %(default)s)")
+    p.add_argument("--row-tier-batches", type=int, default=d.row_tier_batches,
+                   help="flexshard: global batches whose ids give the row statistics")
     p.add_argument("--embedding-optimizer", type=_one_of("embedding optimizer", EMB_OPTIMIZERS),
                    default=d.embedding_optimizer,
                    help=f"fused sparse optimizer of the tables; one of: {', '.join(EMB_OPTIMIZERS)}")
@@ -419,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
             resume=args.resume,
             kernel=args.kernel,
             row_dedup=args.row_dedup,
+            row_tiers=args.row_tiers,
+            memory_budget=args.memory_budget_per_device,
+            row_tier_batches=args.row_tier_batches,
             eval_data=args.eval_data,
             teacher=args.teacher,
             lr_schedule=args.lr_schedule,

@@ -131,6 +131,13 @@ class TrainConfig:
         they cross hosts: 'host' (two hops: inside the host first, then one
         request per host and row; on meshes of more than one host of more
         than one device) or 'device' (each device asks the owners directly).
+      row_tiers: flexshard tables' hot and warm rows: 'auto' (sized from row
+        statistics of the first `row_tier_batches` batches, under
+        `memory_budget`, by the modeled communication time;
+        `jdmt.planner.flexshard`) or 'none' (every row cold: row-wise).
+      memory_budget: per-device table memory that flexshard's tiers may fill,
+        as a multiple of row-wise's footprint of all the tables (>= 1).
+      row_tier_batches: global batches whose ids give the row statistics.
       eval_data: with `data='criteo:PATH'`, a separate held-out Criteo file
         (e.g. day 23): the eval batches are its first examples and training
         reads all of PATH. None: the head of PATH is held out.
@@ -187,6 +194,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     kernel: str = "auto"
     row_dedup: str = "host"
+    row_tiers: str = "auto"
+    memory_budget: float = 1.25
+    row_tier_batches: int = 8
     eval_data: str | None = None
     teacher: str = "dlrm"
     lr_schedule: str = "constant"
@@ -242,6 +252,12 @@ class TrainConfig:
         _choice("kernel", self.kernel, Kernel)
         if self.row_dedup not in ("host", "device"):
             raise ValueError(f"row_dedup must be 'host' or 'device', got {self.row_dedup!r}")
+        if self.row_tiers not in ("auto", "none"):
+            raise ValueError(f"row_tiers must be 'auto' or 'none', got {self.row_tiers!r}")
+        if not self.memory_budget >= 1.0:
+            raise ValueError(f"memory_budget is a multiple of row-wise's footprint, >= 1; got {self.memory_budget}")
+        if self.row_tier_batches < 1:
+            raise ValueError(f"row_tier_batches must be >= 1, got {self.row_tier_batches}")
         if self.combiner is not None:
             _choice("combiner", self.combiner, Combiner)
         for name in ("steps", "global_batch", "embedding_dim", "eval_batches", "num_tables",

@@ -40,12 +40,15 @@ from jdmt.data import (
     CriteoData,
     SyntheticData,
 )
+from jdmt.data.specs import FeatureSet
 from jdmt.embeddings import (
     OutOfRangeIdError,
     Placement,
     ShardedEmbeddings,
+    ShardingType,
     SparseOptimizer,
     TableState,
+    plan_sharding,
 )
 from jdmt.embeddings.layout import Layout
 from jdmt.mesh import DEVICES, HOST, Topology, host_numpy, make_mesh, mesh_shape
@@ -138,6 +141,11 @@ class Trainer:
             sharding = self.plan.placements
             if jax.process_index() == 0:
                 print(f"jdmt: {self.plan.summary()}", file=sys.stderr)
+        self.tier_report = None
+        if sharding == ShardingType.FLEXSHARD.value:
+            sharding = plan_sharding(self.features, n, sharding, local=self.local)
+        if isinstance(sharding, dict) and any(p.type is ShardingType.FLEXSHARD for p in sharding.values()):
+            sharding = self._tier_plan(sharding, sparse_opt)
         self.sptt = None
         self.num_towers = config.towers
         if config.towers == "auto":  # one tower per host
@@ -272,6 +280,64 @@ class Trainer:
             optimizer=optimizer, topology=Topology.from_mesh(self.mesh), pooling=pooling,
             cost_model=AnalyticCostModel(row_dedup=self.config.row_dedup),
         )
+
+    def _tier_plan(self, plan, optimizer: SparseOptimizer):
+        """Flexshard tables' hot and warm rows (`--row-tiers=auto`): row
+        statistics of the first batches' ids (each process counts its rows;
+        the summaries are merged in process order, so every process gets the
+        same plan), sized by `jdmt.planner.flexshard.plan_tiers`."""
+        from jdmt.planner.flexshard import plan_tiers
+        from jdmt.planner.row_stats import HeavyHitters, row_statistics
+
+        cfg = self.config
+        if cfg.row_tiers == "none":
+            return plan
+        flex = [n for n, p in plan.items() if p.type is ShardingType.FLEXSHARD]
+        sub = FeatureSet(tuple(self.features[n] for n in flex), num_dense=self.features.num_dense)
+        cols = np.concatenate([np.arange(self.features.total_slots)[self.features.columns(n)] for n in flex])
+        fidx = np.array([self.features.index(n) for n in flex])
+        pid, nproc = jax.process_index(), jax.process_count()
+        if isinstance(self.data, SyntheticData):  # random access: the training batches themselves
+            get = lambda i: self.data.batch(i, cfg.global_batch, process_index=pid, num_processes=nproc)  # noqa: E731
+            count = cfg.row_tier_batches
+        else:  # streamed data: the held-out batches, not the training stream
+            get = lambda i: self.data.eval_batch(i, cfg.eval_size, process_index=pid, num_processes=nproc)  # noqa: E731
+            count = min(cfg.row_tier_batches, cfg.eval_batches)
+        batches = [get(i) for i in range(count)]
+        sub_batches = (Batch(b.dense, np.asarray(b.ids)[:, cols], np.asarray(b.lengths)[:, fidx], b.labels)
+                       for b in batches)
+        stats = row_statistics(sub, sub_batches)
+        if nproc > 1:
+            from jax.experimental import multihost_utils
+
+            for n in flex:
+                s = stats[n]
+                cap = s.capacity
+                keys = np.full(cap, -1, np.int64)
+                cnts = np.zeros(cap, np.int64)
+                keys[: s.keys.size], cnts[: s.keys.size] = s.keys, s.counts
+                meta = np.array([s.total, s.error], np.int64)
+                allk, allc, allm = multihost_utils.process_allgather((keys, cnts, meta))
+                merged = HeavyHitters(cap)
+                for k, c, m in zip(allk, allc, allm):
+                    part = HeavyHitters(cap)
+                    ok = k >= 0
+                    part.keys, part.counts, part.total, part.error = k[ok], c[ok], int(m[0]), int(m[1])
+                    merged.merge(part)
+                stats[n] = merged
+        lookups = {n: stats[n].total / count for n in flex}
+        plan, report = plan_tiers(self.features, plan, stats, Topology.from_mesh(self.mesh),
+                                  global_batch_lookups=lookups, optimizer=optimizer,
+                                  budget=cfg.memory_budget, row_dedup=cfg.row_dedup)
+        self.tier_report = report
+        if pid == 0:
+            for r in report:
+                print(f"jdmt: flexshard {r.table}: {r.hot} hot rows ({100 * r.coverage_hot:.1f}% of lookups), "
+                      f"{r.warm} warm ({100 * r.coverage_warm:.1f}%), {r.rows - r.hot - r.warm} cold; "
+                      f"{r.memory_bytes / 2**20:.1f} MiB per device (row-wise {r.row_wise_memory_bytes / 2**20:.1f}); "
+                      f"modeled cross-host bytes per device and step {r.cross_host_bytes:,.0f} "
+                      f"(row-wise {r.row_wise_cross_host_bytes:,.0f})", file=sys.stderr)
+        return plan
 
     def _check_features(self) -> None:
         fs, d = self.features, self.config.embedding_dim
@@ -731,6 +797,7 @@ class Trainer:
             "sharding": cfg.sharding,
             "kernel": self._kernel_name(),
             "path": self.path_line(),
+            "row_tiers": None if self.tier_report is None else [r.to_json() for r in self.tier_report],
             "embedding_dim": cfg.embedding_dim,
             "embedding_optimizer": cfg.embedding_optimizer,
             "embedding_lr": cfg.embedding_lr,
