@@ -55,6 +55,10 @@ FULL = dict(tables=26, rows=100_000, dim=64, ids_per_bag=10, examples_per_host=4
             bottom_mlp=(512, 256), top_mlp=(512, 512, 256))
 QUICK = dict(tables=4, rows=1000, dim=8, ids_per_bag=3, examples_per_host=64,
              bottom_mlp=(16,), top_mlp=(16,))
+# --shape=sequence: sequence tables (a user's last S items, mean-pooled by the
+# model) beside a few pooled tables (benchmarks/flexshard.py)
+SEQUENCE = dict(FULL, tables=4, seq_tables=4, seq_rows=1_000_000, seq_len=64, examples_per_host=1024)
+SEQUENCE_QUICK = dict(QUICK, tables=2, seq_tables=2, seq_rows=5000, seq_len=8)
 CACHED_BATCHES = 4  # distinct training batches, cycled
 
 
@@ -70,6 +74,13 @@ def parse_args(argv=None):
                    help="sharding type of every table")
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes (4 tables x 1000 x 8, 64 examples per host): a smoke run")
+    p.add_argument("--shape", default="pooled", choices=("pooled", "sequence"),
+                   help="pooled: the 26 pooled tables; sequence: 4 sequence tables of 1M rows "
+                   "(S=64) beside 4 pooled tables, 1024 examples per host")
+    p.add_argument("--row-dedup", default="host", choices=("host", "device"),
+                   help="row-wise and flexshard tables' requests: per host (two hops) or per device")
+    p.add_argument("--memory-budget", type=float, default=1.25,
+                   help="flexshard: per-device table memory, times row-wise's footprint")
     p.add_argument("--tuned-malloc", action="store_true",
                    help="run the processes with MALLOC_ARENA_MAX=1 etc. (see docs/design.md)")
     p.add_argument("--towers", type=int, default=0,
@@ -109,6 +120,12 @@ def parse_args(argv=None):
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
     return args
+
+
+def _shape(args) -> dict:
+    if args.shape == "sequence":
+        return SEQUENCE_QUICK if args.quick else SEQUENCE
+    return QUICK if args.quick else FULL
 
 
 def parse_link(text: str):
@@ -151,6 +168,8 @@ class FixedBags:
 
         from jdmt.data import Batch
 
+        if any(not f.pooled for f in self.features.sparse):  # sequences keep their lengths
+            return b
         lens = {f.max_len for f in self.features.sparse}
         assert len(lens) == 1, "a uniform feature set"
         (p,) = lens
@@ -179,10 +198,16 @@ def child(args) -> int:
     from jdmt.mesh import make_mesh
     from jdmt.train import TrainConfig, Trainer
 
-    shape = QUICK if args.quick else FULL
+    shape = _shape(args)
     global_batch = shape["examples_per_host"] * PROCESSES
     features = make_features(shape["tables"], shape["rows"], shape["dim"], shape["ids_per_bag"],
                              combiner="sum")
+    if "seq_tables" in shape:
+        from jdmt.data.specs import FeatureSet, SparseFeature
+
+        seq = tuple(SparseFeature(f"seq_{i}", shape["seq_rows"], shape["dim"], shape["seq_len"],
+                                  kind="sequence") for i in range(shape["seq_tables"]))
+        features = FeatureSet(features.sparse + seq, num_dense=features.num_dense)
     mesh = make_mesh(f"{PROCESSES}x{args.local}")
     data = FixedBags(features, args.seed, global_batch, jax.process_index(), jax.process_count())
     config = TrainConfig(
@@ -192,7 +217,7 @@ def child(args) -> int:
         seed=args.seed, progress=False, towers=args.towers,
         tower_module=args.tower_module if args.towers else "identity",
         tower_dim=None if args.tower_module == "identity" or not args.towers else args.tower_dim,
-        kernel=args.kernel,
+        kernel=args.kernel, row_dedup=args.row_dedup, memory_budget=args.memory_budget,
         profile_dir=(os.path.join(os.path.dirname(args.result), f"trace{args.process_id}")
                      if args.profile else None),
     )
@@ -288,6 +313,8 @@ def launch(args) -> dict | int:
     peer, reason = peers.find(args.peer, args.peer_python)
     if peer is not None and args.link is not None:
         peer, reason = None, "the peer runs over loopback only (--link=loopback)"
+    if peer is not None and args.shape != "pooled":
+        peer, reason = None, "the peer runs the pooled shape only"
     if peer is None:
         peers.warn_missing(reason, args.peer)
     runs, peer_runs = [], []
@@ -351,7 +378,8 @@ def _launch(args, prefixes: list[list[str]], address: str) -> tuple[dict, float,
                "--result", result, "--steps", str(args.steps), "--sharding", args.sharding,
                "--seed", str(args.seed), "--towers", str(args.towers),
                "--tower-module", args.tower_module, "--tower-dim", str(args.tower_dim),
-               "--kernel", args.kernel, "--local", str(args.local),
+               "--kernel", args.kernel, "--local", str(args.local), "--shape", args.shape,
+               "--row-dedup", args.row_dedup, "--memory-budget", str(args.memory_budget),
                *(["--profile"] if args.profile else []),
                *(["--quick"] if args.quick else [])]
         load_before = os.getloadavg()[0]
@@ -395,7 +423,7 @@ def report(args, runs: list, peer_runs: list[dict], peer: dict) -> dict:
     as medians over the rounds, and the peer's beside them."""
     import statistics
 
-    shape = QUICK if args.quick else FULL
+    shape = _shape(args)
     s = runs[-1][0]
     step_ms = statistics.median(r[0]["step_time_ms_median"] for r in runs)
     examples_per_sec = statistics.median(r[0]["examples_per_sec"] for r in runs)
@@ -419,6 +447,9 @@ def report(args, runs: list, peer_runs: list[dict], peer: dict) -> dict:
             "model": "dlrm",
             "tables": shape["tables"],
             "rows_per_table": shape["rows"],
+            "sequence_tables": shape.get("seq_tables", 0),
+            "sequence_rows": shape.get("seq_rows"),
+            "sequence_len": shape.get("seq_len"),
             "embedding_dim": shape["dim"],
             "ids_per_bag": shape["ids_per_bag"],
             "id_distribution": "zipf 1.05",
@@ -439,6 +470,8 @@ def report(args, runs: list, peer_runs: list[dict], peer: dict) -> dict:
         "devices_per_process": args.local,
         "link": link_name(args.link),
         "sharding": s["sharding"],
+        "row_dedup": args.row_dedup,
+        "row_tiers": s.get("row_tiers"),
         "kernel": s.get("kernel"),
         "towers": s.get("towers"),
         "tower_module": s.get("tower_module"),

@@ -266,3 +266,12 @@ def test_trainer_flexshard_run_reports_its_tiers_and_matches_row_wise(mesh24, tm
         assert ev["auc"] == pytest.approx(flex["eval_auc"], abs=1e-6)
     finally:
         ckpt.close()
+
+
+def test_pallas_tpu_kernels_in_the_tiers(mesh24, batch):
+    """The hot, warm and cold tiers' lookups and updates as the TPU Pallas
+    kernels (interpreted on the CPU mesh): the same reference step."""
+    opt = SparseOptimizer(lr=0.5, initial_accumulator=0.1)
+    emb = ShardedEmbeddings(FEATURES, mesh24, tiered_plan(FEATURES, 8), opt, kernel="pallas")
+    assert (emb.impl.target, emb.impl.interpret) == ("tpu", True)
+    check_step(emb, batch)

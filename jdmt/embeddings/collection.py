@@ -1099,7 +1099,7 @@ class ShardedEmbeddings:
         out = []
         for name, (rows, width, rep) in self.layout.storages().items():
             tables = sorted({self.tables.sparse[p.feature].name for p in self.layout.pieces
-                             if p.width == width and p.replicated == rep})
+                             if p.storage == name})
             out.append({"storage": name, "tables": tables, "rows_per_device": rows, "width": width,
                         "replicated": rep})
         return out

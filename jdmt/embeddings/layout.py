@@ -237,9 +237,11 @@ class Layout:
                  tiers_.COLD: ShardingType.ROW_WISE}
         for u, f in enumerate(features.sparse):
             p = plan[f.name]
-            if p.type is not ShardingType.FLEXSHARD:
+            if p.type is not ShardingType.FLEXSHARD or not (p.hot or p.warm):
+                # (a flexshard table without hot or warm rows is a row-wise table)
                 feats.append(f), source.append(u), tier_of.append(None)
-                vplan[f.name] = p
+                vplan[f.name] = p if p.type is not ShardingType.FLEXSHARD else Placement(
+                    ShardingType.ROW_WISE, everyone)
                 continue
             rt = RowTiers(f.rows, p.hot, p.warm)
             self.row_tiers[u] = rt
@@ -253,7 +255,7 @@ class Layout:
         self.source = np.array(source, np.int64)
         self.tier_of = tier_of
         if not self.row_tiers:
-            return features, plan
+            return features, vplan
         return FeatureSet(tuple(feats), num_dense=features.num_dense), vplan
 
     # ---- tier tables <-> the model's tables (host numpy) ---------------------------------------

@@ -743,14 +743,18 @@ class Trainer:
         line = (f"jdmt: tables and optimizer state {m.owned / 2**20:,.1f} MiB owned, "
                 f"{m.allocated / 2**20:,.1f} MiB allocated over {self.emb.num_devices} devices "
                 f"({m.ratio:.2f}x)")
-        if m.ratio <= 1.1:
+        replicas = m.per_device_owned.sum() - m.owned  # replicated rows' extra copies
+        if replicas > 0:
+            line += f", of which {replicas / 2**20:,.1f} MiB are replicas (data-parallel, flexshard tiers)"
+        if m.per_device_allocated <= 1.1 * m.per_device_owned.mean():
             return line
         big = sorted(((f.rows * f.dim, f.name) for f in self.features.sparse), reverse=True)
         even = m.owned / self.emb.num_devices
         over = [n for b_, n in big if 4.0 * b_ > 1.1 * even][:5]
         hint = (f"; tables bigger than an even share of a device ({', '.join(over)}) cannot be "
                 "balanced table-wise: row_wise or table_row_wise spreads them" if over else "")
-        return (line + f"\njdmt: warning: allocated exceeds owned by {100 * (m.ratio - 1):.0f}%: every "
+        over_pct = 100 * (m.per_device_allocated / m.per_device_owned.mean() - 1)
+        return (line + f"\njdmt: warning: allocated exceeds owned by {over_pct:.0f}%: every "
                 f"device holds the largest device's share ({m.per_device_owned.max() / 2**20:,.1f} MiB; "
                 f"the mean is {m.per_device_owned.mean() / 2**20:,.1f} MiB){hint}")
 
