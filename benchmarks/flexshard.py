@@ -27,8 +27,8 @@ ids, row-wise Adagrad.
    tier, and into the warm tier, up to the 1.25x budget: the model's check.
 2. **Step time** (`--links`): `train_throughput.py --shape=sequence` in two
    real processes (2 hosts x 4 CPU devices, a DLRM over the sequence
-   tables, mean sequence pooling), row-wise then FlexShard at 1.25x, each
-   with `--row-dedup`; a link number caps a veth between two network
+   tables, mean sequence pooling), row-wise then FlexShard at 1.25x,
+   alternating for `--time-rounds` rounds, each with `--row-dedup`; a link number caps a veth between two network
    namespaces at that many Mbit/s (`two_hosts.py`, root).
 
 The last line is one JSON object with `summary`:
@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -218,17 +219,23 @@ def step_times(args) -> dict:
     for link in filter(None, args.links.split(",")):
         common = ["--shape", "sequence", "--steps", str(args.time_steps), "--peer", "", "--rounds", "1",
                   "--row-dedup", args.row_dedup, "--link", link, *(["--quick"] if args.quick else [])]
-        rw = train_throughput.run([*common, "--sharding", "row_wise"])
-        fx = train_throughput.run([*common, "--sharding", "flexshard", "--memory-budget",
-                                   str(args.time_budget)])
-        if isinstance(rw, int) or isinstance(fx, int):
-            raise SystemExit("flexshard: a training run failed")
+        rws, fxs = [], []
+        for _ in range(args.time_rounds):  # A B A B: the machine's drift hits both alike
+            rws.append(train_throughput.run([*common, "--sharding", "row_wise"]))
+            fxs.append(train_throughput.run([*common, "--sharding", "flexshard", "--memory-budget",
+                                             str(args.time_budget)]))
+            if isinstance(rws[-1], int) or isinstance(fxs[-1], int):
+                raise SystemExit("flexshard: a training run failed")
+        rw, fx = rws[-1], fxs[-1]
+        t_rw = statistics.median(r["step_time_ms_median"] for r in rws)
+        t_fx = statistics.median(r["step_time_ms_median"] for r in fxs)
         name = train_throughput.link_name(train_throughput.parse_link(link))
         res = {
             "benchmark": "flexshard_step_time", "link": name, "row_dedup": args.row_dedup,
-            "budget": args.time_budget,
-            "row_wise_step_ms": rw["step_time_ms_median"], "flexshard_step_ms": fx["step_time_ms_median"],
-            "speedup": round(rw["step_time_ms_median"] / fx["step_time_ms_median"], 3),
+            "budget": args.time_budget, "rounds": args.time_rounds,
+            "row_wise_step_ms": t_rw, "flexshard_step_ms": t_fx, "speedup": round(t_rw / t_fx, 3),
+            "row_wise_step_ms_rounds": [r["step_time_ms_median"] for r in rws],
+            "flexshard_step_ms_rounds": [r["step_time_ms_median"] for r in fxs],
             "row_wise_cross_host_payload_bytes_per_step": rw["cross_host_payload_bytes_per_step"],
             "flexshard_cross_host_payload_bytes_per_step": fx["cross_host_payload_bytes_per_step"],
             "row_wise_final_loss": rw["final_train_loss"], "flexshard_final_loss": fx["final_train_loss"],
@@ -257,6 +264,7 @@ def main(argv=None) -> int:
     p.add_argument("--links", default="loopback",
                    help="comma-separated links of the step-time runs (loopback, veth, or Mbit/s); '' skips")
     p.add_argument("--time-steps", type=int, default=12)
+    p.add_argument("--time-rounds", type=int, default=2, help="alternating rounds per link (medians)")
     p.add_argument("--time-budget", type=float, default=1.25)
     p.add_argument("--plot", default="flexshard_payload.png", help="PNG of the curve ('' skips)")
     p.add_argument("--forced", action=argparse.BooleanOptionalAction, default=True,

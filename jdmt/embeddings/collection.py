@@ -919,9 +919,11 @@ class ShardedEmbeddings:
                 rows = jnp.concatenate(rows, axis=1).reshape(-1)
                 gpos = jnp.concatenate(gpos, axis=1).reshape(-1, w)
                 table = state[name].weights
-                if any(self.layout.tier_of[self.layout.pieces[i].feature] for i in pieces):
-                    # hot tiers: a dense sum over all replicas (`replica_sum`)
-                    r_all = table.shape[0]
+                r_all = table.shape[0]
+                if (any(self.layout.tier_of[self.layout.pieces[i].feature] for i in pieces)
+                        and 2 * r_all <= self.num_devices * min(r_all, rows.shape[0])):
+                    # hot tiers: a dense sum over all replicas (`replica_sum`), when its
+                    # all-reduce moves less than gathering every device's touched rows could
                     rows, g, s = replica_sum(rows, gpos, r_all, self.hosts, self.local, True, ctx["dp"][w][0])
                     st.append(s)
                     new[name], o = self._apply(name, state[name], rows, jnp.arange(r_all, dtype=jnp.int32), g,

@@ -134,7 +134,9 @@ class TrainConfig:
       row_tiers: flexshard tables' hot and warm rows: 'auto' (sized from row
         statistics of the first `row_tier_batches` batches, under
         `memory_budget`, by the modeled communication time;
-        `jdmt.planner.flexshard`) or 'none' (every row cold: row-wise).
+        `jdmt.planner.flexshard`; with `sharding='auto'` the planner's
+        row-wise sequence tables are offered tiers too) or 'none' (every row
+        cold: row-wise).
       memory_budget: per-device table memory that flexshard's tiers may fill,
         as a multiple of row-wise's footprint of all the tables (>= 1).
       row_tier_batches: global batches whose ids give the row statistics.

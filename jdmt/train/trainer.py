@@ -138,9 +138,15 @@ class Trainer:
         sharding = config.sharding
         if sharding == "auto":
             self.plan = self._auto_plan(sparse_opt)
-            sharding = self.plan.placements
+            sharding = dict(self.plan.placements)
             if jax.process_index() == 0:
                 print(f"jdmt: {self.plan.summary()}", file=sys.stderr)
+            # Sequence tables the planner made row-wise may take FlexShard tiers: the
+            # tier chooser keeps every row cold (a row-wise table) unless tiers pay.
+            if config.row_tiers == "auto" and not config.uses_towers:
+                for name in self.seq_names:
+                    if sharding[name].type is ShardingType.ROW_WISE:
+                        sharding[name] = Placement(ShardingType.FLEXSHARD, sharding[name].devices)
         self.tier_report = None
         if sharding == ShardingType.FLEXSHARD.value:
             sharding = plan_sharding(self.features, n, sharding, local=self.local)
