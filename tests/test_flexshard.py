@@ -237,41 +237,73 @@ def test_two_processes_keep_replicas_identical_across_the_process_boundary(mesh2
     assert a["checksum"] == pytest.approx(want, rel=1e-6)
 
 
-def test_trainer_flexshard_run_reports_its_tiers_and_matches_row_wise(mesh24, tmp_path):
-    """`--sharding=flexshard` end to end: the tiers are chosen from the
-    first batches (per-device requests: replication pays), reported in the
-    summary, and the losses are row-wise's."""
-    from jdmt.train import TrainConfig, train_and_evaluate
-
-    base = dict(num_tables=4, rows_per_table=2000, pooling=6, embedding_dim=8, global_batch=512,
-                eval_batches=1, bottom_mlp=(16,), top_mlp=(16,), steps=10, progress=False,
-                row_dedup="device")
-    from jdmt.train import Trainer
+def test_trainer_flexshard_checkpoint_restores_into_row_wise_on_another_mesh(mesh24, tmp_path):
+    """`--sharding=flexshard` in the trainer: the tiers are chosen from the
+    first batches (per-device requests: replication pays) and its checkpoint
+    (the plan with its hot and warm rows in the meta) restores into a
+    row-wise trainer on 4x2 with every table and accumulator bit for bit.
+    (Its losses against the other shardings, with mean and attention
+    sequence pooling: tests/test_train.py.)"""
+    from jdmt.train import Trainer, TrainConfig
     from jdmt.train.checkpoint import Checkpointer
+    from jdmt.train.trainer import TrainState
 
-    ck = tmp_path / "ck"
-    flex = train_and_evaluate(TrainConfig(**base, sharding="flexshard", memory_budget=1.5,
-                                          checkpoint_dir=str(ck), checkpoint_every=10), mesh24)
-    row = train_and_evaluate(TrainConfig(**base, sharding="row_wise"), mesh24)
-    tiers = flex["row_tiers"]
-    assert len(tiers) == 4 and sum(t["hot"] + t["warm"] for t in tiers) > 0
-    np.testing.assert_allclose(flex["train_loss"], row["train_loss"], rtol=1e-5)
-    # the flexshard checkpoint restores into a row-wise run on another mesh
-    ckpt = Checkpointer(ck)
+    base = dict(num_tables=4, rows_per_table=2000, pooling=6, embedding_dim=8, global_batch=256,
+                eval_batches=1, bottom_mlp=(16,), top_mlp=(16,), steps=4, progress=False,
+                row_dedup="device")
+    flex = Trainer(TrainConfig(**base, sharding="flexshard", memory_budget=1.5), mesh24)
+    assert len(flex.tier_report) == 4 and sum(t.hot + t.warm for t in flex.tier_report) > 0
+    rng = np.random.default_rng(0)
+    tables = {f.name: rng.standard_normal((f.rows, f.dim)).astype(np.float32) for f in flex.features.sparse}
+    accs = {f.name: rng.random(f.rows).astype(np.float32) for f in flex.features.sparse}
+    st = flex.init_state()
+    st = TrainState(st.params, st.opt_state, flex.emb.from_dense(tables, accs))
+    ckpt = Checkpointer(tmp_path / "ck", asynchronous=False)
     try:
-        trainer = Trainer(TrainConfig(**base, sharding="row_wise"), make_mesh("4x2"))
-        state, meta = trainer.restore(ckpt, 10)
+        ckpt.save(4, st, {"layout": flex.layout()})
+        ckpt.wait()
+        row = Trainer(TrainConfig(**base, sharding="row_wise"), make_mesh("4x2"))
+        state, meta = row.restore(ckpt, 4)
         assert meta["layout"]["plan"]["cat_0"]["type"] == "flexshard"
-        ev = trainer.evaluate(state)
-        assert ev["auc"] == pytest.approx(flex["eval_auc"], abs=1e-6)
+        got_t, got_a = row.emb.to_dense(state.tables)
+        for n in tables:
+            assert np.array_equal(got_t[n], tables[n]) and np.array_equal(got_a[n], accs[n]), n
     finally:
         ckpt.close()
 
 
-def test_pallas_tpu_kernels_in_the_tiers(mesh24, batch):
+def test_pallas_tpu_kernels_in_the_tiers(mesh24):
     """The hot, warm and cold tiers' lookups and updates as the TPU Pallas
     kernels (interpreted on the CPU mesh): the same reference step."""
+    feats = FeatureSet(tuple(FEATURES[n] for n in ("v", "o", "s")), num_dense=1)  # mean, one-id, sequence
+    ids, lengths = make_batch(feats, seed=5, id_range=12)
+    sh = NamedSharding(mesh24, P(DEVICES))
+    batch = jax.device_put(ids, sh), jax.device_put(lengths, sh)
     opt = SparseOptimizer(lr=0.5, initial_accumulator=0.1)
-    emb = ShardedEmbeddings(FEATURES, mesh24, tiered_plan(FEATURES, 8), opt, kernel="pallas")
+    emb = ShardedEmbeddings(feats, mesh24, tiered_plan(feats, 8), opt, kernel="pallas")
     assert (emb.impl.target, emb.impl.interpret) == ("tpu", True)
     check_step(emb, batch)
+
+
+def test_auto_plan_offers_tiers_to_row_wise_sequence_tables(mesh24):
+    """`--sharding=auto`: each sequence table the planner makes row-wise
+    becomes flexshard, with tiers only where the chooser says they pay
+    (none are built for the others: they stay row-wise tables)."""
+    from jdmt.train import Trainer, TrainConfig
+
+    feats = FeatureSet((SparseFeature("a", 3000, 8, 4), SparseFeature("s1", 20_000, 8, 16, kind="sequence"),
+                        SparseFeature("s2", 30_000, 8, 8, kind="sequence")), num_dense=2)
+    cfg = TrainConfig(features=feats, embedding_dim=8, global_batch=512, eval_batches=1, bottom_mlp=(16,),
+                      top_mlp=(16,), steps=1, progress=False, sharding="auto", row_dedup="device",
+                      memory_budget=1.5)
+    t = Trainer(cfg, mesh24)
+    planned = t.plan.placements
+    for name in ("s1", "s2"):
+        if planned[name].type.value == "row_wise":
+            assert t.emb.plan[name].type.value == "flexshard"
+            assert name in {r.table for r in t.tier_report}
+        else:
+            assert t.emb.plan[name] == planned[name]
+    assert t.emb.plan["a"] == planned["a"]
+    tiered = {r.table for r in t.tier_report if r.hot + r.warm}
+    assert {f.name.split("#")[0] for f in t.emb.tables.sparse if "#" in f.name} == tiered
