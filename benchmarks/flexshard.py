@@ -203,6 +203,10 @@ def plot(rows: list[dict], path: str) -> None:
                if r["config"] == f"flexshard:{dedup}"]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=label)
+        nd = [(r["budget"], 100 * r["payload_reduction_vs_no_dedup"]) for r in rows
+              if r["config"] == f"flexshard:{dedup}"]
+        if nd:
+            ax.plot(*zip(*nd), marker="x", ls=":", label=f"({dedup} route) vs row-wise sending every looked-up row")
     ax.axhline(90, color="grey", ls="--", lw=0.8, label="goal: 90%")
     ax.set_xlabel("memory budget (x row-wise's footprint per device)")
     ax.set_ylabel("cross-host payload removed (%)")

@@ -165,8 +165,8 @@ def replica_sum(rows, grads, table_rows: int, hosts: int, local: int, everywhere
     w = grads.shape[1]
     rp = -(-table_rows // local) * local if everywhere else table_rows
     at = jnp.where(rows >= 0, rows, rp)
-    block = jnp.zeros((rp + 1, w + 1), grads.dtype)
-    block = block.at[at, :w].add(grads, mode="drop").at[at, w].add(1.0, mode="drop")[:rp]
+    ones = jnp.ones((grads.shape[0], 1), grads.dtype)
+    block = jnp.zeros((rp + 1, w + 1), grads.dtype).at[at].add(jnp.concatenate([grads, ones], 1), mode="drop")[:rp]
     stats = Stats()
     row_bytes = 4.0 * (w + 1)
     if everywhere:
