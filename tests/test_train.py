@@ -163,12 +163,15 @@ TINY_SEQ = FeatureSet(
 @pytest.mark.parametrize("pooling", ["mean", "attention"])
 def test_sequence_features_train_alike_under_every_sharding(mesh24, pooling):
     extra = {"flexshard": dict(row_dedup="device", memory_budget=2.0)}  # per-device requests: tiers pay
+    # flexshard with attention pooling only: the embeddings do not depend on the pooling
+    shardings = ("table_wise", "row_wise", "data_parallel") + (("flexshard",) if pooling == "attention" else ())
     runs = {
         t: train_and_evaluate(tiny_config(features=TINY_SEQ, sharding=t, sequence_pooling=pooling,
                                           steps=5, **extra.get(t, {})), mesh24)
-        for t in ("table_wise", "row_wise", "data_parallel", "flexshard")
+        for t in shardings
     }
-    assert sum(r["hot"] + r["warm"] for r in runs["flexshard"]["row_tiers"] if r["table"][0] == "s")
+    if "flexshard" in runs:
+        assert sum(r["hot"] + r["warm"] for r in runs["flexshard"]["row_tiers"] if r["table"][0] == "s")
     ref = runs["table_wise"]
     assert ref["sequence_features"] == ["s1", "s2"] and ref["sequence_pooling"] == pooling
     for t, s in runs.items():
