@@ -120,7 +120,10 @@ class ShardedEmbeddings:
       features: the model's feature set (one table per sparse feature).
       mesh: the jdmt mesh.
       sharding: a sharding type for all tables, a type per table, or a full
-        plan (`{name: Placement}`).
+        plan (`{name: Placement}`). A `flexshard` placement with hot and
+        warm rows is laid out as three tier tables (`jdmt.embeddings.tiers`):
+        `features` stays the model's, `tables` lists what is laid out and
+        routed (the tier tables in place of the flexshard tables).
       optimizer: the fused sparse optimizer.
       unique_capacity: fraction of a storage's gradient rows that one chunk of
         the update holds as unique rows (None: all). A step with more unique
