@@ -185,7 +185,7 @@ def test_sequence_pooling_modes_differ_and_learn(mesh24):
     out = {}
     for mode in ("mean", "attention"):
         cfg = TrainConfig(sequence_features=2, sequence_len=8, sequence_pooling=mode,
-                          embedding_dim=8, steps=40, global_batch=512, eval_batches=2,
+                          embedding_dim=8, steps=24, global_batch=512, eval_batches=2,
                           bottom_mlp=(16,), top_mlp=(16,), progress=False)
         out[mode] = train_and_evaluate(cfg, mesh24)
         loss = out[mode]["train_loss"]
