@@ -6,7 +6,6 @@ follow the row statistics and the memory budget."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from jdmt.planner.flexshard import plan_tiers
 from jdmt.planner.row_stats import HeavyHitters
 
 from test_embeddings import FEATURES, check_step, make_batch, random_grads, run_step
+from test_multiprocess import _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -193,12 +193,6 @@ def test_tiers_follow_statistics_and_budget():
     assert rep0[0].hot == 0 and rep0[0].warm <= 8 and rep0[0].memory_bytes <= r.row_wise_memory_bytes + 4 * 17 * 8
     with pytest.raises(ValueError, match="budget"):
         plan_tiers(feats, plan, {"s": hh}, topo, global_batch_lookups=lam, budget=0.5)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_keep_replicas_identical_across_the_process_boundary(mesh24):

@@ -355,9 +355,8 @@ class ShardedEmbeddings:
                 x = pooled[:, starts[0] : starts[0] + d]
                 for c in starts[1:]:
                     x = x + pooled[:, c : c + d]
-                if len(starts) > 1 or u in self.layout.row_tiers:
-                    if ufeats[u].combiner is Combiner.MEAN:
-                        x = x * self._user_mean(lengths, u)
+                if u in self.layout.row_tiers and ufeats[u].combiner is Combiner.MEAN:
+                    x = x * self._user_mean(lengths, u)  # (untiered tables: applied in `_assemble`)
                 cols.append(x)
             out_pooled = jnp.concatenate(cols, axis=1) if len(cols) > 1 else cols[0]
         out_seqs = {}

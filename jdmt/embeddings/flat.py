@@ -42,7 +42,7 @@ from jdmt.pallas_kernels.pooled_lookup import pooled_gather
 from jdmt.pallas_kernels.sequence_lookup import sequence_gather
 
 __all__ = ["AXIS", "FLAT_TYPES", "Caps", "Stats", "WidthRoute", "owner_pool", "owner_rows", "peer_of",
-           "pool_received"]
+           "pool_received", "unique_row_grads"]
 
 AXIS = (LOCAL, HOST)
 FLAT_TYPES = (ShardingType.TABLE_WISE, ShardingType.COLUMN_WISE, ShardingType.ROW_WISE)
@@ -356,18 +356,8 @@ class WidthRoute:
             rows.append(ids.reshape(-1))
             srcs.append(None)  # set below, once the block layout is known
         if self.row_pieces:
-            inv = ctx["row_inv"]  # [B, M]
-            b = inv.shape[0]
             cap = ctx["row_ids"].shape[1]
-            parts = []
-            for k, pos in enumerate(self.row_pos):
-                gk = g_rows[k]
-                if self.row_pooled[k]:
-                    gk = jnp.broadcast_to(gk[:, None, :], (b, len(pos), self.width))
-                parts.append(gk)
-            gpos = jnp.concatenate(parts, axis=1).reshape(-1, self.width)  # [B * M, D]
-            at = jnp.where(inv >= 0, inv, g * cap).reshape(-1)
-            send = jnp.zeros((g * cap, self.width), gpos.dtype).at[at].add(gpos, mode="drop")
+            send = unique_row_grads(ctx["row_inv"], g_rows, self.row_pos, self.row_pooled, g * cap, self.width)
             sends.append(send.reshape(g, cap, self.width))
             sizes.append(jnp.minimum(ctx["row_sizes"], cap))
             recv_sizes.append(ctx["row_recv"])
@@ -392,6 +382,23 @@ class WidthRoute:
         token = ctx["read"]
         rows = jnp.concatenate(rows) + token  # the write waits for this step's reads
         return rows, jnp.concatenate(srcs), got.reshape(-1, self.width), stats
+
+
+def unique_row_grads(inv, g_rows, pos, pooled, slots: int, width: int) -> jax.Array:
+    """f32[slots, D]: each asked-for unique row's summed gradient, at its
+    slot of the rows that came back (`inv` i32[B, M], -1: none); `g_rows`
+    {piece k: f32[B, D] pooled (every position of the bag gets it) or
+    f32[B, S, D]} and `pos` each piece's columns of `inv`."""
+    b = inv.shape[0]
+    parts = []
+    for k, p in enumerate(pos):
+        gk = g_rows[k]
+        if pooled[k]:
+            gk = jnp.broadcast_to(gk[:, None, :], (b, len(p), width))
+        parts.append(gk)
+    gpos = jnp.concatenate(parts, axis=1).reshape(-1, width)  # [B * M, D]
+    at = jnp.where(inv >= 0, inv, slots).reshape(-1)
+    return jnp.zeros((slots, width), gpos.dtype).at[at].add(gpos, mode="drop")
 
 
 def _read_token(reads) -> jax.Array:

@@ -22,7 +22,7 @@ from jax import lax
 
 from jdmt.embeddings import routing
 from jdmt.embeddings.exchange import exchange, overflow
-from jdmt.embeddings.flat import Stats, _read_token, owner_rows, pool_received
+from jdmt.embeddings.flat import Stats, _read_token, owner_rows, pool_received, unique_row_grads
 from jdmt.embeddings.layout import Layout
 from jdmt.mesh import HOST, LOCAL
 from jdmt.pallas_kernels.common import Impl
@@ -123,18 +123,8 @@ class LocalRows:
         g = self.peers
         me = lax.axis_index(LOCAL)
         stats = Stats()
-        inv = ctx["row_inv"]
-        b = inv.shape[0]
         cap = ctx["row_ids"].shape[1]
-        parts = []
-        for k, pos in enumerate(self.pos):
-            gk = g_rows[k]
-            if self.pooled[k]:
-                gk = jnp.broadcast_to(gk[:, None, :], (b, len(pos), self.width))
-            parts.append(gk)
-        gpos = jnp.concatenate(parts, axis=1).reshape(-1, self.width)
-        at = jnp.where(inv >= 0, inv, g * cap).reshape(-1)
-        send = jnp.zeros((g * cap, self.width), gpos.dtype).at[at].add(gpos, mode="drop")
+        send = unique_row_grads(ctx["row_inv"], g_rows, self.pos, self.pooled, g * cap, self.width)
         got, _ = exchange(send.reshape(g, cap, self.width), ctx["row_sizes"], (LOCAL,),
                           recv_sizes=ctx["row_recv"], mode=mode)
         stats.payload(ctx["row_sizes"], 4 * self.width, np.zeros(g, np.int32), 0, me)
