@@ -3,6 +3,7 @@ train a recommendation model on a ('host', 'local') mesh and evaluate it.
 
     jdmt-train --mesh=2x4                  # DLRM on synthetic data, 8 devices
     jdmt-train --mesh=2x4 --sharding=row_wise --summary-json=run.json
+    jdmt-train --mesh=2x4 --sharding=auto --plan=plan.json  # writes plan.json; reruns load it
 
 On a machine without accelerators the H*L devices are emulated on the CPU.
 The last lines printed are the summary: eval AUC and logloss next to the
@@ -81,6 +82,17 @@ def _data(text: str) -> str:
     raise argparse.ArgumentTypeError(
         f"unknown data source {text!r}; available: synthetic, mlperf, criteo:PATH"
     )
+
+
+def _plan(text: str) -> str:
+    """--plan: a file to read, or one to write in an existing directory."""
+    if not text:
+        raise argparse.ArgumentTypeError("needs a file path")
+    if not os.path.exists(text) and not os.path.isdir(os.path.dirname(os.path.abspath(text))):
+        raise argparse.ArgumentTypeError(
+            f"plan file {text!r} does not exist, and its directory, where it would be written, "
+            "does not either")
+    return text
 
 
 def _partitioner(text: str) -> str:
@@ -164,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sharding", type=_one_of("sharding", SHARDINGS), default=d.sharding,
                    help=f"how the tables are sharded; one of: {', '.join(SHARDINGS)} (auto: the "
                    "planner picks a type and devices per table from its cost model)")
+    p.add_argument("--plan", type=_plan, metavar="PATH", default=None,
+                   help="a plan file (JSON): if PATH exists, shard the tables as it says "
+                   "(checked against the model, the mesh and the memory budget it was planned "
+                   "for; --sharding is then not used); if not, write the plan this run uses "
+                   "there (whatever --sharding chose). `python -m jdmt.planner --out=PATH` "
+                   "plans without training")
     p.add_argument("--towers", type=_towers, default=d.towers,
                    help="Disaggregated Multi-Tower: group the features into N towers, each "
                    "owned by one host (tower t on host t %% H); ids and tower outputs are the "
@@ -402,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             global_batch=args.batch_size,
             embedding_dim=args.embedding_dim,
             sharding=args.sharding,
+            plan=args.plan,
             embedding_optimizer=args.embedding_optimizer,
             embedding_lr=args.embedding_lr,
             embedding_initial_accumulator=args.embedding_initial_accumulator,
@@ -457,8 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     if jax.process_index() != 0:  # process 0 reports for the run
         return 0
     s = summary
-    layout = f"flat {s['sharding']}" if not s.get("towers") else (
-        f"{len(s['towers'])} towers ({s['tower_module']})")
+    layout = (f"{len(s['towers'])} towers ({s['tower_module']})" if s.get("towers") else
+              f"flat plan from {s['plan_file']}" if s["plan_loaded"] else f"flat {s['sharding']}")
     print(
         f"mesh {s['mesh'][0]}x{s['mesh'][1]}, {layout}, {s['kernel']} kernels, {s['steps']} steps of "
         f"{s['global_batch']}: final train loss {s['train_loss'][-1]:.4f}"

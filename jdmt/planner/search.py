@@ -24,6 +24,9 @@ budget:
 
 Everything is deterministic: candidates and tables are visited in fixed
 orders and ties keep the first.
+
+`Plan.table()` shows a plan table by table; `PlanFile` reads and writes the
+JSON plan files of `train.py --plan=PATH` and `python -m jdmt.planner`.
 """
 
 from __future__ import annotations
@@ -33,7 +36,13 @@ import math
 from typing import Any, Callable, Mapping
 
 from jdmt.data.specs import FeatureSet, SparseFeature
-from jdmt.embeddings.types import Placement, ShardingType, SparseOptimizer, host_devices
+from jdmt.embeddings.types import (
+    Placement,
+    ShardingType,
+    SparseOptimizer,
+    host_devices,
+    table_row_wise_host,
+)
 from jdmt.mesh import Topology
 from jdmt.planner.cost import (
     DEFAULT_MEMORY_BUDGET,
@@ -132,9 +141,69 @@ class Plan:
                   f"({best[1].step_s / self.cost.step_s:.2f}x)")
         return s
 
+    def table(self) -> str:
+        """The plan as a plain-text table, one row per table, and a footer.
+
+        Columns: the table's name; its sharding type; its devices ('3',
+        '0-7', '0,2,5-6', or 'host 1' for table-row-wise); rows; dim;
+        `alone`, the cost model's step cost of the table alone on its
+        placement (the slowest of its devices' lookups and exchanges, were
+        it the only table); and `share`, its `alone` over the sum of every
+        table's `alone`. The shares rank what the tables ask of the devices;
+        they do not split the plan's step, which is the slowest device's
+        time: tables on different devices overlap, and in the plan the
+        tables of one width share their exchanges, whose fixed latency each
+        table's `alone` counts in full (a small table's `alone` is mostly
+        that latency). The footer gives the plan's
+        estimated step and peak memory, and the best feasible baseline's
+        name and step.
+        """
+        alone = {name: self.cost_model.evaluate(self.problem, {name: p}).step_s
+                 for name, p in self.placements.items()}
+        total = sum(alone.values())
+        rows = [("table", "type", "devices", "rows", "dim", "alone", "share")]
+        for name, p in self.placements.items():
+            f = self.problem.features[name]
+            rows.append((
+                name, p.type.value, _devices_text(p, self.problem.local), f"{f.rows:,}", str(f.dim),
+                _fmt_s(alone[name]), f"{100 * alone[name] / total:.1f}%" if total > 0 else "-",
+            ))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = [
+            "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+            for r in rows
+        ]
+        footer = (f"est. embedding step {_fmt_s(self.cost.step_s)}, peak memory "
+                  f"{self.cost.peak_memory / 2**30:.3g} of {self.problem.memory_budget / 2**30:.3g} "
+                  "GiB per device; ")
+        best = self.best_baseline()
+        if best is None:
+            footer += "no baseline fits the memory budget"
+        else:
+            footer += f"best baseline {best[0]} {_fmt_s(best[1].step_s)}"
+            if self.cost.step_s > 0:
+                footer += f" ({best[1].step_s / self.cost.step_s:.2f}x the plan's)"
+        return "\n".join([*lines, footer])
+
 
 def _fmt_s(t: float) -> str:
-    return f"{t * 1e3:.3f} ms" if t >= 1e-3 else f"{t * 1e6:.1f} us"
+    if t >= 1e-3:
+        return f"{t * 1e3:.3f} ms"
+    return f"{t * 1e6:.1f} us" if t >= 1e-6 else f"{t * 1e9:.0f} ns"
+
+
+def _devices_text(p: Placement, local: int) -> str:
+    """A placement's devices in short: '3', '0-7', '0,2,5-6', or 'host 1'
+    for a table-row-wise table (all the devices of host 1)."""
+    if p.type is ShardingType.TABLE_ROW_WISE:
+        return f"host {table_row_wise_host(p, local)[0]}"
+    runs: list[list[int]] = []
+    for d in sorted(set(p.devices)):
+        if runs and d == runs[-1][1] + 1:
+            runs[-1][1] = d
+        else:
+            runs.append([d, d])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 # ---- candidates and baselines -----------------------------------------------------------------
@@ -401,6 +470,14 @@ def auto_plan(
     return Plan(plan, cost, problem, model, baselines, stats)
 
 
+def pooling_from_fraction(features: FeatureSet, frac: float) -> dict[str, float]:
+    """`auto_plan`'s `pooling` when bags hold `frac` of their cap on average
+    (at least one id), as `SyntheticData(mean_len_frac=frac)` makes them."""
+    return {f.name: max(1.0, f.max_len * frac) for f in features.sparse}
+
+
+
+
 __all__ = [
     "BASELINE_WEIGHTS",
     "Plan",
@@ -410,4 +487,5 @@ __all__ = [
     "candidates",
     "column_counts",
     "greedy_table_wise",
+    "pooling_from_fraction",
 ]

@@ -53,6 +53,13 @@ class TrainConfig:
       embedding_dim: D of every table (and the bottom MLP's output).
       sharding: one sharding type for every table, or `'auto'`: a placement
         per table from `jdmt.planner.auto_plan` (cost model plus search).
+      plan: a plan file (`jdmt.planner.PlanFile`, JSON). If it exists, the
+        tables are sharded as it says, as it is (`sharding` and the tier
+        sizing are not used), after checking that it places exactly the
+        model's tables, validly, on this mesh, within the memory budget it
+        was planned for. If not, the sharding this run decides (whatever
+        `sharding` chose, flexshard tiers included) is written there,
+        atomically, before training. Flat path only.
       embedding_optimizer: fused sparse optimizer of the tables.
       embedding_lr: its learning rate.
       embedding_initial_accumulator: the Adagrad accumulators' start value;
@@ -161,6 +168,7 @@ class TrainConfig:
     global_batch: int = 4096
     embedding_dim: int = 16
     sharding: str = "table_wise"
+    plan: str | None = None
     embedding_optimizer: str = "rowwise_adagrad"
     embedding_lr: float = 0.1
     embedding_initial_accumulator: float = 1e-8
@@ -283,6 +291,11 @@ class TrainConfig:
                 f"towers shard their tables {' or '.join(TOWER_SHARDINGS)} inside their host; "
                 f"--sharding={self.sharding} applies to the flat path (--towers=0)"
             )
+        if self.plan is not None and not self.plan:
+            raise ValueError("plan needs a file path")
+        if self.plan is not None and self.uses_towers:
+            raise ValueError("plan is the flat path's sharding; towers place their own tables "
+                             "(towers=0 to use a plan file)")
         if self.uses_towers:
             from jdmt.towers.modules import tower_output_dim
 

@@ -20,7 +20,9 @@ sources, checkpoints, communication reports) plug into one place;
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import os
 import statistics
 import sys
 import time
@@ -135,12 +137,16 @@ class Trainer:
             initial_accumulator=config.embedding_initial_accumulator,
         )
         self.plan = None
+        self.plan_loaded = config.plan is not None and self._plan_file_exists(config.plan)
         sharding = config.sharding
-        if sharding == "auto":
+        if self.plan_loaded:
+            sharding = self._load_plan(sparse_opt)
+        elif sharding == "auto":
             self.plan = self._auto_plan(sparse_opt)
             sharding = dict(self.plan.placements)
             if jax.process_index() == 0:
                 print(f"jdmt: {self.plan.summary()}", file=sys.stderr)
+                print(self.plan.table(), file=sys.stderr)
             # Sequence tables the planner made row-wise may take FlexShard tiers: the
             # tier chooser keeps every row cold (a row-wise table) unless tiers pay.
             if config.row_tiers == "auto" and not config.uses_towers:
@@ -150,7 +156,8 @@ class Trainer:
         self.tier_report = None
         if sharding == ShardingType.FLEXSHARD.value:
             sharding = plan_sharding(self.features, n, sharding, local=self.local)
-        if isinstance(sharding, dict) and any(p.type is ShardingType.FLEXSHARD for p in sharding.values()):
+        if (not self.plan_loaded and isinstance(sharding, dict)
+                and any(p.type is ShardingType.FLEXSHARD for p in sharding.values())):
             sharding = self._tier_plan(sharding, sparse_opt)
         self.sptt = None
         self.num_towers = config.towers
@@ -162,6 +169,8 @@ class Trainer:
         else:
             self.emb = ShardedEmbeddings(self.features, self.mesh, sharding, sparse_opt,
                                          kernel=config.kernel, row_dedup=config.row_dedup)
+            if config.plan is not None and not self.plan_loaded and jax.process_index() == 0:
+                self._write_plan(config.plan)
         if config.model == "dcn":
             self.model = DCN(config.embedding_dim, bottom=config.bottom_mlp, top=config.top_mlp,
                              sequence_pooling=config.sequence_pooling)
@@ -224,7 +233,11 @@ class Trainer:
                     f"{self.sptt.module_kind} Tower Module) on {self.hosts} hosts")
         else:
             path = f"flat {cfg.sharding}"
-            if cfg.sharding == "auto":
+            if self.plan_loaded:
+                counts = collections.Counter(p.type.value for p in self.emb.plan.values())
+                path = (f"flat plan from {cfg.plan} "
+                        f"({', '.join(f'{v} {k}' for k, v in counts.items())})")
+            elif cfg.sharding == "auto":
                 path += " (planner; plan above)"
         exchange = (self.emb.exchange_mode if self.emb.exchange_mode != "auto" else
                     "padded all-to-all" if jax.default_backend() == "cpu" else "ragged all-to-all")
@@ -275,17 +288,50 @@ class Trainer:
 
         The mean bag sizes come from the synthetic data's length model when
         it has one (else the caps)."""
-        from jdmt.planner import AnalyticCostModel, auto_plan
+        from jdmt.planner import AnalyticCostModel, auto_plan, pooling_from_fraction
 
         frac = getattr(self.data, "mean_len_frac", None)
-        pooling = None if frac is None else {
-            f.name: max(1.0, f.max_len * frac) for f in self.features.sparse
-        }
+        pooling = None if frac is None else pooling_from_fraction(self.features, frac)
         return auto_plan(
             self.features, self.hosts, self.local, self.config.global_batch,
             optimizer=optimizer, topology=Topology.from_mesh(self.mesh), pooling=pooling,
             cost_model=AnalyticCostModel(row_dedup=self.config.row_dedup),
         )
+
+    @staticmethod
+    def _plan_file_exists(path: str) -> bool:
+        """Whether the `plan` file exists, as process 0 sees it: every process
+        then loads it, or none does (process 0 writes it only after all
+        have asked)."""
+        exists = os.path.exists(path)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            exists = bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
+        return exists
+
+    def _load_plan(self, optimizer: SparseOptimizer) -> dict[str, Placement]:
+        """The `plan` file's placements, checked against this model, mesh and
+        the memory budget it was planned for (`PlanFile.check`); what it was
+        made for otherwise (the batch, table sizes) is noted on stderr."""
+        from jdmt.planner import PlanFile
+
+        plan_file = PlanFile.read(self.config.plan)
+        plan_file.check(self.features, self.hosts, self.local, optimizer)
+        if jax.process_index() == 0:
+            for what in plan_file.differences(self.features, self.config.global_batch):
+                print(f"jdmt: note: {plan_file.source} was made for {what}; its placements "
+                      "hold, its cost estimates assume that", file=sys.stderr)
+        return dict(plan_file.placements)
+
+    def _write_plan(self, path: str) -> None:
+        """Write the plan this run uses (and the planner's report, with
+        `sharding='auto'`) to the `plan` file."""
+        from jdmt.planner import PlanFile
+
+        report = None if self.plan is None else self.plan.report()
+        PlanFile(dict(self.emb.plan), self.hosts, self.local, self.config.global_batch, report).write(path)
+        print(f"jdmt: wrote the plan to {path}", file=sys.stderr)
 
     def _tier_plan(self, plan, optimizer: SparseOptimizer):
         """Flexshard tables' hot and warm rows (`--row-tiers=auto`): row
@@ -805,6 +851,8 @@ class Trainer:
             "global_batch": cfg.global_batch,
             "mesh": [self.hosts, self.local],
             "sharding": cfg.sharding,
+            "plan_file": cfg.plan,
+            "plan_loaded": self.plan_loaded,
             "kernel": self._kernel_name(),
             "path": self.path_line(),
             "row_tiers": None if self.tier_report is None else [r.to_json() for r in self.tier_report],
