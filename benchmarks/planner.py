@@ -1,7 +1,7 @@
 """Planners judged by measured cost: the learned planner against greedy baselines and the analytic planner.
 
-    python benchmarks/planner.py --data costs.npz --out /tmp/planner   # reuse a dataset
-    python benchmarks/planner.py --samples 3000 --out /tmp/planner     # collect one first
+    python benchmarks/planner.py --samples 4000 --out /tmp/planner     # collect, fit, judge
+    python benchmarks/planner.py --data costs.npz [--model model.npz] --out /tmp/planner
 
 1. The cost model: a dataset of measured fused steps (`jdmt.planner.collect`,
    on this backend), fitted (`jdmt.planner.neural`) with a held-out fifth;
@@ -186,7 +186,8 @@ def mean(xs):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", help="a dataset from python -m jdmt.planner.collect (else one is collected)")
-    ap.add_argument("--samples", type=int, default=3000, help="sets to collect when --data is not given")
+    ap.add_argument("--model", help="a cost model fitted to --data (python -m jdmt.planner.neural); else fitted here")
+    ap.add_argument("--samples", type=int, default=4000, help="sets to collect when --data is not given")
     ap.add_argument("--out", default="/tmp/jdmt-planner")
     ap.add_argument("--tasks", type=int, default=10, help="tasks per size (train pool)")
     ap.add_argument("--transfer-tasks", type=int, default=5, help="tasks per size (test pool)")
@@ -207,8 +208,12 @@ def main(argv=None) -> int:
     else:
         sets, seconds, meta = collect.collect(args.samples, global_batch=args.global_batch, seed=args.seed)
         collect.save(out / "costs.npz", sets, seconds, meta)
-    model, heldout = neural.fit_and_evaluate(sets, seconds, backend=meta["backend"], optimizer=opt)
-    model.save(out / "cost_model.npz")
+    if args.model:  # fitted by python -m jdmt.planner.neural on this dataset
+        model = neural.NeuralCostModel.load(args.model)
+        heldout = model.meta["heldout"]
+    else:
+        model, heldout = neural.fit_and_evaluate(sets, seconds, backend=meta["backend"], optimizer=opt)
+        model.save(out / "cost_model.npz")
     print(json.dumps({"cost_model": heldout, "dataset": meta}), flush=True)
     scale = heldout["analytic_scale"]
 

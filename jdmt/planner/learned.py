@@ -131,7 +131,7 @@ class LearnedPlanner:
 
     # ---- the search ------------------------------------------------------------------------
 
-    def plan(self, tables: Sequence[TableSpec], *, time_limit: float = 4.0,
+    def plan(self, tables: Sequence[TableSpec], *, time_limit: float = 3.0,
              starts: Mapping[str, Mapping[str, Placement]] | None = None) -> tuple[dict[str, Placement], dict]:
         """(placements, info).
 
@@ -362,7 +362,7 @@ class _RowBytes(dict):
 
 def learned_plan(tables: Sequence[TableSpec], hosts: int, local: int, global_batch: int,
                  model: NeuralCostModel, *, memory_budget: float, optimizer=SparseOptimizer(),
-                 topology: Topology | None = None, time_limit: float = 4.0,
+                 topology: Topology | None = None, time_limit: float = 3.0,
                  starts: Mapping[str, Mapping[str, Placement]] | None = None):
     """(placements, info): the learned planner's plan of `tables` (`LearnedPlanner.plan`)."""
     return LearnedPlanner(model, hosts, local, global_batch, optimizer=optimizer, topology=topology,
