@@ -220,3 +220,23 @@ def test_learned_plan_is_never_predicted_worse_than_a_start(small_model):
             assert info["predicted_step_s"] <= r["predicted_s"] * (1 + 1e-6)
             assert r["improved_s"] <= r["predicted_s"] * (1 + 1e-6)
     assert info["start"] in info["starts"]
+
+
+def test_planner_command_plans_with_a_cost_model(small_model, tmp_path, capsys):
+    from jdmt.planner import PlanFile
+    from jdmt.planner.__main__ import main
+
+    small_model.save(tmp_path / "m.npz")
+    out = tmp_path / "plan.json"
+    with pytest.warns(UserWarning, match="fitted on test:cpu"):
+        rc = main(["--features", "synthetic", "--mesh", "2x4", "--global-batch", "512",
+                   "--cost-model", str(tmp_path / "m.npz"), "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "learned planner" in text and "predicted embedding step" in text
+    loaded = PlanFile.read(out)
+    assert len(loaded.placements) == 26 and loaded.report["search"]["planner"] == "learned"
+    with pytest.warns(UserWarning):
+        rc = main(["--features", "synthetic", "--sequence-features", "1", "--mesh", "2x4",
+                   "--global-batch", "512", "--cost-model", str(tmp_path / "m.npz")])
+    assert rc == 1 and "does not model sequence features" in capsys.readouterr().err

@@ -27,7 +27,7 @@ from jdmt.embeddings.types import OptimizerKind
 from jdmt.mesh import MeshError, parse_mesh_spec
 from jdmt.planner.cost import DEFAULT_MEMORY_BUDGET, AnalyticCostModel
 from jdmt.planner.planfile import PlanFile
-from jdmt.planner.search import PlanningError, auto_plan, pooling_from_fraction
+from jdmt.planner.search import Plan, PlanningError, auto_plan, pooling_from_fraction
 
 MEAN_LEN_FRAC = 0.5
 """Mean ids per bag over its cap in `SyntheticData` (its default
@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tables and optimizer state allowed per device, GiB")
     p.add_argument("--row-dedup", choices=("host", "device"), default="host",
                    help="route of row-wise tables the cost model assumes (train.py's --row-dedup)")
+    p.add_argument("--cost-model", metavar="PATH", default=None,
+                   help="plan with the learned planner and this fitted cost model "
+                   "(python -m jdmt.planner.neural) instead of the analytic search")
+    p.add_argument("--alpha", type=_number(float, 0, "a number >= 0"), default=1.05,
+                   help="--cost-model: Zipf exponent of the ids (train.py's synthetic data: 1.05)")
     p.add_argument("--out", metavar="PATH", default=None,
                    help="write the plan file here (atomically), for train.py --plan=PATH")
     return p
@@ -128,14 +133,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         features = preset_features(args)
     except ValueError as e:
         parser.error(str(e))
+    pooling = pooling_from_fraction(features, MEAN_LEN_FRAC)
     try:
-        plan = auto_plan(
-            features, hosts, local, args.global_batch, optimizer=args.optimizer,
-            memory_budget=args.memory_budget_gib * 2**30,
-            cost_model=AnalyticCostModel(row_dedup=args.row_dedup),
-            pooling=pooling_from_fraction(features, MEAN_LEN_FRAC),
-        )
-    except PlanningError as e:
+        if args.cost_model is not None:
+            plan, note = _learned(args, features, pooling)
+        else:
+            plan, note = auto_plan(
+                features, hosts, local, args.global_batch, optimizer=args.optimizer,
+                memory_budget=args.memory_budget_gib * 2**30,
+                cost_model=AnalyticCostModel(row_dedup=args.row_dedup), pooling=pooling,
+            ), None
+    except (PlanningError, ValueError, OSError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
     if args.out is not None:  # before printing: a closed pipe must not lose the file
@@ -145,10 +153,48 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{parser.prog}: error: {e}", file=sys.stderr)
             return 1
     print(plan.summary())
+    if note:
+        print(note)
     print(plan.table())
     if args.out is not None:
         print(f"wrote {args.out}")
     return 0
+
+
+def _learned(args, features: FeatureSet, pooling) -> tuple[Plan, str]:
+    """The learned planner's plan, as a `Plan` whose costs are the analytic
+    model's (for the table and the baselines), and a line with the learned
+    model's own prediction."""
+
+    from jdmt.embeddings.types import SparseOptimizer
+    from jdmt.planner.cost import Problem
+    from jdmt.planner.learned import learned_plan, tables_of
+    from jdmt.planner.neural import NeuralCostModel
+    from jdmt.planner.search import baseline_plans
+
+    hosts, local = args.mesh
+    model = NeuralCostModel.load(args.cost_model)
+    opt = SparseOptimizer(kind=OptimizerKind(args.optimizer))
+    analytic = AnalyticCostModel(row_dedup=args.row_dedup)
+    problem = Problem(features, hosts, local, args.global_batch, optimizer=opt,
+                      memory_budget=args.memory_budget_gib * 2**30, pooling=pooling)
+    baselines = baseline_plans(problem)
+    starts = {k: v for k, v in baselines.items() if not isinstance(v, str)}
+    placements, info = learned_plan(tables_of(features, pooling, args.alpha), hosts, local,
+                                    args.global_batch, model, memory_budget=problem.memory_budget,
+                                    optimizer=opt, starts=starts)
+    rated = {k: (v if isinstance(v, str) else analytic.evaluate(problem, v)) for k, v in baselines.items()}
+    info = {k: v for k, v in info.items() if k != "predicted_device_s"}
+    plan = Plan(placements, analytic.evaluate(problem, placements), problem, analytic, rated,
+                {"planner": "learned", "cost_model": os.path.abspath(args.cost_model), **info})
+    note = (f"learned planner ({args.cost_model}, fitted on {model.backend}): predicted embedding "
+            f"step {info['predicted_step_s'] * 1e3:.3f} ms from the {info['start']} start, planned in "
+            f"{info['plan_s']:.2f} s; the table's costs are the analytic model's")
+    fitted = model.meta.get("global_batch")
+    if fitted and fitted != args.global_batch:
+        note += (f"\nnote: the cost model was measured at global batch {fitted}, not "
+                 f"{args.global_batch}: its seconds extrapolate")
+    return plan, note
 
 
 if __name__ == "__main__":

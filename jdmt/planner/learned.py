@@ -360,6 +360,23 @@ class _RowBytes(dict):
         return self[w]
 
 
+def tables_of(features, pooling: Mapping[str, float] | None = None, alpha: float = 1.05) -> list[TableSpec]:
+    """A `FeatureSet`'s tables as the learned planner sees them: pooled
+    features with their mean ids per bag (`pooling`, default `max_len`) and
+    the ids' Zipf exponent.
+
+    Raises:
+      ValueError: a sequence feature (its routes are not modelled here yet).
+    """
+    seq = [f.name for f in features.sparse if not f.pooled]
+    if seq:
+        raise ValueError(f"the learned planner does not model sequence features yet ({', '.join(seq)}); "
+                         "plan them with the analytic planner")
+    pooling = pooling or {}
+    return [TableSpec(f.name, f.rows, f.dim, float(pooling.get(f.name, f.max_len)), alpha)
+            for f in features.sparse]
+
+
 def learned_plan(tables: Sequence[TableSpec], hosts: int, local: int, global_batch: int,
                  model: NeuralCostModel, *, memory_budget: float, optimizer=SparseOptimizer(),
                  topology: Topology | None = None, time_limit: float = 3.0,
@@ -369,4 +386,4 @@ def learned_plan(tables: Sequence[TableSpec], hosts: int, local: int, global_bat
                           memory_budget=memory_budget).plan(tables, time_limit=time_limit, starts=starts)
 
 
-__all__ = ["COLUMN_SHARDS", "LearnedPlanner", "learned_plan"]
+__all__ = ["COLUMN_SHARDS", "LearnedPlanner", "learned_plan", "tables_of"]
