@@ -86,3 +86,48 @@ def test_command_prints_a_coverage_curve_per_table(capsys):
         bounds = list(r["coverage_top_k"].values())
         lows = [lo for lo, _ in bounds]
         assert lows == sorted(lows) and all(lo <= hi for lo, hi in bounds)  # a curve, rising in k
+
+
+def test_summaries_merge_over_processes_in_process_order(monkeypatch):
+    """`merge_over_processes` pads each process's summary to its capacity,
+    gathers them, and merges them in process order: here two processes'
+    summaries, gathered by a stand-in for `process_allgather`."""
+    from jax.experimental import multihost_utils
+
+    from jdmt.planner.row_stats import merge_over_processes
+
+    rng = np.random.default_rng(0)
+    parts = []
+    for _ in range(2):
+        s = HeavyHitters(64)
+        s.update(_zipf(rng, 5000, 1000).astype(np.int64))
+        parts.append(s)
+    sent = []
+
+    def allgather(tree):
+        sent.append(tree)
+        if len(sent) == 1:  # this process's arrays, then the other's
+            return tuple(np.stack([a, b]) for a, b in zip(tree, _padded(parts[1])))
+        raise AssertionError("one gather per table")
+
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    merged = merge_over_processes({"t": parts[0]})["t"]
+    expect = HeavyHitters(64).merge(_copy(parts[0])).merge(_copy(parts[1]))
+    assert merged.total == parts[0].total + parts[1].total == expect.total
+    assert merged.error == expect.error
+    assert dict(zip(merged.keys.tolist(), merged.counts.tolist())) == dict(zip(expect.keys.tolist(),
+                                                                                expect.counts.tolist()))
+    assert sent[0][0].shape == (64,) and (sent[0][0][parts[0].keys.size:] == -1).all()
+
+
+def _padded(s):
+    keys = np.full(s.capacity, -1, np.int64)
+    counts = np.zeros(s.capacity, np.int64)
+    keys[: s.keys.size], counts[: s.keys.size] = s.keys, s.counts
+    return keys, counts, np.array([s.total, s.error], np.int64)
+
+
+def _copy(s):
+    c = HeavyHitters(s.capacity)
+    c.keys, c.counts, c.total, c.error = s.keys.copy(), s.counts.copy(), s.total, s.error
+    return c

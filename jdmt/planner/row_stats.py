@@ -32,7 +32,7 @@ import numpy as np
 
 from jdmt.data.specs import Batch, FeatureSet
 
-__all__ = ["HeavyHitters", "row_statistics", "coverage_report"]
+__all__ = ["HeavyHitters", "coverage_report", "merge_over_processes", "row_statistics"]
 
 
 class HeavyHitters:
@@ -109,6 +109,30 @@ def row_statistics(features: FeatureSet, batches: Iterable[Batch],
                 rows = np.mod(rows, f.rows)
             stats[f.name].update(rows)
     return stats
+
+
+def merge_over_processes(stats: dict[str, HeavyHitters]) -> dict[str, HeavyHitters]:
+    """Every process's summaries merged, table by table, in process order, so
+    every process gets the same result (a collective: all processes call it
+    with the same tables and capacities)."""
+    from jax.experimental import multihost_utils
+
+    out = {}
+    for name, s in stats.items():
+        cap = s.capacity
+        keys = np.full(cap, -1, np.int64)
+        counts = np.zeros(cap, np.int64)
+        keys[: s.keys.size], counts[: s.keys.size] = s.keys, s.counts
+        meta = np.array([s.total, s.error], np.int64)
+        all_keys, all_counts, all_meta = multihost_utils.process_allgather((keys, counts, meta))
+        merged = HeavyHitters(cap)
+        for k, c, m in zip(all_keys, all_counts, all_meta):
+            part = HeavyHitters(cap)
+            ok = k >= 0
+            part.keys, part.counts, part.total, part.error = k[ok], c[ok], int(m[0]), int(m[1])
+            merged.merge(part)
+        out[name] = merged
+    return out
 
 
 DEFAULT_KS = (10, 100, 1_000, 10_000, 100_000)

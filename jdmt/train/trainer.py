@@ -339,7 +339,7 @@ class Trainer:
         the summaries are merged in process order, so every process gets the
         same plan), sized by `jdmt.planner.flexshard.plan_tiers`."""
         from jdmt.planner.flexshard import plan_tiers
-        from jdmt.planner.row_stats import HeavyHitters, row_statistics
+        from jdmt.planner.row_stats import merge_over_processes, row_statistics
 
         cfg = self.config
         if cfg.row_tiers == "none":
@@ -360,23 +360,7 @@ class Trainer:
                        for b in batches)
         stats = row_statistics(sub, sub_batches)
         if nproc > 1:
-            from jax.experimental import multihost_utils
-
-            for n in flex:
-                s = stats[n]
-                cap = s.capacity
-                keys = np.full(cap, -1, np.int64)
-                cnts = np.zeros(cap, np.int64)
-                keys[: s.keys.size], cnts[: s.keys.size] = s.keys, s.counts
-                meta = np.array([s.total, s.error], np.int64)
-                allk, allc, allm = multihost_utils.process_allgather((keys, cnts, meta))
-                merged = HeavyHitters(cap)
-                for k, c, m in zip(allk, allc, allm):
-                    part = HeavyHitters(cap)
-                    ok = k >= 0
-                    part.keys, part.counts, part.total, part.error = k[ok], c[ok], int(m[0]), int(m[1])
-                    merged.merge(part)
-                stats[n] = merged
+            stats = merge_over_processes(stats)
         lookups = {n: stats[n].total / count for n in flex}
         plan, report = plan_tiers(self.features, plan, stats, Topology.from_mesh(self.mesh),
                                   global_batch_lookups=lookups, optimizer=optimizer,
