@@ -240,3 +240,26 @@ def test_planner_command_plans_with_a_cost_model(small_model, tmp_path, capsys):
         rc = main(["--features", "synthetic", "--sequence-features", "1", "--mesh", "2x4",
                    "--global-batch", "512", "--cost-model", str(tmp_path / "m.npz")])
     assert rc == 1 and "does not model sequence features" in capsys.readouterr().err
+
+
+def test_trainer_plans_with_a_cost_model(small_model, mesh24, tmp_path, capsys):
+    """`train.py --sharding=auto --cost-model=PATH`: the learned planner's plan
+    is the one the embeddings use, said at start-up; sequence features and
+    another sharding are refused."""
+    from jdmt.data.specs import FeatureSet, SparseFeature
+    from jdmt.train import Trainer, TrainConfig
+
+    small_model.save(tmp_path / "m.npz")
+    feats = FeatureSet(tuple(SparseFeature(f"f{i}", 50 + 40 * i, 8, 1 + i % 3) for i in range(5)), num_dense=2)
+    base = dict(features=feats, embedding_dim=8, steps=1, global_batch=64, eval_batches=1,
+                bottom_mlp=(8,), top_mlp=(8,), progress=False, cost_model=str(tmp_path / "m.npz"))
+    with pytest.warns(UserWarning, match="fitted on test:cpu"):
+        tr = Trainer(TrainConfig(**base, sharding="auto"), mesh24)
+    assert tr.plan.stats["planner"] == "learned" and tr.emb.plan == tr.plan.placements
+    err = capsys.readouterr().err
+    assert "learned planner" in err and tr.plan.table() in err
+    seq = FeatureSet((*feats.sparse, SparseFeature("s", 30, 8, 4, kind="sequence")), num_dense=2)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="does not model sequence features"):
+        Trainer(TrainConfig(**{**base, "features": seq}, sharding="auto"), mesh24)
+    with pytest.raises(ValueError, match="needs sharding='auto'"):
+        TrainConfig(**base, sharding="row_wise")

@@ -182,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "for; --sharding is then not used); if not, write the plan this run uses "
                    "there (whatever --sharding chose). `python -m jdmt.planner --out=PATH` "
                    "plans without training")
+    p.add_argument("--cost-model", metavar="PATH", default=None,
+                   help="with --sharding=auto: plan with the learned planner and this fitted cost "
+                   "model (python -m jdmt.planner.neural) instead of the analytic search; "
+                   "pooled features only")
     p.add_argument("--towers", type=_towers, default=d.towers,
                    help="Disaggregated Multi-Tower: group the features into N towers, each "
                    "owned by one host (tower t on host t %% H); ids and tower outputs are the "
@@ -421,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             embedding_dim=args.embedding_dim,
             sharding=args.sharding,
             plan=args.plan,
+            cost_model=args.cost_model,
             embedding_optimizer=args.embedding_optimizer,
             embedding_lr=args.embedding_lr,
             embedding_initial_accumulator=args.embedding_initial_accumulator,

@@ -162,39 +162,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _learned(args, features: FeatureSet, pooling) -> tuple[Plan, str]:
-    """The learned planner's plan, as a `Plan` whose costs are the analytic
-    model's (for the table and the baselines), and a line with the learned
-    model's own prediction."""
-
+    """The learned planner's plan (`learned.learned_auto_plan`) and a line on it."""
     from jdmt.embeddings.types import SparseOptimizer
-    from jdmt.planner.cost import Problem
-    from jdmt.planner.learned import learned_plan, tables_of
+    from jdmt.planner.learned import learned_auto_plan, learned_note
     from jdmt.planner.neural import NeuralCostModel
-    from jdmt.planner.search import baseline_plans
 
     hosts, local = args.mesh
-    model = NeuralCostModel.load(args.cost_model)
-    opt = SparseOptimizer(kind=OptimizerKind(args.optimizer))
-    analytic = AnalyticCostModel(row_dedup=args.row_dedup)
-    problem = Problem(features, hosts, local, args.global_batch, optimizer=opt,
-                      memory_budget=args.memory_budget_gib * 2**30, pooling=pooling)
-    baselines = baseline_plans(problem)
-    starts = {k: v for k, v in baselines.items() if not isinstance(v, str)}
-    placements, info = learned_plan(tables_of(features, pooling, args.alpha), hosts, local,
-                                    args.global_batch, model, memory_budget=problem.memory_budget,
-                                    optimizer=opt, starts=starts)
-    rated = {k: (v if isinstance(v, str) else analytic.evaluate(problem, v)) for k, v in baselines.items()}
-    info = {k: v for k, v in info.items() if k != "predicted_device_s"}
-    plan = Plan(placements, analytic.evaluate(problem, placements), problem, analytic, rated,
-                {"planner": "learned", "cost_model": os.path.abspath(args.cost_model), **info})
-    note = (f"learned planner ({args.cost_model}, fitted on {model.backend}): predicted embedding "
-            f"step {info['predicted_step_s'] * 1e3:.3f} ms from the {info['start']} start, planned in "
-            f"{info['plan_s']:.2f} s; the table's costs are the analytic model's")
-    fitted = model.meta.get("global_batch")
-    if fitted and fitted != args.global_batch:
-        note += (f"\nnote: the cost model was measured at global batch {fitted}, not "
-                 f"{args.global_batch}: its seconds extrapolate")
-    return plan, note
+    plan = learned_auto_plan(
+        features, hosts, local, args.global_batch, NeuralCostModel.load(args.cost_model),
+        optimizer=SparseOptimizer(kind=OptimizerKind(args.optimizer)),
+        memory_budget=args.memory_budget_gib * 2**30, pooling=pooling, alpha=args.alpha,
+        analytic=AnalyticCostModel(row_dedup=args.row_dedup))
+    return plan, learned_note(plan, args.cost_model)
 
 
 if __name__ == "__main__":

@@ -386,4 +386,46 @@ def learned_plan(tables: Sequence[TableSpec], hosts: int, local: int, global_bat
                           memory_budget=memory_budget).plan(tables, time_limit=time_limit, starts=starts)
 
 
-__all__ = ["COLUMN_SHARDS", "LearnedPlanner", "learned_plan", "tables_of"]
+def learned_auto_plan(features, hosts: int, local: int, global_batch: int, model: NeuralCostModel, *,
+                      optimizer: SparseOptimizer = SparseOptimizer(), topology: Topology | None = None,
+                      memory_budget: float, pooling: Mapping[str, float] | None = None,
+                      alpha: float = 1.05, analytic: AnalyticCostModel | None = None,
+                      time_limit: float = 3.0):
+    """`auto_plan`'s counterpart with the learned planner: a `search.Plan` of
+    a `FeatureSet` (pooled features), whose `cost` and baselines are rated by
+    the analytic model (so `summary()` and `table()` compare like with like)
+    and whose `stats` hold the learned planner's own prediction and search.
+    The local search also starts from the greedy baselines' plans."""
+    from jdmt.planner.search import Plan, baseline_plans
+
+    analytic = analytic or AnalyticCostModel()
+    problem = Problem(features, hosts, local, global_batch, optimizer=optimizer, topology=topology,
+                      memory_budget=memory_budget, pooling=pooling)
+    baselines = baseline_plans(problem)
+    starts = {k: v for k, v in baselines.items() if not isinstance(v, str)}
+    placements, info = learned_plan(tables_of(features, problem.pooling, alpha), hosts, local, global_batch,
+                                    model, memory_budget=memory_budget, optimizer=optimizer,
+                                    topology=problem.topology, time_limit=time_limit, starts=starts)
+    rated = {k: (v if isinstance(v, str) else analytic.evaluate(problem, v)) for k, v in baselines.items()}
+    stats = {"planner": "learned", "cost_model_backend": model.backend,
+             "cost_model_global_batch": model.meta.get("global_batch"),
+             **{k: v for k, v in info.items() if k != "predicted_device_s"}}
+    return Plan(placements, analytic.evaluate(problem, placements), problem, analytic, rated, stats)
+
+
+def learned_note(plan, source: str) -> str:
+    """A line (or two) on a `learned_auto_plan` plan: the learned model's own
+    prediction, the start that won, the planning time."""
+    st = plan.stats
+    note = (f"learned planner ({source}, fitted on {st['cost_model_backend']}): predicted embedding "
+            f"step {st['predicted_step_s'] * 1e3:.3f} ms from the {st['start']} start, planned in "
+            f"{st['plan_s']:.2f} s; the table's costs are the analytic model's")
+    fitted = st.get("cost_model_global_batch")
+    if fitted and fitted != plan.problem.global_batch:
+        note += (f"\nnote: the cost model was measured at global batch {fitted}, not "
+                 f"{plan.problem.global_batch}: its seconds extrapolate")
+    return note
+
+
+__all__ = ["COLUMN_SHARDS", "LearnedPlanner", "learned_auto_plan", "learned_note", "learned_plan",
+           "tables_of"]

@@ -9,7 +9,7 @@ requests (`pooling` 1). Ids are drawn from a truncated Zipf law over the
 piece's rows (exponent `alpha`), with the hot rows scattered over the table
 as real hashed ids are.
 
-`measure_pieces` runs the pieces as the library's owner does on this
+`Bench.run` times the pieces as the library's owner runs them on this
 backend, with the library's own functions, in two programs as a training
 step does:
 
@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +72,8 @@ class Piece:
 
     @property
     def max_len(self) -> int:
-        """Ids per bag in the program: lengths are 1..2p-1 (mean p); 1 for unique rows."""
+        """Ids per bag in the program: lengths are uniform on 1..round(2p)-1
+        (mean about p); 1 for unique rows."""
         return max(1, int(round(2 * self.pooling)) - 1)
 
     @property
@@ -366,10 +367,5 @@ def backend_name() -> str:
     return f"{jax.default_backend()}:{getattr(d, 'device_kind', d.platform)}"
 
 
-def measure_sets(sets: Iterable[Sequence[Piece]], bench: Bench | None = None) -> list[float]:
-    bench = bench or Bench()
-    return [bench.run(s) for s in sets]
-
-
 __all__ = ["REUSE_BINS", "Bench", "Piece", "backend_name", "default_impl", "device_pieces",
-           "measure_sets", "reuse_histogram", "unique_count", "zipf_rows"]
+           "reuse_histogram", "unique_count", "zipf_rows"]

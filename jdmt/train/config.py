@@ -60,6 +60,9 @@ class TrainConfig:
         was planned for. If not, the sharding this run decides (whatever
         `sharding` chose, flexshard tiers included) is written there,
         atomically, before training. Flat path only.
+      cost_model: with `sharding='auto'`, plan with the learned planner and
+        this fitted cost model (`python -m jdmt.planner.neural`) instead of
+        the analytic search (pooled features only).
       embedding_optimizer: fused sparse optimizer of the tables.
       embedding_lr: its learning rate.
       embedding_initial_accumulator: the Adagrad accumulators' start value;
@@ -169,6 +172,7 @@ class TrainConfig:
     embedding_dim: int = 16
     sharding: str = "table_wise"
     plan: str | None = None
+    cost_model: str | None = None
     embedding_optimizer: str = "rowwise_adagrad"
     embedding_lr: float = 0.1
     embedding_initial_accumulator: float = 1e-8
@@ -291,6 +295,9 @@ class TrainConfig:
                 f"towers shard their tables {' or '.join(TOWER_SHARDINGS)} inside their host; "
                 f"--sharding={self.sharding} applies to the flat path (--towers=0)"
             )
+        if self.cost_model is not None and self.sharding != "auto":
+            raise ValueError(f"cost_model is the learned planner's: it needs sharding='auto', "
+                             f"not {self.sharding!r}")
         if self.plan is not None and not self.plan:
             raise ValueError("plan needs a file path")
         if self.plan is not None and self.uses_towers:

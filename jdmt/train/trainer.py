@@ -284,14 +284,30 @@ class Trainer:
         return -(-self.sptt.out_dim // self.config.embedding_dim)
 
     def _auto_plan(self, optimizer: SparseOptimizer):
-        """`--sharding=auto`: the planner's placement for this mesh and batch.
+        """`--sharding=auto`: the planner's placement for this mesh and batch:
+        the analytic search, or with `cost_model` the learned planner.
 
         The mean bag sizes come from the synthetic data's length model when
-        it has one (else the caps)."""
+        it has one (else the caps); the ids' Zipf exponent (learned planner)
+        from the synthetic data (else 1.05)."""
         from jdmt.planner import AnalyticCostModel, auto_plan, pooling_from_fraction
 
         frac = getattr(self.data, "mean_len_frac", None)
         pooling = None if frac is None else pooling_from_fraction(self.features, frac)
+        if self.config.cost_model is not None:  # the learned planner
+            from jdmt.planner.learned import learned_auto_plan, learned_note
+            from jdmt.planner.neural import NeuralCostModel
+            from jdmt.planner.cost import DEFAULT_MEMORY_BUDGET
+
+            plan = learned_auto_plan(
+                self.features, self.hosts, self.local, self.config.global_batch,
+                NeuralCostModel.load(self.config.cost_model), optimizer=optimizer,
+                topology=Topology.from_mesh(self.mesh), memory_budget=DEFAULT_MEMORY_BUDGET,
+                pooling=pooling, alpha=float(getattr(self.data, "alpha", 1.05)),
+                analytic=AnalyticCostModel(row_dedup=self.config.row_dedup))
+            if jax.process_index() == 0:
+                print(f"jdmt: {learned_note(plan, self.config.cost_model)}", file=sys.stderr)
+            return plan
         return auto_plan(
             self.features, self.hosts, self.local, self.config.global_batch,
             optimizer=optimizer, topology=Topology.from_mesh(self.mesh), pooling=pooling,
