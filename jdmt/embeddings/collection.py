@@ -40,6 +40,7 @@ from jdmt.embeddings.flat import Caps, Stats, WidthRoute, _read_token, owner_row
 from jdmt.embeddings.host_replicated import LocalRows, replica_sum
 from jdmt.embeddings.hosted import HostCaps, HostPath
 from jdmt.embeddings.layout import Layout, Memory, storage_name
+from jdmt.embeddings.tiers import TierFold
 from jdmt.embeddings import two_hop
 from jdmt.embeddings.two_hop import HopCaps, TwoHopRows
 from jdmt.embeddings.types import (
@@ -297,92 +298,7 @@ class ShardedEmbeddings:
             start += feats[i].dim
         self._mean = [i for i in self.pooled_idx if feats[i].combiner is Combiner.MEAN]
         del slots
-        # flexshard: each model pooled feature's blocks among the tables' pooled columns
-        src = self.layout.source
-        ustart, vstart = {}, {}
-        start = 0
-        for i in self.user_pooled_idx:
-            ustart[i] = start
-            start += ufeats[i].dim
-        start = 0
-        for i in self.pooled_idx:
-            vstart[i] = start
-            start += feats[i].dim
-        self._fold_blocks = {u: [vstart[v] for v in self.pooled_idx if src[v] == u] for u in self.user_pooled_idx}
-        self._unfold_blocks = [(ustart[int(src[v])], feats[v].dim, self.layout.tier_of[v] is not None
-                                and ufeats[int(src[v])].combiner is Combiner.MEAN) for v in self.pooled_idx]
-
-    # ---- flexshard: the model's features <-> the tier tables ----------------------------------
-
-    def _to_tiers(self, canon, xp=jnp):
-        """i32[B, model slots + 1] rows of the model's tables -> rows of the
-        layout's tables (a flexshard table's ids split into its tiers' slots)."""
-        if not self.layout.row_tiers:
-            return canon
-        uoff = self.features.offsets
-        blocks, split = [], {}
-        for v, u in enumerate(self.layout.source):
-            f = self.features.sparse[u]
-            x = canon[:, uoff[u] : uoff[u] + f.max_len]
-            t = self.layout.tier_of[v]
-            if t is not None:
-                if u not in split:
-                    split[u] = t[1].split(x) if xp is jnp else t[1].split_np(x)
-                x = split[u][t[0]].astype(xp.int32)
-            blocks.append(x)
-        blocks.append(canon[:, -1:])
-        return xp.concatenate(blocks, axis=1)
-
-    def _tier_lengths(self, lengths):
-        """i32[B, model features] -> i32[B, tables]."""
-        return lengths[:, self.layout.source] if self.layout.row_tiers else lengths
-
-    def _user_mean(self, lengths, u):
-        return 1.0 / jnp.maximum(lengths[:, u : u + 1], 1).astype(jnp.float32)
-
-    def _fold(self, pooled, seqs, lengths):
-        """The tables' outputs -> the model's features' (a flexshard
-        feature's tiers summed; mean applied after the sum)."""
-        if not self.layout.row_tiers:
-            return pooled, seqs
-        ufeats = self.features.sparse
-        out_pooled = None
-        if self.user_pooled_idx:
-            cols = []
-            for u in self.user_pooled_idx:
-                d = ufeats[u].dim
-                starts = self._fold_blocks[u]
-                x = pooled[:, starts[0] : starts[0] + d]
-                for c in starts[1:]:
-                    x = x + pooled[:, c : c + d]
-                if u in self.layout.row_tiers and ufeats[u].combiner is Combiner.MEAN:
-                    x = x * self._user_mean(lengths, u)  # (untiered tables: applied in `_assemble`)
-                cols.append(x)
-            out_pooled = jnp.concatenate(cols, axis=1) if len(cols) > 1 else cols[0]
-        out_seqs = {}
-        for v, u in enumerate(self.layout.source):
-            f = self.tables.sparse[v]
-            if f.pooled:
-                continue
-            name = ufeats[u].name
-            out_seqs[name] = seqs[f.name] if name not in out_seqs else out_seqs[name] + seqs[f.name]
-        return out_pooled, out_seqs
-
-    def _unfold(self, g_pooled, g_seqs, lengths):
-        """The model's features' gradients -> the tables' (`_fold`'s transpose)."""
-        if not self.layout.row_tiers:
-            return g_pooled, g_seqs
-        src = self.layout.source
-        out_pooled = None
-        if self.pooled_idx:
-            cols = []
-            for v, (c, d, mean) in zip(self.pooled_idx, self._unfold_blocks):
-                x = g_pooled[:, c : c + d]
-                cols.append(x * self._user_mean(lengths, int(src[v])) if mean else x)
-            out_pooled = jnp.concatenate(cols, axis=1) if len(cols) > 1 else cols[0]
-        ufeats = self.features.sparse
-        out_seqs = {self.tables.sparse[v].name: g_seqs[ufeats[int(src[v])].name] for v in self.seq_idx}
-        return out_pooled, out_seqs
+        self.tier_fold = TierFold(self.features, self.layout)
 
     # ---- capacities ---------------------------------------------------------------------------
 
@@ -446,7 +362,7 @@ class ShardedEmbeddings:
         r = np.where(self._col_hashed[None, :], np.mod(ids, rows), ids)
         canon = np.where(valid & (r >= 0) & (r < rows), r, -1).astype(np.int32)
         canon = np.concatenate([canon, np.full((canon.shape[0], 1), -1, np.int32)], axis=1)
-        canon = self._to_tiers(canon, np)
+        canon = self.tier_fold.to_tiers(canon, np)
         canon = canon.reshape(self.num_devices, -1, canon.shape[1])
         out = {}
         for r_ in self.routes.values():
@@ -651,7 +567,7 @@ class ShardedEmbeddings:
         bad = jnp.sum(valid & ~inside, dtype=jnp.int32)
         canon = jnp.where(valid & inside, r, -1)
         canon = jnp.concatenate([canon, jnp.full((canon.shape[0], 1), -1, jnp.int32)], axis=1)
-        return self._to_tiers(canon), bad
+        return self.tier_fold.to_tiers(canon), bad
 
     def _mean_scale(self, lengths):
         """f32[B, F_pooled] the factor of each pooled feature (1 / count for mean)."""
@@ -733,8 +649,8 @@ class ShardedEmbeddings:
             stats = _reduce(st, bad)
             if self.towers:
                 return entry, {}, ctx, stats
-            pooled, seqs = self._assemble(outs, self._tier_lengths(lengths), stacked)
-            pooled, seqs = self._fold(pooled, seqs, lengths)
+            pooled, seqs = self._assemble(outs, self.tier_fold.lengths(lengths), stacked)
+            pooled, seqs = self.tier_fold.fold(pooled, seqs, lengths)
             return pooled, seqs, ctx, stats
 
         ufeats = self.features.sparse
@@ -863,8 +779,8 @@ class ShardedEmbeddings:
             streams: dict[str, list] = {}
             st = []
             if not self.towers:
-                g_pooled, g_seqs = self._unfold(g_pooled, g_seqs, lengths)
-                gp, g_scaled = self._piece_grads(g_pooled, g_seqs, self._tier_lengths(lengths))
+                g_pooled, g_seqs = self.tier_fold.unfold(g_pooled, g_seqs, lengths)
+                gp, g_scaled = self._piece_grads(g_pooled, g_seqs, self.tier_fold.lengths(lengths))
             for w, route in self.routes.items():
                 c = {**ctx["flat"][w], "read": ctx["flat"][w]["read"][0]}
                 g_bag = self._bag_grads(route.bag_pieces, route.width, gp, g_scaled)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["HOT", "WARM", "COLD", "TIERS", "RowTiers", "tier_name"]
+__all__ = ["HOT", "WARM", "COLD", "TIERS", "RowTiers", "TierFold", "tier_name"]
 
 HOT, WARM, COLD = "hot", "warm", "cold"
 TIERS = (HOT, WARM, COLD)
@@ -143,3 +143,119 @@ class RowTiers:
             return slots
         gaps = jnp.asarray(self._gaps.astype(np.int32))
         return slots + jnp.searchsorted(gaps, slots, side="right").astype(jnp.int32)
+
+
+class TierFold:
+    """A model's features and a layout's tables, where a flexshard feature is
+    cut into tier tables (`Layout.source` maps each table to its feature).
+
+    `ShardedEmbeddings` takes the model's ids and gives the model's
+    embeddings; in between it works on the layout's tables. This is the map
+    both ways: ids to the tier tables' slots (`to_tiers`), lengths
+    (`lengths`), the tables' outputs summed back into the features' (`fold`:
+    pooled partial sums of the tiers added, a mean applied after the sum; a
+    sequence position takes its row from the one tier that holds it), and
+    the transpose for gradients (`unfold`). Without tiers each is the identity.
+
+    Args:
+      features: the model's `FeatureSet`.
+      layout: the `Layout` (its `features` are the tables).
+    """
+
+    def __init__(self, features, layout):
+        from jdmt.data.specs import Combiner
+
+        self.features = features
+        self.layout = layout
+        self.active = bool(layout.row_tiers)
+        ufeats, feats = features.sparse, layout.features.sparse
+        self.user_pooled_idx = [i for i, f in enumerate(ufeats) if f.pooled]
+        self.pooled_idx = [i for i, f in enumerate(feats) if f.pooled]
+        self.seq_idx = [i for i, f in enumerate(feats) if not f.pooled]
+        src = layout.source
+        ustart, vstart, start = {}, {}, 0
+        for i in self.user_pooled_idx:
+            ustart[i] = start
+            start += ufeats[i].dim
+        start = 0
+        for i in self.pooled_idx:
+            vstart[i] = start
+            start += feats[i].dim
+        # each model pooled feature's blocks among the tables' pooled columns
+        self._fold_blocks = {u: [vstart[v] for v in self.pooled_idx if src[v] == u] for u in self.user_pooled_idx}
+        self._user_mean_tiered = {u for u in layout.row_tiers if ufeats[u].combiner is Combiner.MEAN}
+        self._unfold_blocks = [(ustart[int(src[v])], feats[v].dim, layout.tier_of[v] is not None
+                                and ufeats[int(src[v])].combiner is Combiner.MEAN) for v in self.pooled_idx]
+
+    def to_tiers(self, canon, xp=jnp):
+        """i32[B, model slots + 1] rows of the model's tables -> rows of the
+        layout's tables (a flexshard table's ids split into its tiers' slots)."""
+        if not self.active:
+            return canon
+        uoff = self.features.offsets
+        blocks, split = [], {}
+        for v, u in enumerate(self.layout.source):
+            f = self.features.sparse[u]
+            x = canon[:, uoff[u] : uoff[u] + f.max_len]
+            t = self.layout.tier_of[v]
+            if t is not None:
+                if u not in split:
+                    split[u] = t[1].split(x) if xp is jnp else t[1].split_np(x)
+                x = split[u][t[0]].astype(xp.int32)
+            blocks.append(x)
+        blocks.append(canon[:, -1:])
+        return xp.concatenate(blocks, axis=1)
+
+    def lengths(self, lengths):
+        """i32[B, model features] -> i32[B, tables]."""
+        return lengths[:, self.layout.source] if self.active else lengths
+
+    @staticmethod
+    def _mean(lengths, u):
+        return 1.0 / jnp.maximum(lengths[:, u : u + 1], 1).astype(jnp.float32)
+
+    def fold(self, pooled, seqs, lengths):
+        """The tables' outputs -> the model's features' (a flexshard
+        feature's tiers summed; mean applied after the sum)."""
+        if not self.active:
+            return pooled, seqs
+        ufeats = self.features.sparse
+        out_pooled = None
+        if self.user_pooled_idx:
+            cols = []
+            for u in self.user_pooled_idx:
+                d = ufeats[u].dim
+                starts = self._fold_blocks[u]
+                x = pooled[:, starts[0] : starts[0] + d]
+                for c in starts[1:]:
+                    x = x + pooled[:, c : c + d]
+                if u in self._user_mean_tiered:
+                    x = x * self._mean(lengths, u)  # (untiered tables: applied in `_assemble`)
+                cols.append(x)
+            out_pooled = jnp.concatenate(cols, axis=1) if len(cols) > 1 else cols[0]
+        out_seqs = {}
+        tables = self.layout.features.sparse
+        for v, u in enumerate(self.layout.source):
+            f = tables[v]
+            if f.pooled:
+                continue
+            name = ufeats[u].name
+            out_seqs[name] = seqs[f.name] if name not in out_seqs else out_seqs[name] + seqs[f.name]
+        return out_pooled, out_seqs
+
+    def unfold(self, g_pooled, g_seqs, lengths):
+        """The model's features' gradients -> the tables' (`fold`'s transpose)."""
+        if not self.active:
+            return g_pooled, g_seqs
+        src = self.layout.source
+        out_pooled = None
+        if self.pooled_idx:
+            cols = []
+            for v, (c, d, mean) in zip(self.pooled_idx, self._unfold_blocks):
+                x = g_pooled[:, c : c + d]
+                cols.append(x * self._mean(lengths, int(src[v])) if mean else x)
+            out_pooled = jnp.concatenate(cols, axis=1) if len(cols) > 1 else cols[0]
+        ufeats, tables = self.features.sparse, self.layout.features.sparse
+        out_seqs = {tables[v].name: g_seqs[ufeats[int(src[v])].name] for v in self.seq_idx}
+        return out_pooled, out_seqs
+
