@@ -263,3 +263,21 @@ def test_trainer_plans_with_a_cost_model(small_model, mesh24, tmp_path, capsys):
         Trainer(TrainConfig(**{**base, "features": seq}, sharding="auto"), mesh24)
     with pytest.raises(ValueError, match="needs sharding='auto'"):
         TrainConfig(**base, sharding="row_wise")
+
+
+def test_learned_planner_moves_comm_by_the_mesh_symmetry(small_model):
+    """The search computes a table's communication for owner 0 (host 0) and
+    moves it to any owner (host): it must equal the analytic model's for
+    that owner."""
+    from jdmt.planner.learned import LearnedPlanner
+
+    lp = LearnedPlanner(small_model, 2, 4, 256, memory_budget=1e12)
+    for t in (TableSpec("x", 5000, 32, 6.0), TableSpec("y", 3000, 16, 1.0)):
+        base = lp._comm(t, Placement(ShardingType.TABLE_WISE, (0,)), t.dim)
+        for d in range(8):
+            direct = lp._comm(t, Placement(ShardingType.TABLE_WISE, (d,)), t.dim)
+            assert np.allclose(base[lp.perm[d]], direct, rtol=1e-9, atol=0), (t.name, d)
+        host0 = lp._comm(t, Placement(ShardingType.TABLE_ROW_WISE, (0, 1, 2, 3)), t.dim)
+        host1 = lp._comm(t, Placement(ShardingType.TABLE_ROW_WISE, (4, 5, 6, 7)), t.dim)
+        assert np.allclose(host0[lp.perm[4]], host1, rtol=1e-9, atol=0)
+        assert base.max() > 0
