@@ -110,7 +110,7 @@ def load(path: str | Path) -> tuple[list[list[Piece]], np.ndarray, dict]:
     return sets, seconds, meta
 
 
-def collect(samples: int, *, max_tables: int = 64, global_batch: int = 2048, max_bytes: int = 1 << 30,
+def collect(samples: int, *, max_tables: int = 512, global_batch: int = 2048, max_bytes: int = 1 << 30,
             pool_rows: int = 2_000_000, optimizer: str = "rowwise_adagrad", iters: int = 3,
             seed: int = 0, progress: bool = True) -> tuple[list[list[Piece]], np.ndarray, dict]:
     """Draws and measures `samples` sets; returns (sets, seconds, meta)."""
@@ -137,7 +137,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jdmt.planner.collect", description=__doc__.split("\n")[0])
     ap.add_argument("--samples", type=int, default=3000)
     ap.add_argument("--out", required=True, help="dataset file (.npz)")
-    ap.add_argument("--max-tables", type=int, default=64, help="tables per set, at most")
+    ap.add_argument("--max-tables", type=int, default=512,
+                    help="tables per set, at most (a device of a 856-table plan on 64 devices holds "
+                    "a shard of every row-wise table: hundreds)")
     ap.add_argument("--global-batch", type=int, default=2048)
     ap.add_argument("--max-bytes", type=int, default=1 << 30, help="table bytes per width per set, at most")
     ap.add_argument("--pool-rows", type=int, default=2_000_000, help="largest table of the pool")

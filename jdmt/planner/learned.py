@@ -131,7 +131,7 @@ class LearnedPlanner:
 
     # ---- the search ------------------------------------------------------------------------
 
-    def plan(self, tables: Sequence[TableSpec], *, time_limit: float = 3.0,
+    def plan(self, tables: Sequence[TableSpec], *, time_limit: float = 4.0,
              starts: Mapping[str, Mapping[str, Placement]] | None = None) -> tuple[dict[str, Placement], dict]:
         """(placements, info).
 
@@ -245,6 +245,8 @@ class LearnedPlanner:
             on_worst = [name for name, (k, devs) in chosen.items() if worst in devs]
             on_worst.sort(key=lambda name: -self.alone[name])
             for name in on_worst:
+                if time.perf_counter() >= deadline:
+                    break
                 old = chosen[name]
                 self._apply(cands[name], old, -1)
                 best = self._best(cands[name])
@@ -277,14 +279,14 @@ class LearnedPlanner:
                 tot += float(r.max()) * self.row_bytes[w]
         return tot
 
-    def _options(self, kind: str, k: int) -> list[tuple[int, ...]]:
-        """Device sets a non-table-wise candidate may take."""
+    def _options(self, kind: str, k: int, now: np.ndarray) -> list[tuple[int, ...]]:
+        """Device sets a non-table-wise candidate may take (`now`: the devices' times)."""
         if kind in ("row_wise", "data_parallel"):
             return [tuple(range(self.n))]
         if kind == "table_row_wise":
             return [tuple(range(h * self.local, (h + 1) * self.local)) for h in range(self.hosts)]
-        dev = self.device_s()  # column shards: the least busy devices
-        return [tuple(sorted(int(d) for d in np.argsort(dev, kind="stable")[:k]))]
+        # column shards: the least busy devices
+        return [tuple(sorted(int(d) for d in np.argsort(now, kind="stable")[:k]))]
 
     def _effect(self, c: _Cand, kind: str, devs: tuple[int, ...]):
         """f64[N]: the comm seconds a placement adds to each device."""
@@ -298,44 +300,46 @@ class LearnedPlanner:
         return comm
 
     def _best(self, cands):
-        """The best (kind, devices) for a table given the current state, or None."""
+        """The best (kind, devices) for a table given the current state, or None.
+        Every candidate's changed devices go through the model in one call."""
         n = self.n
-        best_key, best = None, None
-        cur_enc, cur_comm = self.enc, self.comm
+        base = self.model.head(self.enc)
+        now = base + self.comm
+        peak_now = self.peak_memory()
+        idx = np.arange(n)
+        trials, blocks, at0 = [], [], 0
         for kind, k, c in cands:
+            for devs in ((None,) if kind == "table_wise" else self._options(kind, k, now)):
+                at = idx if devs is None else list(devs)
+                trials.append((kind, c, devs, at, at0))
+                blocks.append(self.enc[at] + c.enc)
+                at0 += len(at)
+        heads = self.model.head(np.concatenate(blocks))
+        best_key, best = None, None
+        for kind, c, devs, at, start in trials:
             rb = self.row_bytes[c.width]
-            if kind == "table_wise":
-                # every owner at once: comm[d_owner, x] = c.comm[perm[d_owner, x]]
-                comm = cur_comm[None, :] + c.comm[self.perm]
-                base = self.model.head(cur_enc)
-                own = self.model.head(cur_enc + c.enc)
-                dev = comm + base[None, :]
-                idx = np.arange(n)
-                dev[idx, idx] = comm[idx, idx] + own
-                r = self.rows.get(c.width, np.zeros(n))
-                mem_other = self.peak_memory() - (float(r.max()) * rb if c.width in self.rows else 0.0)
-                peak = mem_other + np.maximum(r.max(), r + c.rows) * rb
-                ok = peak <= self.budget
+            r = self.rows.get(c.width)
+            r = np.zeros(n) if r is None else r
+            rmax = float(r.max())
+            h = heads[start:start + len(at)]
+            if devs is None:  # table-wise, every owner at once: row d is the times with it on d
+                dev = now[None, :] + c.comm[self.perm]
+                dev[idx, idx] = h + self.comm + c.comm[0]
+                ok = peak_now - rmax * rb + np.maximum(rmax, r + c.rows) * rb <= self.budget
                 if not ok.any():
                     continue
                 mx = np.where(ok, dev.max(1), np.inf)
                 sq = (dev**2).sum(1)
                 d = int(np.lexsort((sq, mx))[0])
                 key, cand = (mx[d], sq[d]), (kind, (d,))
-                if best_key is None or key < best_key:
-                    best_key, best = key, cand
-                continue
-            for devs in self._options(kind, k):
-                extra = np.zeros(n)
-                extra[list(devs)] = c.rows
-                if self.peak_memory({c.width: extra}) > self.budget:
+            else:
+                if peak_now - rmax * rb + max(rmax, float((r[at] + c.rows).max())) * rb > self.budget:
                     continue
-                enc = cur_enc.copy()
-                enc[list(devs)] += c.enc
-                dev = self.model.head(enc) + cur_comm + self._effect(c, kind, devs)
-                key = (dev.max(), float((dev**2).sum()))
-                if best_key is None or key < best_key:
-                    best_key, best = key, (kind, devs)
+                dev = now + self._effect(c, kind, devs)
+                dev[at] += h - base[at]
+                key, cand = (dev.max(), float((dev**2).sum())), (kind, devs)
+            if best_key is None or key < best_key:
+                best_key, best = key, cand
         return best
 
     def _apply(self, cands, choice, sign: int) -> None:
@@ -379,7 +383,7 @@ def tables_of(features, pooling: Mapping[str, float] | None = None, alpha: float
 
 def learned_plan(tables: Sequence[TableSpec], hosts: int, local: int, global_batch: int,
                  model: NeuralCostModel, *, memory_budget: float, optimizer=SparseOptimizer(),
-                 topology: Topology | None = None, time_limit: float = 3.0,
+                 topology: Topology | None = None, time_limit: float = 4.0,
                  starts: Mapping[str, Mapping[str, Placement]] | None = None):
     """(placements, info): the learned planner's plan of `tables` (`LearnedPlanner.plan`)."""
     return LearnedPlanner(model, hosts, local, global_batch, optimizer=optimizer, topology=topology,
@@ -390,7 +394,7 @@ def learned_auto_plan(features, hosts: int, local: int, global_batch: int, model
                       optimizer: SparseOptimizer = SparseOptimizer(), topology: Topology | None = None,
                       memory_budget: float, pooling: Mapping[str, float] | None = None,
                       alpha: float = 1.05, analytic: AnalyticCostModel | None = None,
-                      time_limit: float = 3.0):
+                      time_limit: float = 4.0):
     """`auto_plan`'s counterpart with the learned planner: a `search.Plan` of
     a `FeatureSet` (pooled features), whose `cost` and baselines are rated by
     the analytic model (so `summary()` and `table()` compare like with like)

@@ -179,7 +179,7 @@ class NeuralCostModel:
 
 
 def fit(x: np.ndarray, mask: np.ndarray, seconds: np.ndarray, *, backend: str, hidden: int = 32,
-        steps: int = 3000, lr: float = 3e-3, batch_size: int = 256, seed: int = 0) -> NeuralCostModel:
+        steps: int = 3000, lr: float = 3e-3, batch_size: int = 128, seed: int = 0) -> NeuralCostModel:
     """Fits the model to measured sets: features f32[S, K, F], mask f32[S, K],
     seconds f64[S] (> 0), minimising the squared error of log seconds (Adam,
     minibatches of `batch_size` sets, cosine-decayed learning rate)."""
