@@ -46,7 +46,6 @@ COLUMN_SHARDS = (2, 4, 8)
 
 @dataclasses.dataclass
 class _Cand:
-    placement_of: object  # device(s) -> Placement
     enc: np.ndarray  # H: the piece's encoding
     comm: np.ndarray  # f64[N] comm seconds added to each device, owner at device 0 (table-wise)
     width: int
@@ -127,7 +126,7 @@ class LearnedPlanner:
             enc = self.model.encode(piece_features(pieces[0]))
         else:
             enc = np.zeros(self.model.encoding_size, np.float32)
-        return _Cand(None, enc, np.asarray(comm, np.float64), width, rows)
+        return _Cand(enc, np.asarray(comm, np.float64), width, rows)
 
     # ---- the search ------------------------------------------------------------------------
 
@@ -269,15 +268,9 @@ class LearnedPlanner:
     def device_s(self) -> np.ndarray:
         return self.model.head(self.enc) + self.comm
 
-    def peak_memory(self, extra: dict[int, np.ndarray] | None = None) -> float:
-        tot = 0.0
-        for w, r in self.rows.items():
-            rr = r if not extra or w not in extra else r + extra[w]
-            tot += float(rr.max()) * self.row_bytes[w]
-        for w, r in (extra or {}).items():
-            if w not in self.rows:
-                tot += float(r.max()) * self.row_bytes[w]
-        return tot
+    def peak_memory(self) -> float:
+        """Bytes every device allocates (per width, the largest device's rows)."""
+        return sum(float(r.max()) * self.row_bytes[w] for w, r in self.rows.items())
 
     def _options(self, kind: str, k: int, now: np.ndarray) -> list[tuple[int, ...]]:
         """Device sets a non-table-wise candidate may take (`now`: the devices' times)."""

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdmt.embeddings import flat, optimizers
+from jdmt.embeddings.types import ShardingType as T
 from jdmt.embeddings.types import SparseOptimizer
 from jdmt.pallas_kernels.common import Impl
 
@@ -318,8 +319,6 @@ def device_pieces(tables, placements, hosts: int, local: int, global_batch: int,
     batch's bags on every device (its update applies every device's rows;
     its lookup is counted N times over: an upper bound).
     """
-    from jdmt.embeddings.types import ShardingType as T
-
     n = hosts * local
     b = global_batch // n
     two_hop = row_dedup == "host" and hosts > 1 and local > 1
