@@ -101,8 +101,9 @@ def _wait_ok(p: subprocess.Popen, out_dir: Path, name: str, timeout: float) -> s
 
 
 def test_two_processes_match_one_process(tmp_path):
-    """Losses, eval metrics and bytes per step equal the single-process 2x4 run."""
-    args = [*SMALL, "--steps", "6", "--seed", "3"]
+    """Losses, eval metrics and bytes per step equal the single-process 2x4 run,
+    with growth and pruning (the step-3 checkpoint falls in the pruned phase)."""
+    args = [*SMALL, "--steps", "6", "--seed", "3", "--growth-prune", "dense:2,prune0.5:2,grow:2"]
     procs = []
     try:
         # All three at once: the pair spends much of its time waiting on gloo.
@@ -132,6 +133,7 @@ def test_two_processes_match_one_process(tmp_path):
 
     # Both processes wrote their shards of each checkpoint; one process reads them.
     assert two["checkpoint_steps"] == [3, 6]
+    assert two["dense_train_flops"] == one["dense_train_flops"] < two["dense_train_flops_unpruned"]
     p = _start([*args, "--checkpoint-dir", "ck", "--resume", "--summary-json", "resumed.json"],
                tmp_path, "resumed")
     try:

@@ -28,6 +28,7 @@ from jdmt.train.supervisor import become_worker, is_worker, supervise
 from jdmt.train import DENSE_OPTIMIZERS, TrainConfig
 from jdmt.data.synthetic import TEACHERS
 from jdmt.train.schedule import LR_SCHEDULES
+from jdmt.train import growth_prune
 
 SHARDINGS = (*(t.value for t in ShardingType), "auto")
 EMB_OPTIMIZERS = tuple(k.value for k in OptimizerKind)
@@ -273,6 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the embedding dim is appended)")
     p.add_argument("--top-mlp", type=_widths, default=",".join(map(str, d.top_mlp)),
                    help="hidden widths of the top MLP, comma-separated (1 is appended)")
+    p.add_argument("--cross-layers", type=_nonneg_int, default=d.cross_layers,
+                   help="--model=dcn: low-rank cross layers")
+    p.add_argument("--low-rank", type=_positive_int, default=d.low_rank,
+                   help="--model=dcn: the rank of every cross layer")
+    p.add_argument("--growth-prune", metavar="SCHEDULE", default=None,
+                   help="alternate pruning and growth of the dense network: phases KIND:STEPS or "
+                   "KIND:PERCENT%%, KIND one of dense, pruneF (remove the fraction F of the hidden "
+                   "units, the DCN ranks and the Tower Modules' hidden units; smaller matrices), "
+                   "grow (they return, function-preserving); e.g. "
+                   "'dense:200,prune0.5:400,grow:400', or 'default' "
+                   f"({growth_prune.PRESETS['default']}); a run ends full")
     p.add_argument("--eval-every", type=_nonneg_int, default=d.eval_every,
                    help="also evaluate every N steps (0: only at the end)")
     p.add_argument("--eval-batches", type=_positive_int, default=d.eval_batches,
@@ -434,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
             lr=args.lr,
             bottom_mlp=args.bottom_mlp,
             top_mlp=args.top_mlp,
+            cross_layers=args.cross_layers,
+            low_rank=args.low_rank,
+            growth_prune=args.growth_prune,
             eval_every=args.eval_every,
             eval_batches=args.eval_batches,
             seed=args.seed,
@@ -512,6 +527,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{_mib(s['cross_host_bytes_per_step'])}, intra-host {_mib(s['intra_host_bytes_per_step'])}"
         + (f"; {s['overflow_steps']} steps repeated after an overflow" if s["overflow_steps"] else "")
     )
+    if s.get("growth_prune"):
+        g = s["growth_prune"]
+        print(f"growth-prune {g['schedule']}: {_flops(s['dense_train_flops'])} training FLOPs, "
+              f"{_flops(s['dense_train_flops_unpruned'])} dense ({100 * g['flops_saving']:.1f}% saved); "
+              f"time saved {g['time_saved_s']:.1f} s (measured step times per phase)")
+        for ph in g["phases"]:
+            ms = ph["step_time_ms_median"]
+            print(f"  {ph['label']:>10} steps {ph['start']}-{ph['start'] + ph['steps']}: "
+                  f"{_flops(ph['step_flops'])}/step, "
+                  + ("not run here" if ms is None else f"median {ms:.1f} ms/step") + f"; {ph['widths']}")
     print(
         f"tables and optimizer state: {_mib(s['table_bytes'])} owned, "
         f"{_mib(s['table_bytes_allocated'])} allocated over all devices "
@@ -522,6 +547,10 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(summary, f, indent=1)
             f.write("\n")
     return 0
+
+
+def _flops(x) -> str:
+    return "n/a" if x is None else f"{x / 1e9:,.2f} GFLOP"
 
 
 if __name__ == "__main__":

@@ -298,18 +298,21 @@ class SPTT:
         """`emb.update` with the gradients of `forward`'s outputs."""
         return self.emb.update(state, ctx, grads, ids, lengths, lr=lr, skip=skip)
 
-    def tower_outputs(self, params: Any, entry: jax.Array) -> jax.Array:
+    def tower_outputs(self, params: Any, entry: jax.Array, module: TowerModule | None = None) -> jax.Array:
         """Tower Module outputs of every sample: f32[B_global, T, C], towers in
         partition order (differentiable in `params` and `entry`).
 
         Args:
           entry: `forward`'s output with a compressing module: the bags pooled
             at the entries, f32[N * H, J, B, D] (mean features averaged).
+          module: the Tower Module `params` are of (default: this SPTT's; a
+            growth-prune phase passes a pruned one).
         """
         if self.identity:
             raise TowerError("the identity Tower Module has no outputs to compute: its forward "
                              "returns the flat embeddings")
         h = self.hosts
+        module = self.module if module is None else module
 
         def body(params, x):
             me = lax.axis_index(HOST)
@@ -319,7 +322,7 @@ class SPTT:
             b, d = x.shape[3], x.shape[4]
             x = jnp.transpose(x, (1, 0, 3, 2, 4)).reshape(self.t_max, h * b, self.f_max, d)
             p = jax.tree.map(lambda a: a[0], params)  # this host's towers [T_max, ...]
-            y = jax.vmap(lambda pt, xt: self.module.apply({"params": pt}, xt))(p, x)
+            y = jax.vmap(lambda pt, xt: module.apply({"params": pt}, xt))(p, x)
             y = jnp.transpose(y.reshape(self.t_max, h, b, -1), (1, 0, 2, 3))  # [H(dest), T_max, B, C]
             y = lax.all_to_all(y, HOST, 0, 0, tiled=True)  # [H(tower host), T_max, B, C]
             y = y.reshape(h * self.t_max, b, -1)[self.tower_take]  # [T, B, C]

@@ -72,6 +72,11 @@ class TrainConfig:
       optimizer: dense optimizer (optax): adagrad, adam or sgd.
       lr: its learning rate.
       bottom_mlp, top_mlp: hidden widths (D and 1 are appended).
+      cross_layers, low_rank: the DCN model's low-rank cross layers and their rank.
+      growth_prune: alternate growth and pruning of the dense network
+        (`jdmt.train.growth_prune`): a schedule such as
+        'dense:200,prune0.5:400,grow:400' (steps, or percentages of `steps`)
+        or a preset ('default'). None: the full model throughout.
       eval_every: also evaluate every this many steps (0: only at the end).
       eval_batches: evaluation batches (held-out stream, same ones every time).
       eval_batch_size: examples per eval batch (None: `global_batch`).
@@ -180,6 +185,9 @@ class TrainConfig:
     lr: float = 0.003
     bottom_mlp: tuple[int, ...] = (64, 32)
     top_mlp: tuple[int, ...] = (128, 64)
+    cross_layers: int = 3
+    low_rank: int = 64
+    growth_prune: str | None = None
     eval_every: int = 0
     eval_batches: int = 8
     eval_batch_size: int | None = None
@@ -353,6 +361,13 @@ class TrainConfig:
             if any(int(w) < 1 for w in widths):
                 raise ValueError(f"{name} widths must be >= 1, got {widths}")
             object.__setattr__(self, name, tuple(int(w) for w in widths))
+        if self.cross_layers < 0 or self.low_rank < 1:
+            raise ValueError(f"cross_layers must be >= 0 and low_rank >= 1, got {self.cross_layers} "
+                             f"and {self.low_rank}")
+        if self.growth_prune is not None:
+            from jdmt.train.growth_prune import parse_schedule
+
+            parse_schedule(self.growth_prune, self.steps)  # ScheduleError (a ValueError) says why
 
     @property
     def eval_size(self) -> int:

@@ -65,6 +65,7 @@ from jdmt.towers.partition import TowerPartition, random_partition, round_robin_
 from jdmt.towers.sptt import SPTT
 from jdmt.train.batches import DataSource, _Prefetch, checked_batch
 from jdmt.train.config import TrainConfig, _check_tower_sequences
+from jdmt.train.growth_prune import GrowthPruneRun, regrow, step_flops
 from jdmt.train.schedule import dense_optimizer, lr_scale, schedule_steps
 from jdmt.train.checkpoint import (
     CheckpointError,
@@ -173,12 +174,15 @@ class Trainer:
                 self._write_plan(config.plan)
         if config.model == "dcn":
             self.model = DCN(config.embedding_dim, bottom=config.bottom_mlp, top=config.top_mlp,
+                             cross_layers=config.cross_layers, low_rank=config.low_rank,
                              sequence_pooling=config.sequence_pooling)
             self._init_params = init_dcn
         else:
             self.model = DLRM(config.embedding_dim, bottom=config.bottom_mlp, top=config.top_mlp,
                               sequence_pooling=config.sequence_pooling)
             self._init_params = init_dlrm
+        self.full_model = self.model  # `model` is a pruned one during a pruned phase
+        self.tower_module = None if self.sptt is None or self.sptt.identity else self.sptt.module
         self.emb_path = self.sptt if self.sptt is not None else self.emb
         sched = (schedule_steps(config.steps, config.warmup_steps, config.decay_start,
                                 config.decay_steps) if config.lr_schedule == "dlrm" else (0, 0, 0))
@@ -186,6 +190,7 @@ class Trainer:
         self.tx = dense_optimizer(config.optimizer, config.lr,
                                   None if config.lr_schedule == "constant" else self.lr_scale,
                                   config.clip_norm)
+        self.gp = None if config.growth_prune is None else GrowthPruneRun(self, config.growth_prune)
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P(DEVICES))
         self._train_step = None
@@ -243,8 +248,9 @@ class Trainer:
                     "padded all-to-all" if jax.default_backend() == "cpu" else "ragged all-to-all")
         if self.emb.hops:
             exchange += ", row-wise requests de-duplicated per host (two hops)"
+        gp = "" if self.gp is None else f", growth-prune {cfg.growth_prune} ({len(self.gp.phases)} phases)"
         return (f"mesh {self.hosts}x{self.local}, {cfg.model}, {path}, kernels {self._kernel_name()}, "
-                f"exchange {exchange}")
+                f"exchange {exchange}{gp}")
 
     def _kernel_name(self) -> str:
         """What runs the lookups and updates: 'xla' (with the C++ update on
@@ -418,7 +424,7 @@ class Trainer:
         restore into flat runs, and back, on any mesh)."""
         nd, ns, extra = self.features.num_dense, self._model_sequences(), self._top_extra()
         params = self._init_params(
-            self.model, self.config.seed, nd, self._model_features(), ns, self.seq_len,
+            self.full_model, self.config.seed, nd, self._model_features(), ns, self.seq_len,
             *((extra,) if extra else ()),  # DLRM only (`_top_extra`)
         )
         if self.sptt is not None and self.sptt.module_kind != "identity":
@@ -469,6 +475,7 @@ class Trainer:
                 "bottom_mlp": list(cfg.bottom_mlp),
                 "top_mlp": list(cfg.top_mlp),
                 "sequence_pooling": cfg.sequence_pooling,
+                **({"cross_layers": cfg.cross_layers, "low_rank": cfg.low_rank} if cfg.model == "dcn" else {}),
                 # identity towers are a layout of the flat model, not another model
                 "towers": None if self.sptt is None or self.sptt.module_kind == "identity" else {
                     "towers": [list(t) for t in self.sptt.towers],
@@ -631,7 +638,7 @@ class Trainer:
         if self.sptt is None or self.sptt.identity:
             return self.model.apply({"params": params}, *self.model_inputs(acts, batch))
         # Compressing towers: their outputs hold the sequence features, pooled in the tower.
-        out = self.sptt.tower_outputs(params["towers"], acts)  # [B, T, C]
+        out = self.sptt.tower_outputs(params["towers"], acts, module=self.tower_module)  # [B, T, C]
         a = params["adapter"]
         pooled = jnp.einsum("btc,tcd->btd", out, a["kernel"]) + a["bias"]
         pooled = pooled.reshape(out.shape[0], -1, self.config.embedding_dim)
@@ -771,6 +778,9 @@ class Trainer:
             "train_loss": list(history["train_loss"]),
             "eval_history": list(history["eval_history"]),
             "out_of_range_ids": history["out_of_range_ids"],
+            "step_flops": dict(history["step_flops"]),
+            "steps_by_width": dict(history["steps_by_width"]),
+            "growth_prune": None if self.gp is None else self.gp.meta(),
         }
 
     def _data_position(self, step: int) -> Any:
@@ -817,7 +827,10 @@ class Trainer:
             print(f"jdmt: {self.path_line()}", file=sys.stderr)
             print(self.memory_report(), file=sys.stderr)
         ckpt, start = self._open_checkpoints()
-        history = {"train_loss": [], "eval_history": [], "out_of_range_ids": 0}
+        # step_flops: the compiled step's FLOPs per width signature ('full', or a pruned
+        # phase's); steps_by_width: the steps run with each (both carried by checkpoints).
+        history = {"train_loss": [], "eval_history": [], "out_of_range_ids": 0,
+                   "step_flops": {}, "steps_by_width": {}}
         try:
             if start is None:
                 start = 0
@@ -825,7 +838,8 @@ class Trainer:
             else:
                 state, meta = self.restore(ckpt, start)
                 for k in history:
-                    history[k] = meta[k]
+                    history[k] = meta.get(k, history[k])
+                state = self._resume_growth_prune(state, meta.get("growth_prune"))
                 self._data_resume(meta["data"])
                 if jax.process_index() == 0:
                     print(f"jdmt: resumed from {ckpt.directory} at step {start}", file=sys.stderr)
@@ -903,7 +917,49 @@ class Trainer:
             "tower_hosts": None if self.sptt is None else list(self.sptt.tower_hosts),
             "tower_module": None if self.sptt is None else self.sptt.module_kind,
             "tower_row_wise": None if self.sptt is None else list(self.sptt.row_wise),
+            **self._flops_summary(history, step_times),
         }
+
+    def _resume_growth_prune(self, state: TrainState, saved: dict | None) -> TrainState:
+        """A restored state as this run continues it: gathered to a pruned
+        phase's units (`GrowthPruneRun.resume`), or, in a run without growth
+        and pruning, the units a pruned checkpoint left out returned (`regrow`)."""
+        if self.gp is not None:
+            return self.gp.resume(state, saved)
+        if saved and saved.get("keep") is not None:
+            if jax.process_index() == 0:
+                print("jdmt: the checkpoint was saved in a pruned phase; its removed units return "
+                      "(outgoing weights zero) for this full-model run", file=sys.stderr)
+            return regrow(self, state, saved["keep"])
+        return state
+
+    def _flops_summary(self, history: dict, step_times: list[float]) -> dict[str, Any]:
+        """The run's training FLOPs (compiled steps' `cost_analysis`) against the
+        same steps of the full model, and the growth-prune phases' report."""
+        flops, counts = history["step_flops"], history["steps_by_width"]
+        full = flops.get("full")
+        known = all(flops.get(w) is not None for w in counts)
+        run = sum(n * flops[w] for w, n in counts.items()) if known else None
+        dense = full * sum(counts.values()) if full is not None else None
+        out: dict[str, Any] = {"dense_train_flops": run, "dense_train_flops_unpruned": dense,
+                               "growth_prune": None}
+        if self.gp is None:
+            return out
+        phases = self.gp.report(flops, self.config.global_batch)
+        full_ms = [p["step_time_ms_median"] for p in phases
+                   if not p["kind"] == "prune" and p["step_time_ms_median"] is not None]
+        ref = float(np.median(full_ms)) if full_ms else None
+        saved_s = sum(p["steps_timed"] * (ref - p["step_time_ms_median"]) / 1e3 for p in phases
+                      if p["kind"] == "prune" and ref is not None and p["step_time_ms_median"] is not None)
+        out["growth_prune"] = {
+            "schedule": self.config.growth_prune,
+            "phases": phases,
+            "transitions": self.gp.transitions,
+            "flops_saving": None if not run or not dense else 1.0 - run / dense,
+            "time_saved_s": saved_s,
+            "full_step_time_ms_median": ref,
+        }
+        return out
 
     def _train(self, state: TrainState, start: int, ckpt: Checkpointer | None, history: dict):
         """Steps `[start, steps)`, evaluations and checkpoints; updates `history`."""
@@ -920,6 +976,7 @@ class Trainer:
         p1 = min(p0 + 3, cfg.steps)
         tracing = False
         payload = {"cross": [], "intra": [], "requested": 0, "unique": 0, "unique_host": 0}
+        steps: dict[tuple[str, int], Any] = {}  # compiled steps by (widths, capacity version)
 
         def evaluate(at: int) -> dict:
             ev = self.evaluate(state)
@@ -943,9 +1000,20 @@ class Trainer:
                         print(f"jdmt: exchange capacities (rows per block, from batch {s}): {caps}",
                               file=sys.stderr)
                 batch = self.device_batch(host_batch)
-                if s == start:
-                    step, comm = self.compile_ahead(state, batch)
-                    compile_s = time.perf_counter() - t0
+                t_compile = 0.0
+                if self.gp is not None:  # a new phase's first step prunes or grows the state
+                    state = self.gp.enter(state, s)
+                    t_compile = time.perf_counter() - t0 if s > start else 0.0
+                width = "full" if self.gp is None else self.gp.signature
+                if (width, self.emb.version) not in steps:  # the first step, or a new phase's widths
+                    tc = time.perf_counter()
+                    step, comm_w = self.compile_ahead(state, batch)
+                    steps[(width, self.emb.version)] = step
+                    history["step_flops"][width] = step_flops(step)
+                    comm = comm if comm is not None and width != "full" else comm_w
+                    compile_s += time.perf_counter() - tc
+                    t_compile = time.perf_counter() - t0 if s == start else t_compile + time.perf_counter() - tc
+                step = steps[(width, self.emb.version)]
                 while True:
                     state, stats = step(state, batch)
                     if int(stats["overflow"]) == 0:
@@ -955,6 +1023,8 @@ class Trainer:
                     self._grow(cfg.global_batch // self.emb.num_devices, stats, f"training step {s}")
                     tc = time.perf_counter()
                     step, comm = self.compile_ahead(state, batch)
+                    steps[(width, self.emb.version)] = step
+                    t_compile += time.perf_counter() - tc
                     compile_s += time.perf_counter() - tc
                 loss = float(stats["loss"])
                 bad = int(stats["out_of_range"])
@@ -980,7 +1050,10 @@ class Trainer:
                 if not np.isfinite(loss):
                     raise FloatingPointError(f"training loss is {loss} at step {s}")
                 losses.append(loss)
-                step_s = t1 - t0 - (compile_s if s == start else 0.0)
+                step_s = t1 - t0 - t_compile
+                history["steps_by_width"][width] = history["steps_by_width"].get(width, 0) + 1
+                if self.gp is not None:
+                    self.gp.record(s, step_s)
                 log.log(
                     s + 1, "train", loss=loss, step_time_s=step_s,
                     examples_per_sec=cfg.global_batch / max(step_s, 1e-9),
@@ -1000,9 +1073,12 @@ class Trainer:
                 if ckpt is not None and (
                     done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
                 ):
-                    ckpt.save(done, state, self._checkpoint_meta(done, history))
+                    saved = state if self.gp is None else self.gp.full_state(state)
+                    ckpt.save(done, saved, self._checkpoint_meta(done, history))
                 if done < cfg.steps:
                     eval_time += time.perf_counter() - te
+                if s > start:  # a later phase's compile is off the throughput clock too
+                    eval_time += t_compile
             if start == cfg.steps:  # resumed at the last step: evaluate the restored model
                 if history["eval_history"] and history["eval_history"][-1]["step"] == start:
                     history["eval_history"].pop()  # replaced by this evaluation
