@@ -14,6 +14,8 @@ default: data, teacher and initialisation change with the seed):
     sptt_tm_random   the same with random towers (the partitioner's baseline)
     sptt_tm_learned  the same with the learned Tower Partitioner's towers,
                      from the flat run's checkpoint
+    flat_growth_prune  the flat path with alternate growth and pruning of the
+                     dense network (`--growth-prune`, the 'default' preset)
 
 and writes `ablation.md` (a markdown table: eval AUC and logloss as the
 mean over the seeds with the half-width of a 95% t interval, cross-host
@@ -76,6 +78,8 @@ def main(argv=None) -> int:
                    "partition ARI figures are not meaningful there)")
     p.add_argument("--kernel", default="auto", choices=("auto", "pallas", "xla"),
                    help="lookups and sparse updates (auto: the XLA path)")
+    p.add_argument("--growth-prune", default="default",
+                   help="schedule of the flat_growth_prune run ('' leaves the run out)")
     p.add_argument("--out-dir", default="ablation")
     args = p.parse_args(argv)
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
@@ -111,7 +115,8 @@ def main(argv=None) -> int:
             ("sptt_tm", dict(tm, tower_partitioner="round_robin")),
             ("sptt_tm_random", dict(tm, tower_partitioner="random")),
             ("sptt_tm_learned", dict(tm, tower_partitioner=partition_path)),
-        ]
+        ] + ([("flat_growth_prune", dict(towers=0, growth_prune=args.growth_prune))]
+             if args.growth_prune else [])
         for name, extra in runs:
             t0 = time.perf_counter()
             trainer = Trainer(TrainConfig(**base, **extra), mesh)
@@ -119,6 +124,7 @@ def main(argv=None) -> int:
             row = {"benchmark": "ablate", "run": name, "seed": seed, "mesh": s["mesh"],
                    "steps": s["steps"], "towers": s["towers"], "tower_module": s["tower_module"],
                    **{k: s[k] for k, _ in FIGURES}, "bayes_auc": s["bayes_auc"],
+                   "train_gflop": (s["dense_train_flops"] or float("nan")) / 1e9,
                    "wall_s": round(time.perf_counter() - t0, 1)}
             if name == "flat":
                 groups = trainer.data.groups
@@ -146,20 +152,21 @@ def main(argv=None) -> int:
     for name in dict.fromkeys(r["run"] for r in rows):
         mine = [r for r in rows if r["run"] == name]
         out = {"benchmark": "ablate_summary", "run": name, "seeds": [r["seed"] for r in mine]}
-        for key, _ in (*FIGURES, ("bayes_auc", "")):
+        for key, _ in (*FIGURES, ("bayes_auc", ""), ("train_gflop", "")):
             out[key], out[key + "_ci95"] = interval([r[key] for r in mine])
         summary.append(out)
         print(json.dumps(out), flush=True)
     flats = [r for r in rows if r["run"] == "flat"]
     with open(os.path.join(args.out_dir, "ablation.json"), "w") as f:
         json.dump({"runs": rows, "summary": summary}, f, indent=1)
-    lines = ["| run | eval AUC | eval logloss | cross-host MiB/step | step ms |",
-             "|---|---|---|---|---|"]
+    lines = ["| run | eval AUC | eval logloss | cross-host MiB/step | step ms | training GFLOP |",
+             "|---|---|---|---|---|---|"]
     for r in summary:
         lines.append(
             f"| {r['run']} | {r['eval_auc']:.4f} ± {r['eval_auc_ci95']:.4f} | "
             f"{r['eval_logloss']:.4f} ± {r['eval_logloss_ci95']:.4f} | "
-            f"{r['cross_host_bytes_per_step'] / 2**20:.2f} | {r['step_time_ms_median']:.1f} |")
+            f"{r['cross_host_bytes_per_step'] / 2**20:.2f} | {r['step_time_ms_median']:.1f} | "
+            f"{r['train_gflop']:,.0f} |")
 
     def mean_of(key, part):
         return sum(r[key][part] for r in flats) / len(flats)

@@ -1,7 +1,12 @@
 """Alternate growth and pruning of the dense network: schedules, the importance
 criterion, physically smaller phases, function-preserving growth, checkpoints."""
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -260,7 +265,7 @@ def test_resume_inside_a_pruned_phase_is_bit_exact_and_restores_into_plain_runs(
         want = t.logits(pruned, batch)
         plain = Trainer(config(steps=12), mesh24)
         st2, meta2 = plain.restore(c, 5)
-        got = plain.logits(plain._resume_growth_prune(st2, meta2["growth_prune"]), batch)
+        got = plain.logits(gp.resume_state(plain, st2, meta2["growth_prune"]), batch)
     finally:
         c.close()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -282,3 +287,26 @@ def test_models_towers_and_shardings(extra, mesh24):
     flops = [p["step_flops"] for p in s["growth_prune"]["phases"]]
     assert flops[1] < flops[0] == flops[2]
     assert np.all(np.isfinite(s["train_loss"]))
+
+
+def test_no_prunable_units_is_a_clear_error(mesh24):
+    with pytest.raises(ValueError, match="no prunable units"):
+        Trainer(config(steps=6, bottom_mlp=(), top_mlp=(), growth_prune="default"), mesh24)
+
+
+def test_train_py_prints_the_phases(tmp_path):
+    """`train.py --growth-prune=default` on a tiny run: the preset fits 3 steps, the start-up
+    line names it, and the summary lines and JSON give the phases' FLOPs."""
+    out = tmp_path / "s.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    r = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), "--mesh=1x2", "--steps=3",
+         "--batch-size=64", "--eval-batches=1", "--embedding-dim=4", "--bottom-mlp=8", "--top-mlp=8",
+         "--no-progress", "--growth-prune=default", f"--summary-json={out}"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "growth-prune default (3 phases)" in r.stderr
+    assert "growth-prune: step 1: prune0.75 for 1 steps" in r.stderr
+    assert "% saved" in r.stdout and "prune0.75 steps 1-2" in r.stdout
+    s = json.loads(out.read_text())
+    assert 0 < s["dense_train_flops"] < s["dense_train_flops_unpruned"]

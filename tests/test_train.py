@@ -262,6 +262,8 @@ def _train_py(*args):
         (["--sharding=auto", "--sequence-pooling=max"], "max"),
         (["--sharding=diagonal"], "diagonal"),
         (["--steps=0"], "--steps"),
+        (["--steps=10", "--growth-prune=dense:5,prune0.5:5"], "ends pruned"),
+        (["--growth-prune=dense:5,prune0.5:5,grow:5"], "15 steps, but the run has 1500"),
     ],
 )
 def test_train_py_rejects_bad_flags(args, named):

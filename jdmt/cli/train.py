@@ -397,6 +397,11 @@ def _train(config: TrainConfig, mesh) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.growth_prune is not None:  # before the devices: one line, no start-up notice
+        try:
+            growth_prune.parse_schedule(args.growth_prune, args.steps)
+        except growth_prune.ScheduleError as e:
+            parser.error(f"--growth-prune: {e}")
     multi = args.num_processes > 1 or args.coordinator is not None
     if is_worker():
         become_worker()

@@ -59,22 +59,28 @@ import optax
 
 __all__ = [
     "PRESETS",
+    "GrowthPruneRun",
     "Phase",
-    "UnitGroup",
     "ScheduleError",
+    "UnitGroup",
+    "flops_summary",
     "gather",
     "grow",
     "importance",
     "parse_schedule",
     "pruned_model",
+    "pruned_tower_module",
+    "regrow",
+    "resume_state",
     "scatter",
     "select",
+    "step_flops",
     "unit_groups",
 ]
 
 PRESETS = {
-    # 55% of the steps pruned by half, in two phases; the last quarter full.
-    "default": "dense:10%,prune0.5:30%,grow:15%,prune0.5:25%,grow:20%",
+    # 60% of the steps with a quarter of the units, in two phases; the last 15% full.
+    "default": "dense:10%,prune0.75:30%,grow:15%,prune0.75:30%,grow:15%",
 }
 
 _ITEM = re.compile(r"^(dense|grow|prune(?P<frac>[0-9]*\.?[0-9]+))(?::(?P<n>[0-9]+)(?P<pct>%?))?$")
@@ -127,7 +133,8 @@ def parse_schedule(text: str, steps: int) -> tuple[Phase, ...]:
         raise ScheduleError(f"growth-prune needs steps >= 1, got {steps}")
     spec = PRESETS.get(text, text)
     if text == "default" and steps < 5:  # too short for its five phases
-        spec = ("dense:1", "prune0.5:1,grow:1", "dense:1,prune0.5:1,grow:1", "dense:1,prune0.5:2,grow:1")[steps - 1]
+        spec = ("dense:1", "prune0.75:1,grow:1", "dense:1,prune0.75:1,grow:1",
+                "dense:1,prune0.75:2,grow:1")[steps - 1]
     items = [s.strip() for s in spec.split(",") if s.strip()]
     if not items:
         raise ScheduleError(f"empty growth-prune schedule {text!r}; e.g. "
@@ -678,3 +685,50 @@ class GrowthPruneRun:
                         "step_time_ms_median": None if med is None else 1e3 * med,
                         "examples_per_sec": None if not med else global_batch / med})
         return out
+
+
+def resume_state(trainer, state, saved: dict | None):
+    """A restored state as this run continues it: gathered to a pruned
+    phase's units (`GrowthPruneRun.resume`), or, in a run without growth
+    and pruning, the units a pruned checkpoint left out returned (`regrow`)."""
+    if trainer.gp is not None:
+        return trainer.gp.resume(state, saved)
+    if saved and saved.get("keep") is not None:
+        if jax.process_index() == 0:
+            print("jdmt: the checkpoint was saved in a pruned phase; its removed units return "
+                  "(outgoing weights zero) for this full-model run", file=sys.stderr)
+        return regrow(trainer, state, saved["keep"])
+    return state
+
+
+def flops_summary(trainer, history: dict) -> dict[str, Any]:
+    """The run's training FLOPs (compiled steps' `cost_analysis`, summed over
+    the devices) against the same steps of the full model, and the
+    growth-prune phases' report. Custom calls (the C++ CPU kernels) count 0."""
+    # cost_analysis counts one device's SPMD program: the mesh does N of them.
+    n = trainer.emb.num_devices
+    flops = {w: None if v is None else v * n for w, v in history["step_flops"].items()}
+    counts = history["steps_by_width"]
+    full = flops.get("full")
+    known = all(flops.get(w) is not None for w in counts)
+    run = sum(c * flops[w] for w, c in counts.items()) if known else None
+    dense = full * sum(counts.values()) if full is not None else None
+    out: dict[str, Any] = {"dense_train_flops": run, "dense_train_flops_unpruned": dense,
+                           "growth_prune": None}
+    if trainer.gp is None:
+        return out
+    phases = trainer.gp.report(flops, trainer.config.global_batch)
+    full_ms = [p["step_time_ms_median"] for p in phases
+               if not p["kind"] == "prune" and p["step_time_ms_median"] is not None]
+    ref = float(np.median(full_ms)) if full_ms else None
+    saved_s = sum(p["steps_timed"] * (ref - p["step_time_ms_median"]) / 1e3 for p in phases
+                  if p["kind"] == "prune" and ref is not None and p["step_time_ms_median"] is not None)
+    out["growth_prune"] = {
+        "schedule": trainer.config.growth_prune,
+        "phases": phases,
+        "transitions": trainer.gp.transitions,
+        "flops_saving": None if not run or not dense else 1.0 - run / dense,
+        "time_saved_s": saved_s,
+        "full_step_time_ms_median": ref,
+    }
+    return out

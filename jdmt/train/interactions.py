@@ -385,6 +385,7 @@ def restore_trainer(
             bottom_mlp=tuple(model["bottom_mlp"]),
             top_mlp=tuple(model["top_mlp"]),
             sequence_pooling=model.get("sequence_pooling", "mean"),
+            **{k: int(model[k]) for k in ("cross_layers", "low_rank") if k in model},
             embedding_optimizer=layout["embedding_optimizer"],
             optimizer=layout["dense_optimizer"],
             features=fs,

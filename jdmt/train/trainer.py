@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 import statistics
 import sys
 import time
@@ -42,7 +41,6 @@ from jdmt.data import (
     CriteoData,
     SyntheticData,
 )
-from jdmt.data.specs import FeatureSet
 from jdmt.embeddings import (
     OutOfRangeIdError,
     Placement,
@@ -53,7 +51,7 @@ from jdmt.embeddings import (
     plan_sharding,
 )
 from jdmt.embeddings.layout import Layout
-from jdmt.mesh import DEVICES, HOST, Topology, host_numpy, make_mesh, mesh_shape
+from jdmt.mesh import DEVICES, HOST, host_numpy, make_mesh, mesh_shape
 from jdmt.models import (
     DCN,
     DLRM,
@@ -65,7 +63,8 @@ from jdmt.towers.partition import TowerPartition, random_partition, round_robin_
 from jdmt.towers.sptt import SPTT
 from jdmt.train.batches import DataSource, _Prefetch, checked_batch
 from jdmt.train.config import TrainConfig, _check_tower_sequences
-from jdmt.train.growth_prune import GrowthPruneRun, regrow, step_flops
+from jdmt.train.growth_prune import GrowthPruneRun, flops_summary, resume_state, step_flops
+from jdmt.train.sharding import auto_plan, load_plan, plan_file_exists, tier_plan, write_plan
 from jdmt.train.schedule import dense_optimizer, lr_scale, schedule_steps
 from jdmt.train.checkpoint import (
     CheckpointError,
@@ -138,12 +137,12 @@ class Trainer:
             initial_accumulator=config.embedding_initial_accumulator,
         )
         self.plan = None
-        self.plan_loaded = config.plan is not None and self._plan_file_exists(config.plan)
+        self.plan_loaded = config.plan is not None and plan_file_exists(config.plan)
         sharding = config.sharding
         if self.plan_loaded:
-            sharding = self._load_plan(sparse_opt)
+            sharding = load_plan(self, sparse_opt)
         elif sharding == "auto":
-            self.plan = self._auto_plan(sparse_opt)
+            self.plan = auto_plan(self, sparse_opt)
             sharding = dict(self.plan.placements)
             if jax.process_index() == 0:
                 print(f"jdmt: {self.plan.summary()}", file=sys.stderr)
@@ -159,7 +158,7 @@ class Trainer:
             sharding = plan_sharding(self.features, n, sharding, local=self.local)
         if (not self.plan_loaded and isinstance(sharding, dict)
                 and any(p.type is ShardingType.FLEXSHARD for p in sharding.values())):
-            sharding = self._tier_plan(sharding, sparse_opt)
+            sharding = tier_plan(self, sharding, sparse_opt)
         self.sptt = None
         self.num_towers = config.towers
         if config.towers == "auto":  # one tower per host
@@ -171,7 +170,7 @@ class Trainer:
             self.emb = ShardedEmbeddings(self.features, self.mesh, sharding, sparse_opt,
                                          kernel=config.kernel, row_dedup=config.row_dedup)
             if config.plan is not None and not self.plan_loaded and jax.process_index() == 0:
-                self._write_plan(config.plan)
+                write_plan(self, config.plan)
         if config.model == "dcn":
             self.model = DCN(config.embedding_dim, bottom=config.bottom_mlp, top=config.top_mlp,
                              cross_layers=config.cross_layers, low_rank=config.low_rank,
@@ -288,114 +287,6 @@ class Trainer:
     def _tower_vectors(self) -> int:
         """D-vectors per tower the model interacts: ceil(C / D)."""
         return -(-self.sptt.out_dim // self.config.embedding_dim)
-
-    def _auto_plan(self, optimizer: SparseOptimizer):
-        """`--sharding=auto`: the planner's placement for this mesh and batch:
-        the analytic search, or with `cost_model` the learned planner.
-
-        The mean bag sizes come from the synthetic data's length model when
-        it has one (else the caps); the ids' Zipf exponent (learned planner)
-        from the synthetic data (else 1.05)."""
-        from jdmt.planner import AnalyticCostModel, auto_plan, pooling_from_fraction
-
-        frac = getattr(self.data, "mean_len_frac", None)
-        pooling = None if frac is None else pooling_from_fraction(self.features, frac)
-        if self.config.cost_model is not None:  # the learned planner
-            from jdmt.planner.learned import learned_auto_plan, learned_note
-            from jdmt.planner.neural import NeuralCostModel
-            from jdmt.planner.cost import DEFAULT_MEMORY_BUDGET
-
-            plan = learned_auto_plan(
-                self.features, self.hosts, self.local, self.config.global_batch,
-                NeuralCostModel.load(self.config.cost_model), optimizer=optimizer,
-                topology=Topology.from_mesh(self.mesh), memory_budget=DEFAULT_MEMORY_BUDGET,
-                pooling=pooling, alpha=float(getattr(self.data, "alpha", 1.05)),
-                analytic=AnalyticCostModel(row_dedup=self.config.row_dedup))
-            if jax.process_index() == 0:
-                print(f"jdmt: {learned_note(plan, self.config.cost_model)}", file=sys.stderr)
-            return plan
-        return auto_plan(
-            self.features, self.hosts, self.local, self.config.global_batch,
-            optimizer=optimizer, topology=Topology.from_mesh(self.mesh), pooling=pooling,
-            cost_model=AnalyticCostModel(row_dedup=self.config.row_dedup),
-        )
-
-    @staticmethod
-    def _plan_file_exists(path: str) -> bool:
-        """Whether the `plan` file exists, as process 0 sees it: every process
-        then loads it, or none does (process 0 writes it only after all
-        have asked)."""
-        exists = os.path.exists(path)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            exists = bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
-        return exists
-
-    def _load_plan(self, optimizer: SparseOptimizer) -> dict[str, Placement]:
-        """The `plan` file's placements, checked against this model, mesh and
-        the memory budget it was planned for (`PlanFile.check`); what it was
-        made for otherwise (the batch, table sizes) is noted on stderr."""
-        from jdmt.planner import PlanFile
-
-        plan_file = PlanFile.read(self.config.plan)
-        plan_file.check(self.features, self.hosts, self.local, optimizer)
-        if jax.process_index() == 0:
-            for what in plan_file.differences(self.features, self.config.global_batch):
-                print(f"jdmt: note: {plan_file.source} was made for {what}; its placements "
-                      "hold, its cost estimates assume that", file=sys.stderr)
-        return dict(plan_file.placements)
-
-    def _write_plan(self, path: str) -> None:
-        """Write the plan this run uses (and the planner's report, with
-        `sharding='auto'`) to the `plan` file."""
-        from jdmt.planner import PlanFile
-
-        report = None if self.plan is None else self.plan.report()
-        PlanFile(dict(self.emb.plan), self.hosts, self.local, self.config.global_batch, report).write(path)
-        print(f"jdmt: wrote the plan to {path}", file=sys.stderr)
-
-    def _tier_plan(self, plan, optimizer: SparseOptimizer):
-        """Flexshard tables' hot and warm rows (`--row-tiers=auto`): row
-        statistics of the first batches' ids (each process counts its rows;
-        the summaries are merged in process order, so every process gets the
-        same plan), sized by `jdmt.planner.flexshard.plan_tiers`."""
-        from jdmt.planner.flexshard import plan_tiers
-        from jdmt.planner.row_stats import merge_over_processes, row_statistics
-
-        cfg = self.config
-        if cfg.row_tiers == "none":
-            return plan
-        flex = [n for n, p in plan.items() if p.type is ShardingType.FLEXSHARD]
-        sub = FeatureSet(tuple(self.features[n] for n in flex), num_dense=self.features.num_dense)
-        cols = np.concatenate([np.arange(self.features.total_slots)[self.features.columns(n)] for n in flex])
-        fidx = np.array([self.features.index(n) for n in flex])
-        pid, nproc = jax.process_index(), jax.process_count()
-        if isinstance(self.data, SyntheticData):  # random access: the training batches themselves
-            get = lambda i: self.data.batch(i, cfg.global_batch, process_index=pid, num_processes=nproc)  # noqa: E731
-            count = cfg.row_tier_batches
-        else:  # streamed data: the held-out batches, not the training stream
-            get = lambda i: self.data.eval_batch(i, cfg.eval_size, process_index=pid, num_processes=nproc)  # noqa: E731
-            count = min(cfg.row_tier_batches, cfg.eval_batches)
-        batches = [get(i) for i in range(count)]
-        sub_batches = (Batch(b.dense, np.asarray(b.ids)[:, cols], np.asarray(b.lengths)[:, fidx], b.labels)
-                       for b in batches)
-        stats = row_statistics(sub, sub_batches)
-        if nproc > 1:
-            stats = merge_over_processes(stats)
-        lookups = {n: stats[n].total / count for n in flex}
-        plan, report = plan_tiers(self.features, plan, stats, Topology.from_mesh(self.mesh),
-                                  global_batch_lookups=lookups, optimizer=optimizer,
-                                  budget=cfg.memory_budget, row_dedup=cfg.row_dedup)
-        self.tier_report = report
-        if pid == 0:
-            for r in report:
-                print(f"jdmt: flexshard {r.table}: {r.hot} hot rows ({100 * r.coverage_hot:.1f}% of lookups), "
-                      f"{r.warm} warm ({100 * r.coverage_warm:.1f}%), {r.rows - r.hot - r.warm} cold; "
-                      f"{r.memory_bytes / 2**20:.1f} MiB per device (row-wise {r.row_wise_memory_bytes / 2**20:.1f}); "
-                      f"modeled cross-host bytes per device and step {r.cross_host_bytes:,.0f} "
-                      f"(row-wise {r.row_wise_cross_host_bytes:,.0f})", file=sys.stderr)
-        return plan
 
     def _check_features(self) -> None:
         fs, d = self.features, self.config.embedding_dim
@@ -839,7 +730,7 @@ class Trainer:
                 state, meta = self.restore(ckpt, start)
                 for k in history:
                     history[k] = meta.get(k, history[k])
-                state = self._resume_growth_prune(state, meta.get("growth_prune"))
+                state = resume_state(self, state, meta.get("growth_prune"))
                 self._data_resume(meta["data"])
                 if jax.process_index() == 0:
                     print(f"jdmt: resumed from {ckpt.directory} at step {start}", file=sys.stderr)
@@ -917,49 +808,8 @@ class Trainer:
             "tower_hosts": None if self.sptt is None else list(self.sptt.tower_hosts),
             "tower_module": None if self.sptt is None else self.sptt.module_kind,
             "tower_row_wise": None if self.sptt is None else list(self.sptt.row_wise),
-            **self._flops_summary(history, step_times),
+            **flops_summary(self, history),
         }
-
-    def _resume_growth_prune(self, state: TrainState, saved: dict | None) -> TrainState:
-        """A restored state as this run continues it: gathered to a pruned
-        phase's units (`GrowthPruneRun.resume`), or, in a run without growth
-        and pruning, the units a pruned checkpoint left out returned (`regrow`)."""
-        if self.gp is not None:
-            return self.gp.resume(state, saved)
-        if saved and saved.get("keep") is not None:
-            if jax.process_index() == 0:
-                print("jdmt: the checkpoint was saved in a pruned phase; its removed units return "
-                      "(outgoing weights zero) for this full-model run", file=sys.stderr)
-            return regrow(self, state, saved["keep"])
-        return state
-
-    def _flops_summary(self, history: dict, step_times: list[float]) -> dict[str, Any]:
-        """The run's training FLOPs (compiled steps' `cost_analysis`) against the
-        same steps of the full model, and the growth-prune phases' report."""
-        flops, counts = history["step_flops"], history["steps_by_width"]
-        full = flops.get("full")
-        known = all(flops.get(w) is not None for w in counts)
-        run = sum(n * flops[w] for w, n in counts.items()) if known else None
-        dense = full * sum(counts.values()) if full is not None else None
-        out: dict[str, Any] = {"dense_train_flops": run, "dense_train_flops_unpruned": dense,
-                               "growth_prune": None}
-        if self.gp is None:
-            return out
-        phases = self.gp.report(flops, self.config.global_batch)
-        full_ms = [p["step_time_ms_median"] for p in phases
-                   if not p["kind"] == "prune" and p["step_time_ms_median"] is not None]
-        ref = float(np.median(full_ms)) if full_ms else None
-        saved_s = sum(p["steps_timed"] * (ref - p["step_time_ms_median"]) / 1e3 for p in phases
-                      if p["kind"] == "prune" and ref is not None and p["step_time_ms_median"] is not None)
-        out["growth_prune"] = {
-            "schedule": self.config.growth_prune,
-            "phases": phases,
-            "transitions": self.gp.transitions,
-            "flops_saving": None if not run or not dense else 1.0 - run / dense,
-            "time_saved_s": saved_s,
-            "full_step_time_ms_median": ref,
-        }
-        return out
 
     def _train(self, state: TrainState, start: int, ckpt: Checkpointer | None, history: dict):
         """Steps `[start, steps)`, evaluations and checkpoints; updates `history`."""
@@ -1010,7 +860,8 @@ class Trainer:
                     step, comm_w = self.compile_ahead(state, batch)
                     steps[(width, self.emb.version)] = step
                     history["step_flops"][width] = step_flops(step)
-                    comm = comm if comm is not None and width != "full" else comm_w
+                    if comm is None or width == "full":  # the summary's bytes: the full step's
+                        comm = comm_w
                     compile_s += time.perf_counter() - tc
                     t_compile = time.perf_counter() - t0 if s == start else t_compile + time.perf_counter() - tc
                 step = steps[(width, self.emb.version)]
