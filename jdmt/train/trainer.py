@@ -885,7 +885,8 @@ class Trainer:
                 payload["unique"] += int(stats["ids_unique"])
                 payload["unique_host"] += int(stats["ids_unique_host"])
                 t1 = time.perf_counter()
-                step_times.append(t1 - t0)
+                # A later phase's first step: without its compile (the first step keeps it: first_step_s)
+                step_times.append(t1 - t0 - (t_compile if s > start else 0.0))
                 if s == start:
                     t_first_done = t1
                 if tracing and s + 1 == p1:
