@@ -206,13 +206,36 @@ def test_a_step_with_out_of_range_ids_changes_no_bit_of_the_state(mesh24):
     before = _host_copy(state)
     step = trainer.compiled_step(state)
     # device_batch does not run check_batch: the ids reach the device path
-    state, stats = step(state, trainer.device_batch(bad))
+    state, stats = step(state, trainer.device_batch(bad), trainer.no_halt())
     assert int(stats["out_of_range"]) == 2 and int(stats["overflow"]) == 0
     assert _changed(before, state) == []
     # The same compiled step on a good batch changes every leaf (the check can fail).
-    state, stats = step(state, trainer.device_batch(good))
+    state, stats = step(state, trainer.device_batch(good), trainer.no_halt())
     assert int(stats["out_of_range"]) == 0 and np.isfinite(float(stats["loss"]))
     assert len(_changed(before, state)) == len(before), _changed(before, state)
+
+
+def test_a_halted_or_non_finite_step_changes_no_bit_of_the_state(mesh24):
+    """`halt` (the previous step's `halted`) and a non-finite loss (an inf
+    dense value; `device_batch` does not check) each leave every bit as it
+    was, and say so in `halted`; a clean step after them changes every leaf."""
+    trainer = _trainer(mesh24)
+    state = trainer.init_state()
+    step = trainer.compiled_step(state)
+    good = trainer.device_batch(_train_batch(trainer))
+    inf = _train_batch(trainer)
+    inf.dense[3, 1] = np.inf
+    before = _host_copy(state)
+    halt = jax.device_put(np.ones((), np.bool_), trainer.replicated)
+    state, stats = step(state, good, halt)
+    assert bool(stats["halted"]) and int(stats["overflow"]) == 0 and np.isfinite(float(stats["loss"]))
+    assert _changed(before, state) == []
+    state, stats = step(state, trainer.device_batch(inf), trainer.no_halt())
+    assert bool(stats["halted"]) and not np.isfinite(float(stats["loss"]))
+    assert _changed(before, state) == []
+    state, stats = step(state, good, trainer.no_halt())
+    assert not bool(stats["halted"])
+    assert len(_changed(before, state)) == len(before)
 
 
 def test_an_overflowing_step_changes_no_bit_of_the_state(mesh24):
@@ -225,7 +248,7 @@ def test_an_overflowing_step_changes_no_bit_of_the_state(mesh24):
     state = trainer.init_state()
     batch = trainer.device_batch(_train_batch(trainer))
     before = _host_copy(state)
-    state, stats = trainer.compiled_step(state)(state, batch)
+    state, stats = trainer.compiled_step(state)(state, batch, trainer.no_halt())
     assert int(stats["overflow"]) > 0 and int(stats["out_of_range"]) == 0
     assert max(int(v) for v in jax.device_get(stats["need"]).values()) > 1
     assert _changed(before, state) == []

@@ -61,7 +61,7 @@ def _first_step_deltas(mesh, **kw):
     state = trainer.init_state()
     before = jax.tree.map(np.asarray, (state.params, state.tables))
     batch = trainer.device_batch(trainer._host_train_batch(0))
-    state, _ = trainer.compiled_step(state)(state, batch)
+    state, _ = trainer.compiled_step(state)(state, batch, trainer.no_halt())
     after = jax.tree.map(np.asarray, (state.params, state.tables))
     return jax.tree.map(lambda x, y: y.astype(np.float64) - x, before, after)
 

@@ -209,6 +209,61 @@ def test_out_of_range_ids_stop_the_run_with_the_feature_named(mesh24):
         train_and_evaluate(tiny_config(), mesh24, data=BadIds(TINY, seed=0))
 
 
+WIDE = FeatureSet((SparseFeature("a", 4096, 8, 3), SparseFeature("b", 300, 8, 2)), num_dense=3)
+
+
+class _Burst(SyntheticData):
+    """Batch 7 sends every sample's ids of table 'a' to one row-wise shard:
+    more rows than the capacities sized from batch 0 hold."""
+
+    def batch(self, step, global_batch, **kw):
+        b = super().batch(step, global_batch, **kw)
+        if step == 7:
+            n = b.ids.shape[0]
+            b.lengths[:, 0] = 3
+            b.ids[:, :3] = (8 * np.arange(3 * n) % 512).reshape(n, 3)  # rows 0, 8, .., 504
+        return b
+
+
+def test_steps_run_ahead_and_an_overflow_in_flight_is_run_again(mesh24, capsys):
+    """With sync_every=5 the host fetches the stats of steps 0, 1-5, 6-10 and
+    11: step 7 overflows inside a window, 8-10 are dispatched after it and
+    change nothing (`halt`), and 7-10 run again with more room. The losses
+    are those of waiting for every step, and so is the model."""
+    runs = {}
+    for every in (1, 5):
+        cfg = tiny_config(features=WIDE, steps=12, sharding="row_wise", sync_every=every)
+        runs[every] = train_and_evaluate(cfg, mesh24, data=_Burst(WIDE, seed=0))
+        err = capsys.readouterr().err
+        assert "training step 7: an exchange needed more room" in err, err
+    assert runs[1]["overflow_steps"] == runs[5]["overflow_steps"] >= 1
+    assert len(runs[5]["train_loss"]) == 12
+    assert runs[5]["train_loss"] == runs[1]["train_loss"]
+    assert runs[5]["eval_auc"] == runs[1]["eval_auc"]
+    assert runs[5]["eval_logloss"] == runs[1]["eval_logloss"]
+
+
+def test_a_non_finite_loss_stops_the_run_with_the_step_unapplied(mesh24, tmp_path):
+    """Dense values near float32's largest overflow the model at step 3: the
+    step (and the ones dispatched after it) change nothing, the run stops
+    naming it, and the checkpoint of step 2 is what was trained."""
+
+    class Huge(SyntheticData):
+        def batch(self, step, global_batch, **kw):
+            b = super().batch(step, global_batch, **kw)
+            if step == 3:
+                b.dense[:] = 3e38
+            return b
+
+    ck = str(tmp_path / "ck")
+    with pytest.raises(FloatingPointError, match="training loss is .* at step 3; the step was not applied"):
+        train_and_evaluate(tiny_config(steps=6, checkpoint_dir=ck, checkpoint_every=2), mesh24,
+                           data=Huge(TINY, seed=0))
+    clean = train_and_evaluate(tiny_config(steps=2), mesh24)
+    resumed = train_and_evaluate(tiny_config(steps=2, checkpoint_dir=ck, resume=True), mesh24)
+    assert resumed["eval_auc"] == clean["eval_auc"] and resumed["eval_logloss"] == clean["eval_logloss"]
+
+
 def test_nan_dense_feature_is_named():
     data = SyntheticData(TINY, seed=1)
     batch = data.batch(0, 16)

@@ -287,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"({growth_prune.PRESETS['default']}); a run ends full")
     p.add_argument("--eval-every", type=_nonneg_int, default=d.eval_every,
                    help="also evaluate every N steps (0: only at the end)")
+    p.add_argument("--sync-every", type=_positive_int, default=d.sync_every,
+                   help="fetch the loss and counters from the devices every N steps; the steps "
+                   "between run without waiting for the host (1: wait for every step)")
     p.add_argument("--eval-batches", type=_positive_int, default=d.eval_batches,
                    help="held-out batches (of --batch-size examples) per evaluation")
     p.add_argument("--seed", type=_nonneg_int, default=d.seed,
@@ -455,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             low_rank=args.low_rank,
             growth_prune=args.growth_prune,
             eval_every=args.eval_every,
+            sync_every=args.sync_every,
             eval_batches=args.eval_batches,
             seed=args.seed,
             progress=not args.no_progress,

@@ -78,6 +78,12 @@ class TrainConfig:
         'dense:200,prune0.5:400,grow:400' (steps, or percentages of `steps`)
         or a preset ('default'). None: the full model throughout.
       eval_every: also evaluate every this many steps (0: only at the end).
+      sync_every: fetch the steps' loss and counters from the devices every
+        this many steps (and before evaluations, checkpoints, phase changes
+        and the end): the steps between are dispatched without waiting, so
+        the host prepares the next batches while the devices work. A skipped
+        step (an overflow) and the steps after it change nothing until the
+        host sees it and runs them again. 1: wait for every step.
       eval_batches: evaluation batches (held-out stream, same ones every time).
       eval_batch_size: examples per eval batch (None: `global_batch`).
       seed: initialisation of tables and dense parameters.
@@ -189,6 +195,7 @@ class TrainConfig:
     low_rank: int = 64
     growth_prune: str | None = None
     eval_every: int = 0
+    sync_every: int = 16
     eval_batches: int = 8
     eval_batch_size: int | None = None
     seed: int = 0
@@ -283,7 +290,7 @@ class TrainConfig:
         if self.combiner is not None:
             _choice("combiner", self.combiner, Combiner)
         for name in ("steps", "global_batch", "embedding_dim", "eval_batches", "num_tables",
-                     "rows_per_table", "pooling"):
+                     "rows_per_table", "pooling", "sync_every"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:

@@ -459,10 +459,34 @@ def scatter(tx: optax.GradientTransformation, full, small, groups, keep):
     return jax.tree.map(put, fp, sp, ops), _opt_map(tx, put, lambda f, s: s, ops, fo, so)
 
 
+# Optimizer-state fields that are second-moment (scale) estimates: a returning
+# unit keeps its own from before it left (optax's adam/adamw `nu`, adagrad's
+# `sum_of_squares`, rmsprop's `nu`).
+SECOND_MOMENTS = frozenset({"nu", "sum_of_squares"})
+
+
+def _second_moment_flags(opt_state):
+    """`opt_state`'s structure with True at the leaves under a SECOND_MOMENTS field."""
+    def flag(path, _):
+        names = {getattr(k, "name", getattr(k, "key", None)) for k in path}
+        return bool(names & SECOND_MOMENTS)
+    return jax.tree_util.tree_map_with_path(flag, opt_state)
+
+
 def grow(tx: optax.GradientTransformation, params, opt_state, groups, keep):
     """The full (params, opt_state) after the removed units return: their
-    outgoing weights zero, their weights' optimizer state as `tx.init` gives a
-    new parameter; everything else unchanged."""
+    outgoing weights zero (the function is the pruned one); for their weights,
+    the optimizer's first moments (and any other state) as `tx.init` gives a
+    new parameter, but its second-moment estimates (`SECOND_MOMENTS`) as they
+    were when the unit left. Kept units are unchanged.
+
+    Why the second moments: Adam's first step on a fresh (zero) state moves
+    every returning weight by about the learning rate whatever its gradient
+    (the update is m / sqrt(v) with both from one gradient), so the units
+    that return all at once jolt the function; with their old scale
+    estimates the first steps are about a tenth of that and grow as the
+    first moments fill (measured on the MLPerf DCN network: the loss rose
+    for ~30 steps after growth with fresh state)."""
     ops = _ops_tree(params, groups, keep)
 
     def zero_out(a, o):
@@ -471,11 +495,12 @@ def grow(tx: optax.GradientTransformation, params, opt_state, groups, keep):
 
     new_params = jax.tree.map(zero_out, params, ops)
 
-    def reset(a, init, o):
+    def reset(a, init, second, o):
         m = _returning(a.shape, o, outgoing_only=False)
-        return a if m is None else jnp.where(m, init, a)
+        return a if m is None or second else jnp.where(m, init, a)
 
-    opt = _opt_map(tx, reset, lambda a, init: a, ops, opt_state, tx.init(new_params))
+    opt = _opt_map(tx, reset, lambda a, init, second: a, ops, opt_state, tx.init(new_params),
+                   _second_moment_flags(opt_state))
     return new_params, opt
 
 
@@ -590,6 +615,11 @@ class GrowthPruneRun:
     def _scatter(self, params, opt_state):
         keep, tx = self.keep, self.trainer.tx
         return self._jit(lambda f, s: scatter(tx, f, s, self.groups, keep), self.full, (params, opt_state))
+
+    def changes_at(self, step: int) -> bool:
+        """True when `enter(state, step)` would prune or grow the state (or
+        `step` starts another phase of the same widths)."""
+        return phase_index(self.phases, step) != self.current
 
     def enter(self, state, step: int):
         """`state` ready for 0-based `step`: pruned or grown if `step` starts

@@ -440,16 +440,20 @@ class Trainer:
         loss, (g_params, g_acts) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, acts)
         return loss, g_params, g_acts, ctx, stats
 
-    def step_fn(self, state: TrainState, batch: Batch):
-        """One training step (un-jitted): (state, batch) -> (state, stats).
+    def step_fn(self, state: TrainState, batch: Batch, halt=False):
+        """One training step (un-jitted): (state, batch[, halt]) -> (state, stats).
 
         A step whose ids overflowed an exchange's capacity, or hold ids
-        outside their tables, changes nothing (`stats["overflow"]`,
-        `stats["out_of_range"]`): the run raises the capacities and repeats
-        it, or stops with the bad ids named.
+        outside their tables, or whose loss is not finite changes nothing
+        (`stats["halted"]`; the cause in `stats["overflow"]`,
+        `stats["out_of_range"]`, `stats["loss"]`): the run raises the
+        capacities and repeats it, or stops with the cause named. So does a
+        step given `halt` true: the run passes each step the previous one's
+        `halted`, so steps dispatched before the host has seen a skipped one
+        change nothing either.
         """
         loss, g_params, g_acts, ctx, stats = self.loss_and_grads(state.params, state.tables, batch)
-        skip = self.emb.must_skip(stats)
+        skip = self.emb.must_skip(stats) | ~jnp.isfinite(loss) | halt
         updates, opt_state = self.tx.update(g_params, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(skip, b, a), new, old)  # noqa: E731
@@ -461,6 +465,7 @@ class Trainer:
                                               lr=lr, skip=skip)
         return TrainState(params, opt_state, tables), {
             "loss": loss,
+            "halted": skip,
             "out_of_range": stats["out_of_range"],
             "overflow": stats["overflow"],
             "need": stats["need"],
@@ -471,12 +476,18 @@ class Trainer:
             "ids_unique_host": stats["ids_unique_host"],
         }
 
+    def no_halt(self) -> jax.Array:
+        """A replicated false `halt` for the compiled step's third argument."""
+        return jax.device_put(np.zeros((), np.bool_), self.replicated)
+
     def compiled_step(self, state: TrainState):
+        """The jitted step: `(state, batch, halt) -> (state, stats)` (`step_fn`;
+        state donated; `halt`: `no_halt()`, or the previous step's `halted`)."""
         if self._train_step is None or self._train_version != self.emb.version:
             shardings = self.state_shardings(state)
             self._train_step = jax.jit(
                 self.step_fn,
-                in_shardings=(shardings, self.batch_sharding),
+                in_shardings=(shardings, self.batch_sharding, self.replicated),
                 out_shardings=(shardings, self.replicated),
                 donate_argnums=0,
             )
@@ -617,14 +628,18 @@ class Trainer:
 
     # ---- the run -------------------------------------------------------------------------
 
-    def compile_ahead(self, state: TrainState, batch: Batch):
-        """Lower and compile the step for `(state, batch)`; (compiled, CommReport).
+    def compile_ahead(self, state: TrainState, batch: Batch, halt: jax.Array | None = None):
+        """Lower and compile the step for `(state, batch, halt)`; (compiled, CommReport).
 
-        The report accounts the compiled step's collectives on the mesh
-        (`jdmt.comm`); the compiled executable is what `run` calls, so the step
-        is compiled once.
+        The compiled step takes the previous step's `halted` (a replicated
+        bool; `halt` None: a false one is made for the lowering). The report
+        accounts the compiled step's collectives on the mesh (`jdmt.comm`);
+        the compiled executable is what `run` calls, so the step is compiled
+        once.
         """
-        lowered = self.compiled_step(state).lower(state, batch)
+        if halt is None:
+            halt = self.no_halt()
+        lowered = self.compiled_step(state).lower(state, batch, halt)
         compiled = lowered.compile()
         return compiled, comm_report_compiled(compiled, self.mesh, lowered=lowered)
 
@@ -812,125 +827,155 @@ class Trainer:
         }
 
     def _train(self, state: TrainState, start: int, ckpt: Checkpointer | None, history: dict):
-        """Steps `[start, steps)`, evaluations and checkpoints; updates `history`."""
+        """Steps `[start, steps)`, evaluations and checkpoints; updates `history`.
+
+        Steps are dispatched without waiting for them: their stats stay on
+        the devices and are fetched together every `sync_every` steps (and
+        before an evaluation, a checkpoint, a phase change, the profile's end
+        and the run's end), so the host makes and transfers the next batches
+        while the devices work. A step that cannot be applied (an overflow,
+        bad ids, a non-finite loss) changes nothing and tells the next step
+        (`halt`), which then changes nothing either; when the host sees it,
+        it raises the capacities and runs the skipped batches again, or
+        stops with the cause named. Step times are the wall time between two
+        fetches over the steps between them (compiles and phase changes
+        excluded)."""
         cfg = self.config
         show = cfg.progress and jax.process_index() == 0
         losses = history["train_loss"]
         step_times: list[float] = []
-        eval_time = 0.0
         compile_s = 0.0
         comm = None
-        t_first_done = None
+        local_batch = cfg.global_batch // self.emb.num_devices
         # Profile steps [p0, p1) (0-based): a few after the first one run here.
         p0 = min(start + 1, cfg.steps - 1)
         p1 = min(p0 + 3, cfg.steps)
         tracing = False
         payload = {"cross": [], "intra": [], "requested": 0, "unique": 0, "unique_host": 0}
         steps: dict[tuple[str, int], Any] = {}  # compiled steps by (widths, capacity version)
+        no_halt = self.no_halt()
+        halt = no_halt
+        window: list[tuple[int, Batch, dict]] = []  # dispatched, not yet fetched
+        redo: list[tuple[int, Batch]] = []  # skipped steps to run again (after an overflow)
+        t_mark = time.perf_counter()  # when the window's first step began
+        excluded = 0.0  # compiles and phase changes inside the window (off the step times)
+        fitted = False
+        ev = None
 
         def evaluate(at: int) -> dict:
-            ev = self.evaluate(state)
-            history["eval_history"].append({"step": at, "auc": ev["auc"], "logloss": ev["logloss"]})
-            log.log(at, "eval", auc=ev["auc"], logloss=ev["logloss"])
-            return ev
+            out = self.evaluate(state)
+            history["eval_history"].append({"step": at, "auc": out["auc"], "logloss": out["logloss"]})
+            log.log(at, "eval", auc=out["auc"], logloss=out["logloss"])
+            return out
+
+        def fetch() -> bool:
+            """Fetch the window's stats (one transfer) and account its steps;
+            False when a step was skipped for an overflow (the capacities are
+            raised and its batches queued in `redo`)."""
+            nonlocal halt, t_mark, excluded
+            if not window:
+                return True
+            got = jax.device_get([st for _, _, st in window])
+            now = time.perf_counter()
+            per_step = (now - t_mark - excluded) / len(window)
+            if window[0][0] == start:  # the first step keeps its compile (first_step_s)
+                per_step = now - t_mark
+            for k, ((s, host_batch, _), st) in enumerate(zip(window, got)):
+                if bool(st["halted"]):
+                    self._halted(s, st, local_batch)  # raises unless it was an overflow
+                    redo[:0] = [(q, b) for q, b, _ in window[k:]]
+                    halt = no_halt
+                    break
+                loss = float(st["loss"])
+                losses.append(loss)
+                step_times.append(per_step)
+                payload["cross"].append(float(st["payload_cross_host_bytes"]))
+                payload["intra"].append(float(st["payload_intra_host_bytes"]))
+                payload["requested"] += int(st["ids_requested"])
+                payload["unique"] += int(st["ids_unique"])
+                payload["unique_host"] += int(st["ids_unique_host"])
+                history["steps_by_width"][width] = history["steps_by_width"].get(width, 0) + 1
+                if self.gp is not None:
+                    self.gp.record(s, per_step)
+                log.log(s + 1, "train", loss=loss, step_time_s=per_step,
+                        examples_per_sec=cfg.global_batch / max(per_step, 1e-9))
+                bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{cfg.global_batch / max(per_step, 1e-9):,.0f}",
+                                refresh=False)
+                bar.update(1)
+            else:
+                window.clear()
+                t_mark, excluded = time.perf_counter(), 0.0
+                return True
+            window.clear()
+            t_mark, excluded = time.perf_counter(), 0.0
+            return False
 
         bar = _progress(cfg.steps, show, initial=start)
         log = self._metrics_log()
-        prefetch = _Prefetch(self._host_train_batch, range(start, cfg.steps))
-        t_train_end = time.perf_counter()
+        prefetch = iter(_Prefetch(self._host_train_batch, range(start, cfg.steps)))
+        width = "full" if self.gp is None else self.gp.signature
         try:
-            for s, host_batch in prefetch:
-                if cfg.profile_dir is not None and s == p0:
+            while True:
+                if redo:
+                    s, host_batch = redo.pop(0)
+                else:
+                    item = next(prefetch, None)
+                    if item is None:
+                        break
+                    s, host_batch = item
+                if self.gp is not None and self.gp.changes_at(s) and window:
+                    # a phase change prunes or grows the state: every earlier step must have held
+                    redo.append((s, host_batch))
+                    fetch()
+                    continue
+                if cfg.profile_dir is not None and s == p0 and not tracing:
                     jax.profiler.start_trace(cfg.profile_dir)
                     tracing = True
                 t0 = time.perf_counter()
-                if s == start:
+                if not fitted:  # the first batch sizes the exchanges (its compile is first_step_s)
+                    fitted, t_mark = True, t0
                     caps = self.fit_capacities(host_batch, "train")
                     if jax.process_index() == 0:
                         print(f"jdmt: exchange capacities (rows per block, from batch {s}): {caps}",
                               file=sys.stderr)
-                batch = self.device_batch(host_batch)
-                t_compile = 0.0
                 if self.gp is not None:  # a new phase's first step prunes or grows the state
                     state = self.gp.enter(state, s)
-                    t_compile = time.perf_counter() - t0 if s > start else 0.0
-                width = "full" if self.gp is None else self.gp.signature
-                if (width, self.emb.version) not in steps:  # the first step, or a new phase's widths
+                    width = self.gp.signature
+                    excluded += time.perf_counter() - t0
+                batch = self.device_batch(host_batch)
+                if (width, self.emb.version) not in steps:  # the first step, a new phase, more capacity
                     tc = time.perf_counter()
-                    step, comm_w = self.compile_ahead(state, batch)
+                    step, comm_w = self.compile_ahead(state, batch, halt)
                     steps[(width, self.emb.version)] = step
                     history["step_flops"][width] = step_flops(step)
                     if comm is None or width == "full":  # the summary's bytes: the full step's
                         comm = comm_w
                     compile_s += time.perf_counter() - tc
-                    t_compile = time.perf_counter() - t0 if s == start else t_compile + time.perf_counter() - tc
-                step = steps[(width, self.emb.version)]
-                while True:
-                    state, stats = step(state, batch)
-                    if int(stats["overflow"]) == 0:
-                        break
-                    # Nothing was applied: raise the capacities, compile, repeat.
-                    self.overflow_steps += 1
-                    self._grow(cfg.global_batch // self.emb.num_devices, stats, f"training step {s}")
-                    tc = time.perf_counter()
-                    step, comm = self.compile_ahead(state, batch)
-                    steps[(width, self.emb.version)] = step
-                    t_compile += time.perf_counter() - tc
-                    compile_s += time.perf_counter() - tc
-                loss = float(stats["loss"])
-                bad = int(stats["out_of_range"])
-                payload["cross"].append(float(stats["payload_cross_host_bytes"]))
-                payload["intra"].append(float(stats["payload_intra_host_bytes"]))
-                payload["requested"] += int(stats["ids_requested"])
-                payload["unique"] += int(stats["ids_unique"])
-                payload["unique_host"] += int(stats["ids_unique_host"])
-                t1 = time.perf_counter()
-                # A later phase's first step: without its compile (the first step keeps it: first_step_s)
-                step_times.append(t1 - t0 - (t_compile if s > start else 0.0))
-                if s == start:
-                    t_first_done = t1
-                if tracing and s + 1 == p1:
+                    excluded += time.perf_counter() - tc
+                state, stats = steps[(width, self.emb.version)](state, batch, halt)
+                halt = stats["halted"]
+                window.append((s, host_batch, stats))
+                done = s + 1
+                evaluating = done < cfg.steps and cfg.eval_every and done % cfg.eval_every == 0
+                saving = ckpt is not None and (
+                    done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0))
+                if (s == start or len(window) >= cfg.sync_every or evaluating or saving
+                        or done == cfg.steps or (tracing and done == p1)):
+                    if not fetch():
+                        continue  # the skipped steps run again first
+                if tracing and done == p1:
                     jax.profiler.stop_trace()
                     tracing = False
-                history["out_of_range_ids"] += bad
-                if bad:
-                    raise OutOfRangeIdError(
-                        f"out_of_range_ids: {bad} ids of training batch {s} lie outside their "
-                        "tables' rows on the device path (check_batch passed them; hashed "
-                        "features are reduced modulo rows); the step was not applied"
-                    )
-                if not np.isfinite(loss):
-                    raise FloatingPointError(f"training loss is {loss} at step {s}")
-                losses.append(loss)
-                step_s = t1 - t0 - t_compile
-                history["steps_by_width"][width] = history["steps_by_width"].get(width, 0) + 1
-                if self.gp is not None:
-                    self.gp.record(s, step_s)
-                log.log(
-                    s + 1, "train", loss=loss, step_time_s=step_s,
-                    examples_per_sec=cfg.global_batch / max(step_s, 1e-9),
-                )
-                if s > start:
-                    rate = (s - start) * cfg.global_batch / (t1 - t_first_done - eval_time)
-                    bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:,.0f}", refresh=False)
-                bar.update(1)
-                done = s + 1
-                te = time.perf_counter()
-                if done < cfg.steps and cfg.eval_every and done % cfg.eval_every == 0:
-                    ev = evaluate(done)
-                    bar.write(f"step {done}: eval AUC {ev['auc']:.4f}, logloss {ev['logloss']:.4f}")
+                if evaluating:
+                    out = evaluate(done)
+                    bar.write(f"step {done}: eval AUC {out['auc']:.4f}, logloss {out['logloss']:.4f}")
                 if done == cfg.steps:
-                    t_train_end = te
                     ev = evaluate(done)
-                if ckpt is not None and (
-                    done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
-                ):
+                if saving:
                     saved = state if self.gp is None else self.gp.full_state(state)
                     ckpt.save(done, saved, self._checkpoint_meta(done, history))
-                if done < cfg.steps:
-                    eval_time += time.perf_counter() - te
-                if s > start:  # a later phase's compile is off the throughput clock too
-                    eval_time += t_compile
+                if evaluating or saving:
+                    t_mark, excluded = time.perf_counter(), 0.0  # off the step times
             if start == cfg.steps:  # resumed at the last step: evaluate the restored model
                 if history["eval_history"] and history["eval_history"][-1]["step"] == start:
                     history["eval_history"].pop()  # replaced by this evaluation
@@ -943,19 +988,34 @@ class Trainer:
             prefetch.close()
             bar.close()
             log.close()
-        # Throughput over the steps after the compiled first one (or that one alone).
-        if len(step_times) > 1:
-            train_wall = t_train_end - t_first_done - eval_time
-        else:
-            train_wall = sum(step_times) - compile_s
         return state, {
             "step_times": step_times,
             "compile_s": compile_s,
             "comm": comm,
             "payload": payload,
             "eval_examples": ev["examples"],
-            "train_wall_s": train_wall,
+            # throughput over the steps after the compiled first one (or that one alone)
+            "train_wall_s": sum(step_times[1:]) if len(step_times) > 1 else sum(step_times) - compile_s,
         }
+
+    def _halted(self, s: int, st: dict, local_batch: int) -> None:
+        """Step `s` changed nothing (`stats["halted"]`): raise the capacities
+        if an exchange overflowed (the caller runs it again), else stop with
+        the cause named."""
+        if int(st["out_of_range"]):
+            raise OutOfRangeIdError(
+                f"out_of_range_ids: {int(st['out_of_range'])} ids of training batch {s} lie outside their "
+                "tables' rows on the device path (check_batch passed them; hashed "
+                "features are reduced modulo rows); the step was not applied"
+            )
+        if int(st["overflow"]):
+            self.overflow_steps += 1
+            self._grow(local_batch, st, f"training step {s}")
+            return
+        loss = float(st["loss"])
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss} at step {s}; the step was not applied")
+        raise RuntimeError(f"training step {s} was skipped with no cause: a bug")
 
 
 def _step_count(opt_state) -> jax.Array:
