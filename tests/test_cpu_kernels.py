@@ -1,7 +1,11 @@
 """The C++ FFI kernels against the XLA path: the sparse update (`optimizers.sparse_step`)
 and the pooled lookup (`routing.pool_rows`)."""
 
+import os
 import re
+import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +18,8 @@ from jdmt.embeddings import cpu_kernels, optimizers
 from jdmt.embeddings.cpu_kernels import build
 from jdmt.embeddings.types import OptimizerKind, SparseOptimizer
 from jdmt.mesh import DEVICES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 KINDS = ["rowwise_adagrad", "adagrad", "sgd"]
 
@@ -271,6 +277,37 @@ def test_build_failures_are_reported(tmp_path, monkeypatch):
     path, why = build.build()
     assert path is None and "compile failed" in why
     assert not list(tmp_path.iterdir())  # no partial library left behind
+
+
+def test_a_failed_build_warns_once_and_the_run_uses_xla(tmp_path):
+    """No working compiler: train.py warns once naming the cause, says
+    `kernels xla` and trains."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JDMT_CACHE_DIR=str(tmp_path), CXX="false",
+               PATH=str(tmp_path))  # `false` is found (below), g++/c++/clang++ are not
+    (tmp_path / "false").write_text("#!/bin/sh\necho 'cc1plus: fatal error: no space left' >&2\nexit 1\n")
+    (tmp_path / "false").chmod(0o755)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--mesh=1x2", "--steps=2",
+                        "--batch-size=64", "--eval-batches=1", "--embedding-dim=4", "--bottom-mlp=8",
+                        "--top-mlp=8", "--no-progress"],
+                       capture_output=True, text=True, env=env, timeout=180, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    warned = [ln for ln in r.stderr.splitlines() if "could not be built" in ln]
+    assert len(warned) == 1 and "compile failed" in warned[0], r.stderr
+    assert "kernels xla" in r.stderr and "cpu_update" not in r.stderr
+
+
+CROSS = shutil.which("aarch64-linux-gnu-g++")
+
+
+@pytest.mark.skipif(CROSS is None, reason="no aarch64 cross compiler (Debian: g++-aarch64-linux-gnu)")
+def test_the_kernels_build_for_aarch64(tmp_path):
+    """The same source and flags build for aarch64 (x86-only code is behind
+    the preprocessor; FMA is in aarch64's base ISA)."""
+    out = tmp_path / "k.so"
+    r = subprocess.run([CROSS, *build.FLAGS, "-I", jax.ffi.include_dir(), str(build.SOURCE), "-o", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert out.read_bytes()[:4] == b"\x7fELF" and out.read_bytes()[18] == 183  # e_machine EM_AARCH64
 
 
 @pytest.mark.parametrize("pooling,dim", [(1, 4), (5, 64), (17, 100), (40, 16)])

@@ -10,8 +10,9 @@ are CPU-only custom calls: use it inside `jax.jit` / `jax.shard_map` bodies that
 run on CPU; it is not vmappable and has no gradient.
 
 The library is compiled on first use (see `build.py`). `available()` says
-whether that worked; when it is False, `unavailable_reason()` says why and
-callers fall back to the XLA path. Set `JDMT_CPU_KERNELS=0` to turn the
+whether that worked; when it is False, `unavailable_reason()` says why,
+callers fall back to the XLA path, and a failed build warns once per
+process (RuntimeWarning) naming the cause. Set `JDMT_CPU_KERNELS=0` to turn the
 kernels off.
 """
 
@@ -50,6 +51,7 @@ def _load() -> None:
     path, why = build.build()
     if path is None:
         _state.update(ok=False, reason=why)
+        _warn_fallback(why)
         return
     try:
         lib = ctypes.CDLL(path)
@@ -63,6 +65,17 @@ def _load() -> None:
         _state.update(ok=False, reason=f"loading {path} failed: {e!r}")
         return
     _state.update(ok=True, reason=None, lib=lib, path=path)
+
+
+def _warn_fallback(why: str) -> None:
+    """One warning per process: the kernels could not be built, XLA runs instead."""
+    import warnings
+
+    first = why.splitlines()[0] if why else "unknown cause"
+    more = " (the compiler's output: jdmt.embeddings.cpu_kernels.unavailable_reason())" if "\n" in why else ""
+    warnings.warn(f"jdmt: the C++ CPU kernels could not be built: {first}{more}; the XLA path "
+                  "runs instead (slower; JDMT_CPU_KERNELS=0 turns them off without this warning)",
+                  RuntimeWarning, stacklevel=3)
 
 
 def _ensure() -> bool:

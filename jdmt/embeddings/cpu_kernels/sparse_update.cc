@@ -125,8 +125,21 @@ inline void Prefetch(const void* p, int64_t bytes) {
 // Adagrad's m += g * g: XLA:CPU contracts it to a fused multiply-add when the
 // host has FMA (it compiles for the host's features), so do the same to give
 // bit-identical results; the library itself is built without -march flags.
-__attribute__((target("fma"))) void AdagradRowFma(float* w, float* a, const float* g, int64_t D,
-                                                  float lr, float eps) {
+// x86-64: FMA is an extension, compiled for by attribute and chosen at run
+// time; aarch64: fused multiply-add is in the base ISA; other targets: none.
+#if defined(__x86_64__) || defined(__i386__)
+#define JDMT_FMA_TARGET __attribute__((target("fma")))
+#define JDMT_HOST_FMA __builtin_cpu_supports("fma")
+#elif defined(__aarch64__)
+#define JDMT_FMA_TARGET
+#define JDMT_HOST_FMA true
+#else
+#define JDMT_FMA_TARGET
+#define JDMT_HOST_FMA false
+#endif
+
+JDMT_FMA_TARGET void AdagradRowFma(float* w, float* a, const float* g, int64_t D, float lr,
+                                   float eps) {
   for (int64_t d = 0; d < D; ++d) {
     const float m = __builtin_fmaf(g[d], g[d], a[d]);
     a[d] = m;
@@ -142,7 +155,7 @@ void AdagradRowPlain(float* w, float* a, const float* g, int64_t D, float lr, fl
   }
 }
 
-const bool kHostFma = __builtin_cpu_supports("fma");
+const bool kHostFma = JDMT_HOST_FMA;
 
 // Apply the optimizer to one row with its summed gradient `g`.
 inline void ApplyRow(const Problem& p, int64_t row, const float* g) {
