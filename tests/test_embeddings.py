@@ -249,6 +249,23 @@ def test_other_mesh_shapes(spec, sharding):
     check_step(emb, make_batch(FEATURES, seed=7), seed=1, grad_seed=4)
 
 
+@pytest.mark.parametrize("sharding, bags", [("table_wise", True), ("table_wise", False),
+                                           ("column_wise", True), ("row_wise", False)])
+@pytest.mark.parametrize("kernel", ["xla", "cpu"])
+def test_one_device_pools_its_bags_in_place(sharding, bags, kernel):
+    """On one device bags skip the packing for an exchange (and the exchange
+    with oneself): the same embeddings and update as the reference, with bags,
+    with rows, and both in one width (sequence features ask for rows)."""
+    if kernel == "cpu" and not cpu_kernels.available():
+        pytest.skip(f"CPU kernel unavailable: {cpu_kernels.unavailable_reason()}")
+    mesh = make_mesh("1x1", devices=jax.devices()[:1])
+    names = [f.name for f in FEATURES.sparse if f.pooled] if bags else ()
+    emb = ShardedEmbeddings(FEATURES, mesh, sharding, SparseOptimizer(lr=0.3, initial_accumulator=0.1),
+                            cpu_kernels=kernel == "cpu", bag_features=names)
+    assert any(r.bag_pieces for r in emb.routes.values()) == bags
+    check_step(emb, make_batch(FEATURES, seed=5), seed=2, grad_seed=6)
+
+
 def test_two_hops_give_the_direct_route_s_model_with_fewer_cross_host_bytes(mesh24):
     """Row-wise requests de-duplicated per host (two hops) against each device
     asking the owners directly: the same embeddings bit for bit (the same
