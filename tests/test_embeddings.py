@@ -252,10 +252,10 @@ def test_other_mesh_shapes(spec, sharding):
 @pytest.mark.parametrize("sharding, bags", [("table_wise", True), ("table_wise", False),
                                            ("column_wise", True), ("row_wise", False)])
 @pytest.mark.parametrize("kernel", ["xla", "cpu"])
-def test_one_device_pools_its_bags_in_place(sharding, bags, kernel):
-    """On one device bags skip the packing for an exchange (and the exchange
-    with oneself): the same embeddings and update as the reference, with bags,
-    with rows, and both in one width (sequence features ask for rows)."""
+def test_one_device_matches_the_reference(sharding, bags, kernel):
+    """One device (the exchanges are with oneself): the same embeddings and
+    update as the reference, with bags, with rows, and both in one width
+    (sequence features ask for rows)."""
     if kernel == "cpu" and not cpu_kernels.available():
         pytest.skip(f"CPU kernel unavailable: {cpu_kernels.unavailable_reason()}")
     mesh = make_mesh("1x1", devices=jax.devices()[:1])
