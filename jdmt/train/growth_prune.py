@@ -57,6 +57,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jdmt.train.state import TrainState
+
 __all__ = [
     "PRESETS",
     "GrowthPruneRun",
@@ -522,7 +524,6 @@ def regrow(trainer, state, keep_json: dict):
     """A full-shaped state checkpointed in a pruned phase, restored by a run
     without that schedule: the removed units return (`grow`), so the model is
     the function the pruned phase trained."""
-    from jdmt.train.trainer import TrainState
 
     sptt = trainer.sptt
     tower = None if sptt is None or sptt.identity else sptt.module
@@ -625,7 +626,6 @@ class GrowthPruneRun:
         """`state` ready for 0-based `step`: pruned or grown if `step` starts
         another phase (or resumes into one), unchanged otherwise."""
         from jdmt.mesh import host_numpy
-        from jdmt.train.trainer import TrainState
 
         i = phase_index(self.phases, step)
         if i == self.current:
@@ -665,7 +665,6 @@ class GrowthPruneRun:
 
     def full_state(self, state):
         """`state` full-shaped, as checkpoints hold it (a pruned phase's values scattered in)."""
-        from jdmt.train.trainer import TrainState
 
         if self.keep is None:
             return state
@@ -681,7 +680,6 @@ class GrowthPruneRun:
         to the kept units if it was saved in a pruned phase of this schedule
         (`enter` then goes on with it; another schedule's pruned units return
         first)."""
-        from jdmt.train.trainer import TrainState
 
         keep = None if not meta else meta.get("keep")
         if keep is None:

@@ -21,7 +21,6 @@ sources, checkpoints, communication reports) plug into one place;
 from __future__ import annotations
 
 import collections
-import dataclasses
 import statistics
 import sys
 import time
@@ -65,6 +64,7 @@ from jdmt.train.config import TrainConfig, _check_tower_sequences
 from jdmt.train.growth_prune import GrowthPruneRun, flops_summary, resume_state
 from jdmt.train.sharding import auto_plan, load_plan, plan_file_exists, tier_plan, write_plan
 from jdmt.train.schedule import dense_optimizer, lr_scale, schedule_steps
+from jdmt.train.state import TrainState
 from jdmt.train.steps import run_steps
 from jdmt.train.checkpoint import (
     CheckpointError,
@@ -75,16 +75,6 @@ from jdmt.train.checkpoint import (
 from jdmt.train.metrics_log import MetricsLog, NullMetricsLog
 
 __all__ = ["TrainState", "Trainer"]
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class TrainState:
-    """Everything a step updates (donated to the step)."""
-
-    params: Any  # dense model parameters (replicated)
-    opt_state: Any  # optax state of `params` (replicated)
-    tables: dict[str, TableState]  # embedding tables and their accumulators (sharded)
 
 
 class Trainer:
