@@ -524,7 +524,6 @@ def regrow(trainer, state, keep_json: dict):
     """A full-shaped state checkpointed in a pruned phase, restored by a run
     without that schedule: the removed units return (`grow`), so the model is
     the function the pruned phase trained."""
-
     sptt = trainer.sptt
     tower = None if sptt is None or sptt.identity else sptt.module
     groups = unit_groups(trainer.model, tower, None if tower is None else (sptt.hosts, sptt.t_max))
@@ -665,7 +664,6 @@ class GrowthPruneRun:
 
     def full_state(self, state):
         """`state` full-shaped, as checkpoints hold it (a pruned phase's values scattered in)."""
-
         if self.keep is None:
             return state
         params, opt_state = self._scatter(state.params, state.opt_state)
@@ -680,7 +678,6 @@ class GrowthPruneRun:
         to the kept units if it was saved in a pruned phase of this schedule
         (`enter` then goes on with it; another schedule's pruned units return
         first)."""
-
         keep = None if not meta else meta.get("keep")
         if keep is None:
             return state

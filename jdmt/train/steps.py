@@ -74,11 +74,12 @@ def run_steps(trainer, state, start: int, ckpt, history: dict):
         per_step = (now - t_mark - excluded) / len(window)
         if window[0][0] == start:  # the first step keeps its compile (first_step_s)
             per_step = now - t_mark
-        for k, ((s, host_batch, _), st) in enumerate(zip(window, got)):
+        applied = True
+        for k, ((s, _, _), st) in enumerate(zip(window, got)):
             if bool(st["halted"]):
                 _halted(trainer, s, st, local_batch)  # raises unless it was an overflow
                 redo[:0] = [(q, b) for q, b, _ in window[k:]]
-                halt = no_halt
+                halt, applied = no_halt, False
                 break
             loss = float(st["loss"])
             losses.append(loss)
@@ -96,13 +97,9 @@ def run_steps(trainer, state, start: int, ckpt, history: dict):
             bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{cfg.global_batch / max(per_step, 1e-9):,.0f}",
                             refresh=False)
             bar.update(1)
-        else:
-            window.clear()
-            t_mark, excluded = time.perf_counter(), 0.0
-            return True
         window.clear()
         t_mark, excluded = time.perf_counter(), 0.0
-        return False
+        return applied
 
     bar = _progress(cfg.steps, show, initial=start)
     log = trainer._metrics_log()
@@ -192,6 +189,7 @@ def run_steps(trainer, state, start: int, ckpt, history: dict):
         "train_wall_s": sum(step_times[1:]) if len(step_times) > 1 else sum(step_times) - compile_s,
     }
 
+
 def _halted(trainer, s: int, st: dict, local_batch: int) -> None:
     """Step `s` changed nothing (`stats["halted"]`): raise the capacities
     if an exchange overflowed (the caller runs it again), else stop with
@@ -213,10 +211,10 @@ def _halted(trainer, s: int, st: dict, local_batch: int) -> None:
 
 
 class _NoBar:
-    def update(trainer, n=1): ...
-    def set_postfix(trainer, *a, **k): ...
-    def write(trainer, s): print(s, file=sys.stderr)
-    def close(trainer): ...
+    def update(self, n=1): ...
+    def set_postfix(self, *a, **k): ...
+    def write(self, s): print(s, file=sys.stderr)
+    def close(self): ...
 
 
 def _progress(total: int, show: bool, initial: int = 0):
