@@ -5,7 +5,10 @@ and the pooled lookup.
 storage buffer (sort the ids by row, sum each row's gradients in ascending
 position order, apply the optimizer once per touched row), in one pass over
 the ids, with the table and accumulator updated in place. `pooled_lookup`
-sums each bag's rows in position order, as `routing.pool_rows` does. Both
+sums each bag's rows in position order, as `routing.pool_rows` does. Tables
+may be f32, bf16 or f16 (`jdmt.precision`): 16-bit rows are widened to f32 as they
+are read, and an update writes them back rounded stochastically, bit for bit
+as `precision.stochastic_round` with `precision.sr_bits(seed, row, col)`. Both
 are CPU-only custom calls: use it inside `jax.jit` / `jax.shard_map` bodies that
 run on CPU; it is not vmappable and has no gradient.
 
@@ -31,12 +34,16 @@ from jdmt.embeddings.types import OptimizerKind
 _TARGET = "jdmt_sparse_update"
 _TARGET_SGD = "jdmt_sparse_update_sgd"
 _TARGET_POOL = "jdmt_pooled_lookup"
-_ABI = 3
+_ABI = 4
 _KIND = {
     OptimizerKind.ROWWISE_ADAGRAD: 0,
     OptimizerKind.ADAGRAD: 1,
     OptimizerKind.SGD: 2,
 }
+
+# f32, bf16, f16, and the stored bit patterns of bf16 (uint16) and f16 (int16)
+# that jdmt's state holds (`jdmt.precision.storage_dtype`)
+_TABLE_DTYPES = tuple(jnp.dtype(t) for t in (jnp.float32, jnp.bfloat16, jnp.float16, jnp.uint16, jnp.int16))
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "reason": str | None, "lib": CDLL, "path": str
@@ -117,13 +124,19 @@ def sparse_update(
     eps: float = 0.0,
     dim: int | None = None,
     threads: int = 1,
+    seed=None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """The fused sparse optimizer step of one storage buffer, in place (CPU).
 
     Args:
       kind: an `OptimizerKind` (or its string value).
-      table: f32[R, D] the buffer; updated in place (donate it in the
-        caller's jit to avoid a copy).
+      table: f32, bf16 or f16 [R, D] the buffer (or bf16 / f16 stored as
+        uint16 / int16 bit patterns, as `jdmt.precision.storage_dtype`);
+        updated in place (donate it in the caller's jit to avoid a copy). A 16-bit table's touched rows
+        are widened to f32, updated with the same f32 arithmetic as an f32
+        table, and written back as `precision.stochastic_round` does with
+        the bits `precision.sr_bits(seed, row, col)` (row: the row of this
+        buffer) -- the same bits.
       accum: f32[R] (row-wise Adagrad), f32[R, D] (Adagrad), None (SGD).
       ids: i32[n] (or i32[K, n]: K independent slots) rows of the ids;
         ids outside [0, R) are skipped.
@@ -134,6 +147,9 @@ def sparse_update(
       eps: Adagrad epsilon (static).
       dim: divisor of the row-wise mean of g**2 (static; default D).
       threads: host threads to split the slots over (static; default 1).
+      seed: u32 scalar (may be traced) of the stochastic rounding; required
+        for a 16-bit table (pass a new one every step, e.g.
+        `precision.update_seed`), ignored for an f32 table.
 
     Returns:
       (table, accum) with the touched rows updated (accum None for SGD).
@@ -150,15 +166,19 @@ def sparse_update(
         raise TypeError(f"src must have one entry per id: ids {ids.shape}, src {src.shape}")
     src = src.reshape(ids.shape)
     grads = jnp.asarray(grads, jnp.float32).reshape(k, -1, d)
-    if table.dtype != jnp.float32 or table.ndim != 2:
-        raise TypeError(f"table must be f32[R, D], got {table.dtype}{list(table.shape)}")
+    if table.dtype not in _TABLE_DTYPES or table.ndim != 2:
+        raise TypeError(f"table must be f32, bf16 or f16 [R, D] (or u16 / i16 bits of bf16 / f16), "
+                        f"got {table.dtype}{list(table.shape)}")
+    if seed is None and table.dtype != jnp.float32:
+        raise TypeError(f"a {table.dtype} table needs a `seed` (u32 scalar) for its stochastic rounding")
     lr = jnp.asarray(lr, jnp.float32).reshape(())
+    seed = jnp.asarray(0 if seed is None else seed, jnp.uint32).reshape(())
     threads = np.int64(max(1, int(threads)))
     if kind is OptimizerKind.SGD:
         (table,) = jax.ffi.ffi_call(
             _TARGET_SGD, (jax.ShapeDtypeStruct(table.shape, table.dtype),),
             input_output_aliases={0: 0},
-        )(table, ids, src, grads, lr, threads=threads)
+        )(table, ids, src, grads, lr, seed, threads=threads)
         return table, accum
     want = (table.shape[0],) if kind is OptimizerKind.ROWWISE_ADAGRAD else tuple(table.shape)
     if accum is None or tuple(accum.shape) != want or accum.dtype != jnp.float32:
@@ -168,7 +188,7 @@ def sparse_update(
         _TARGET,
         (jax.ShapeDtypeStruct(table.shape, table.dtype), jax.ShapeDtypeStruct(accum.shape, accum.dtype)),
         input_output_aliases={0: 0, 1: 1},
-    )(table, accum, ids, src, grads, lr, kind=np.int32(_KIND[kind]), eps=np.float32(eps),
+    )(table, accum, ids, src, grads, lr, seed, kind=np.int32(_KIND[kind]), eps=np.float32(eps),
       dim=np.float32(d if dim is None else dim), threads=threads)
     return table, accum
 
@@ -183,18 +203,21 @@ def host_cores() -> int:
 
 def pooled_lookup(table: jax.Array, ids: jax.Array, *, threads: int = 1) -> jax.Array:
     """Pooled rows f32[..., D]: the sum of `table[ids[..., p]]` over the last
-    axis in position order, ids outside [0, R) skipped (CPU).
+    axis in position order, ids outside [0, R) skipped (CPU); a 16-bit
+    table's rows are widened to f32 as they are added.
 
     Args:
-      table: f32[R, D].
+      table: f32, bf16 or f16 [R, D] (or bf16 / f16 stored as uint16 /
+        int16 bit patterns).
       ids: i32[..., P] rows (-1: no id).
       threads: host threads to split the bags over (static; bags are split
         only where each thread gets at least ~16k ids).
     """
     if not _ensure():
         raise RuntimeError(f"jdmt CPU kernels unavailable: {_state.get('reason')}")
-    if table.dtype != jnp.float32 or table.ndim != 2:
-        raise TypeError(f"table must be f32[R, D], got {table.dtype}{list(table.shape)}")
+    if table.dtype not in _TABLE_DTYPES or table.ndim != 2:
+        raise TypeError(f"table must be f32, bf16 or f16 [R, D] (or u16 / i16 bits of bf16 / f16), "
+                        f"got {table.dtype}{list(table.shape)}")
     ids = jnp.asarray(ids, jnp.int32)
     lead, p = ids.shape[:-1], ids.shape[-1]
     flat = ids.reshape(-1, p)

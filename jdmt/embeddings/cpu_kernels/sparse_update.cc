@@ -29,6 +29,13 @@
 // independent of the table's rows. The rows of each unique row are then
 // prefetched a few unique rows ahead (they are mostly cache and TLB misses).
 //
+// 16-bit tables (bf16 / f16; the gradients, lr and accumulators stay f32):
+// each touched row is widened to f32 (exact), updated with exactly the f32
+// arithmetic above, and written back rounded stochastically with the random
+// bits sr_bits(seed, row, col) of a runtime `seed`, as
+// `jdmt.precision.stochastic_round` does (bit-identical to it; f32
+// tables ignore the seed). The pooled lookup widens each row as it adds it.
+//
 // Ids outside [0, R) are skipped (never written out of bounds); negative ids
 // mean "no id". Slots are processed one after another, or split over
 // `threads` std::threads: whole slots per thread when there are at least as
@@ -41,6 +48,7 @@
 #include <cstring>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -52,7 +60,7 @@ namespace {
 enum Kind : int32_t { kRowwiseAdagrad = 0, kAdagrad = 1, kSgd = 2 };
 
 struct Problem {
-  float* table;        // [R, D]
+  void* table;         // [R, D] of the storage type (float, Bf16, F16)
   float* accum;        // [R] (row-wise), [R, D] (Adagrad), null (SGD)
   const int32_t* ids;  // [K, n]
   const int32_t* src;  // [K, n] gradient row of each id, in [0, G)
@@ -60,11 +68,13 @@ struct Problem {
   int64_t R, D, K, n, G;
   float lr, eps, inv_dim;
   int32_t kind;
+  uint32_t seed;       // stochastic rounding of 16-bit tables
 };
 
 struct Scratch {
   std::vector<uint64_t> a, b;  // sort buffers (uint32 items use the first half)
   std::vector<float> acc;
+  std::vector<float> row;  // a 16-bit table's row widened to f32
   std::vector<uint32_t> hist;
   std::vector<uint32_t> start;  // first item of each unique row
 };
@@ -157,10 +167,10 @@ void AdagradRowPlain(float* w, float* a, const float* g, int64_t D, float lr, fl
 
 const bool kHostFma = JDMT_HOST_FMA;
 
-// Apply the optimizer to one row with its summed gradient `g`.
-inline void ApplyRow(const Problem& p, int64_t row, const float* g) {
+// Apply the optimizer to one row `w` (f32; table row `row`) with its summed
+// gradient `g`.
+inline void ApplyRow(const Problem& p, int64_t row, float* w, const float* g) {
   const int64_t D = p.D;
-  float* w = p.table + row * D;
   const float lr = p.lr;
   if (p.kind == kRowwiseAdagrad) {
     // Sum of squares in 16 interleaved partial sums combined as a tree: the
@@ -193,17 +203,160 @@ inline void ApplyRow(const Problem& p, int64_t row, const float* g) {
   }
 }
 
+// ------------------------------------------------------------- 16-bit storage
+//
+// Storage types of a table's elements: float, or the bits of a bf16 / f16.
+// Widening to f32 and the stochastic rounding back are written with integer
+// bit manipulation (no F16C / fp16 hardware), matching XLA:CPU's conversions
+// and `precision.stochastic_round` bit for bit.
+
+struct Bf16 { uint16_t bits; };
+struct F16 { uint16_t bits; };
+
+inline uint32_t FloatBits(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, 4);
+  return b;
+}
+
+inline float BitsFloat(uint32_t b) {
+  float x;
+  std::memcpy(&x, &b, 4);
+  return x;
+}
+
+// Selection by masks (all ones where a condition holds) rather than
+// branches, so that the loops over a row vectorise.
+inline uint32_t Mask(bool c) { return 0u - static_cast<uint32_t>(c); }
+
+inline float Widen(float v) { return v; }
+inline float Widen(Bf16 v) { return BitsFloat(static_cast<uint32_t>(v.bits) << 16); }
+
+inline float Widen(F16 v) {
+  const uint32_t h = v.bits, sign = (h & 0x8000u) << 16, em = h & 0x7FFFu;
+  // normal: rebias the exponent; inf / NaN: exponent 255, a NaN quieted as
+  // XLA:CPU widens it; subnormal (or zero): em * 2^-24, exact and normal in f32
+  const uint32_t normal = (em << 13) + (112u << 23);
+  const uint32_t special = (em << 13) | 0x7F800000u | (static_cast<uint32_t>(em > 0x7C00u) << 22);
+  const uint32_t sub = FloatBits(static_cast<float>(static_cast<int32_t>(em)) * (1.0f / 16777216.0f));
+  const uint32_t is_special = Mask(em >= 0x7C00u), is_sub = Mask(em < 0x400u);
+  return BitsFloat(sign | (special & is_special) | (sub & is_sub) | (normal & ~(is_special | is_sub)));
+}
+
+// `precision.sr_bits`: murmur3's finaliser over (seed, row), then the column.
+inline uint32_t Mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x85EBCA6Bu;
+  x ^= x >> 13;
+  x *= 0xC2B2AE35u;
+  return x ^ (x >> 16);
+}
+inline uint32_t RowBits(uint32_t seed, int64_t row) {
+  return Mix32(seed ^ (static_cast<uint32_t>(row) * 0x632BE5ABu));
+}
+inline uint32_t SrBits(uint32_t row_bits, int64_t col) {
+  return Mix32(row_bits + static_cast<uint32_t>(col) * 0x85157AF5u);
+}
+
+// bf16: add the top 16 random bits to x's bits and truncate; inf kept, NaN
+// becomes XLA's quiet NaN (sign kept).
+inline uint16_t RoundBf16(float x, uint32_t h) {
+  const uint32_t b = FloatBits(x), ab = b & 0x7FFFFFFFu;
+  const uint32_t finite = (b + (h >> 16)) >> 16;  // (no overflow for finite b)
+  const uint32_t is_nan = Mask(ab > 0x7F800000u);
+  const uint32_t nonfinite = ((((b >> 16) & 0x8000u) | 0x7FC0u) & is_nan) | ((b >> 16) & ~is_nan);
+  const uint32_t is_nonfinite = Mask(ab >= 0x7F800000u);
+  return static_cast<uint16_t>((nonfinite & is_nonfinite) | (finite & ~is_nonfinite));
+}
+
+// f16: |x| (saturated at 65504) = q * 2^k with the f16 ulp 2^k at |x|, k =
+// max(e, -14) - 10; rounds to 2^k * (floor(q) + [u < q - floor(q)]), u =
+// (h >> 8) / 2^24, x's sign kept. Every float operation below is exact, as in
+// XLA. inf kept, NaN as XLA:CPU converts it. Zeros and f32 subnormals give +0
+// as in XLA:CPU, which runs with denormals flushed (there |x| * 2^-k is 0 and
+// `x < 0` false); the kernel runs in that environment (its threads inherit it),
+// so its f32 arithmetic does not hand subnormals here anyway.
+inline uint16_t RoundF16(float x, uint32_t h) {
+  const uint32_t b = FloatBits(x);
+  const uint32_t sign = (b >> 16) & 0x8000u, ab = b & 0x7FFFFFFFu;
+  const uint32_t nonfinite =  // inf, or NaN: quiet, the top payload bits kept
+      sign | 0x7C00u | ((((b >> 13) & 0x3FFu) | 0x200u) & Mask((ab & 0x7FFFFFu) != 0));
+  const uint32_t sat = ab ^ ((ab ^ 0x477FE000u) & Mask(ab > 0x477FE000u));  // <= 65504, the largest f16
+  const int ek = std::max(static_cast<int>(sat >> 23) - 127, -14);
+  // q = |x| * 2^-k in [0, 2048), exact: the exponent moved (|x| normal here)
+  const float q = BitsFloat(sat + (static_cast<uint32_t>(10 - ek) << 23));
+  const float fl = static_cast<float>(static_cast<int32_t>(q));  // floor (q >= 0)
+  const float u = static_cast<float>(static_cast<int32_t>(h >> 8)) * (1.0f / 16777216.0f);
+  const float frac = q - fl;
+  const uint32_t r = static_cast<uint32_t>(static_cast<int32_t>(fl)) + static_cast<uint32_t>(u < frac);
+  // 2^k * r as f16 bits: e >= -14: r in [1024, 2048], exponent field e + 15 (a
+  // carry of r = 2048 moves to the next; never past 65504, whose q is exact);
+  // below: the subnormal count r (1024: the smallest normal).
+  const uint32_t finite = sign | ((static_cast<uint32_t>(ek + 14) << 10) + r);
+  const uint32_t is_nonfinite = Mask(ab >= 0x7F800000u), is_normal = Mask(ab >= 0x00800000u);
+  return static_cast<uint16_t>((nonfinite & is_nonfinite) | (finite & is_normal & ~is_nonfinite));
+}
+
+inline Bf16 Round(float x, uint32_t h, Bf16) { return Bf16{RoundBf16(x, h)}; }
+inline F16 Round(float x, uint32_t h, F16) { return F16{RoundF16(x, h)}; }
+
+// The write-back of a 16-bit row. Hashing and rounding vectorise much better
+// with AVX2 (32-bit lane multiplies) than with x86-64's baseline, so on x86 a
+// copy compiled for AVX2 is chosen at run time (integer and exact float
+// operations only: the same bits either way).
+template <typename W>
+inline void RoundRowBody(W* w, const float* x, int64_t D, uint32_t rb) {
+  for (int64_t d = 0; d < D; ++d) w[d] = Round(x[d], SrBits(rb, d), W{});
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+template <typename W>
+__attribute__((target("avx2"))) void RoundRowAvx2(W* w, const float* x, int64_t D, uint32_t rb) {
+  RoundRowBody(w, x, D, rb);
+}
+const bool kHostAvx2 = __builtin_cpu_supports("avx2");
+#endif
+
+template <typename W>
+inline void RoundRow(W* w, const float* x, int64_t D, uint32_t rb) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (kHostAvx2) {
+    RoundRowAvx2(w, x, D, rb);
+    return;
+  }
+#endif
+  RoundRowBody(w, x, D, rb);
+}
+
+// Update table row `row` with its summed gradient `g`: an f32 row in place; a
+// 16-bit row widened into `tmp` (D floats), updated, and rounded back.
+template <typename W>
+inline void UpdateRow(const Problem& p, int64_t row, const float* g, float* tmp) {
+  const int64_t D = p.D;
+  W* w = static_cast<W*>(p.table) + row * D;
+  for (int64_t d = 0; d < D; ++d) tmp[d] = Widen(w[d]);
+  ApplyRow(p, row, tmp, g);
+  RoundRow(w, tmp, D, RowBits(p.seed, row));
+}
+
+template <>
+inline void UpdateRow<float>(const Problem& p, int64_t row, const float* g, float*) {
+  ApplyRow(p, row, static_cast<float*>(p.table) + row * p.D, g);
+}
+
 // Walk the sorted items: for each run of equal rows, sum the run's gradients
 // (in position order) and apply the optimizer to the row once. The runs are
 // found first, so the table rows of the next few unique rows can be
 // prefetched (they are mostly cache misses: one row per page of the table).
-template <typename T>
+template <typename T, typename W>
 void Walk(const Problem& p, int64_t k, const T* srt, int64_t m, int pbits, int64_t lo,
           Scratch& s) {
   const int64_t D = p.D;
+  const W* table = static_cast<const W*>(p.table);
   const T pmask = (static_cast<T>(1) << pbits) - 1;
   const float* gk = p.grads + k * p.G * D;
   float* acc = s.acc.data();
+  float* tmp = s.row.data();
   // Runs: start[u] is the first item of unique row u; start[U] = m.
   if (s.start.size() < static_cast<size_t>(m) + 1) s.start.resize(m + 1);
   uint32_t* start = s.start.data();
@@ -214,15 +367,15 @@ void Walk(const Problem& p, int64_t k, const T* srt, int64_t m, int pbits, int64
   }
   start[U] = static_cast<uint32_t>(m);
   constexpr int64_t kAheadRow = 8, kAheadGrad = 8;
-  const int64_t rbytes = D * 4;
+  const int64_t rbytes = D * 4, wbytes = D * static_cast<int64_t>(sizeof(W));
   auto row_of = [&](int64_t u) { return lo + static_cast<int64_t>(srt[start[u]] >> pbits); };
   auto grad_of = [&](int64_t i) { return gk + static_cast<int64_t>(srt[i] & pmask) * D; };
-  for (int64_t u = 0; u < std::min<int64_t>(U, kAheadRow); ++u) Prefetch(p.table + row_of(u) * D, rbytes);
+  for (int64_t u = 0; u < std::min<int64_t>(U, kAheadRow); ++u) Prefetch(table + row_of(u) * D, wbytes);
   for (int64_t i = 0; i < std::min<int64_t>(m, kAheadGrad); ++i) Prefetch(grad_of(i), rbytes);
   for (int64_t u = 0; u < U; ++u) {
     if (u + kAheadRow < U) {
       const int64_t nr = row_of(u + kAheadRow);
-      Prefetch(p.table + nr * D, rbytes);
+      Prefetch(table + nr * D, wbytes);
       if (p.kind == kAdagrad) Prefetch(p.accum + nr * D, rbytes);
       else if (p.kind == kRowwiseAdagrad) __builtin_prefetch(p.accum + nr, 1, 3);
     }
@@ -237,7 +390,7 @@ void Walk(const Problem& p, int64_t k, const T* srt, int64_t m, int pbits, int64
       const float* g = grad_of(i);
       for (int64_t d = 0; d < D; ++d) acc[d] += g[d];
     }
-    ApplyRow(p, row_of(u), acc);
+    UpdateRow<W>(p, row_of(u), acc, tmp);
   }
 }
 
@@ -254,19 +407,26 @@ void Pack(const int32_t* ids, const int32_t* src, int64_t n, int64_t R, int64_t 
   }
 }
 
-template <typename T>
+template <typename T, typename W>
 void SortWalk(const Problem& p, int64_t k, T* a, T* b, int64_t m, int pbits, int rbits,
               int64_t lo, Scratch& s) {
   if (m == 0) return;  // (Walk assumes at least one item)
   const T* srt = RadixSort<T>(a, b, m, pbits, rbits, s.hist);
-  Walk<T>(p, k, srt, m, pbits, lo, s);
+  Walk<T, W>(p, k, srt, m, pbits, lo, s);
+}
+
+// Scratch rows of D floats (the widened row only for 16-bit tables).
+template <typename W>
+void Sized(Scratch& s, int64_t D) {
+  s.acc.resize(std::max<int64_t>(D, 1));
+  if (!std::is_same<W, float>::value) s.row.resize(std::max<int64_t>(D, 1));
 }
 
 // One slot over nt threads: the items are split by row range into nt stable
 // partitions (a -> b; a row's occurrences stay in position order), and each
 // thread sorts and walks its own partition (the row ranges are disjoint, so
 // no two threads touch a row). The same bits as one thread.
-template <typename T>
+template <typename T, typename W>
 void SortWalkThreaded(const Problem& p, int64_t k, T* a, T* b, int64_t m, int pbits, int rbits,
                       int64_t lo, int64_t nt) {
   auto part = [&](T v) {
@@ -279,8 +439,8 @@ void SortWalkThreaded(const Problem& p, int64_t k, T* a, T* b, int64_t m, int pb
   for (int64_t i = 0; i < m; ++i) b[pos[part(a[i])]++] = a[i];
   std::vector<Scratch> scratch(nt);
   auto work = [&](int64_t t) {
-    scratch[t].acc.resize(std::max<int64_t>(p.D, 1));
-    SortWalk<T>(p, k, b + off[t], a + off[t], off[t + 1] - off[t], pbits, rbits, lo, scratch[t]);
+    Sized<W>(scratch[t], p.D);
+    SortWalk<T, W>(p, k, b + off[t], a + off[t], off[t + 1] - off[t], pbits, rbits, lo, scratch[t]);
   };
   std::vector<std::thread> pool;
   for (int64_t t = 1; t < nt; ++t) pool.emplace_back(work, t);
@@ -291,6 +451,7 @@ void SortWalkThreaded(const Problem& p, int64_t k, T* a, T* b, int64_t m, int pb
 // Below this many ids a slot is not split over threads.
 constexpr int64_t kMinIdsToSplit = 32768;
 
+template <typename W>
 void Slot(const Problem& p, int64_t k, Scratch& s, int64_t nt = 1) {
   const int32_t* ids = p.ids + k * p.n;
   const int32_t* src = p.src + k * p.n;
@@ -319,29 +480,30 @@ void Slot(const Problem& p, int64_t k, Scratch& s, int64_t nt = 1) {
     uint32_t* a = reinterpret_cast<uint32_t*>(s.a.data());
     uint32_t* b = reinterpret_cast<uint32_t*>(s.b.data());
     Pack<uint32_t>(ids, src, n, R, p.G, lo, pbits, a);
-    if (split) SortWalkThreaded<uint32_t>(p, k, a, b, m, pbits, rbits, lo, nt);
-    else SortWalk<uint32_t>(p, k, a, b, m, pbits, rbits, lo, s);
+    if (split) SortWalkThreaded<uint32_t, W>(p, k, a, b, m, pbits, rbits, lo, nt);
+    else SortWalk<uint32_t, W>(p, k, a, b, m, pbits, rbits, lo, s);
   } else {
     uint64_t* a = s.a.data();
     uint64_t* b = s.b.data();
     Pack<uint64_t>(ids, src, n, R, p.G, lo, pbits, a);
-    if (split) SortWalkThreaded<uint64_t>(p, k, a, b, m, pbits, rbits, lo, nt);
-    else SortWalk<uint64_t>(p, k, a, b, m, pbits, rbits, lo, s);
+    if (split) SortWalkThreaded<uint64_t, W>(p, k, a, b, m, pbits, rbits, lo, nt);
+    else SortWalk<uint64_t, W>(p, k, a, b, m, pbits, rbits, lo, s);
   }
 }
 
+template <typename W>
 void Run(const Problem& p, int64_t threads) {
   threads = std::max<int64_t>(1, threads);
   if (threads > p.K) {  // fewer slots than threads: each slot split over the threads
     Scratch s;
-    s.acc.resize(std::max<int64_t>(p.D, 1));
-    for (int64_t k = 0; k < p.K; ++k) Slot(p, k, s, threads);
+    Sized<W>(s, p.D);
+    for (int64_t k = 0; k < p.K; ++k) Slot<W>(p, k, s, threads);
     return;
   }
   auto work = [&p](int64_t t, int64_t nt) {
     Scratch s;
-    s.acc.resize(std::max<int64_t>(p.D, 1));
-    for (int64_t k = t; k < p.K; k += nt) Slot(p, k, s);
+    Sized<W>(s, p.D);
+    for (int64_t k = t; k < p.K; k += nt) Slot<W>(p, k, s);
   };
   if (threads == 1) {
     work(0, 1);
@@ -359,15 +521,38 @@ std::string Dims(ffi::Span<const int64_t> d) {
   return s + "]";
 }
 
-ffi::Error Impl(int32_t kind, ffi::Buffer<ffi::F32> table, float* accum_in, float* accum_out,
+// The storage type of a table's elements (kBad: not one a table may have).
+// jdmt's state holds 16-bit tables as their bit patterns, bf16 as U16 and f16
+// as S16 (`jdmt.precision.storage_dtype`: XLA:CPU gathers and scatters
+// integers in place); the typed BF16 / F16 buffers are accepted too.
+enum class Store { kF32, kBf16, kF16, kBad };
+
+Store StoreOf(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::F32: return Store::kF32;
+    case ffi::DataType::BF16:
+    case ffi::DataType::U16: return Store::kBf16;
+    case ffi::DataType::F16:
+    case ffi::DataType::S16: return Store::kF16;
+    default: return Store::kBad;
+  }
+}
+
+ffi::Error Impl(int32_t kind, ffi::AnyBuffer table, float* accum_in, float* accum_out,
                 ffi::Span<const int64_t> accum_dims, size_t accum_bytes,
                 ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::S32> src,
-                ffi::Buffer<ffi::F32> grads, ffi::Buffer<ffi::F32> lr,
-                ffi::Result<ffi::Buffer<ffi::F32>> table_out, float eps, float dim,
-                int64_t threads) {
+                ffi::Buffer<ffi::F32> grads, ffi::Buffer<ffi::F32> lr, ffi::Buffer<ffi::U32> seed,
+                ffi::Result<ffi::AnyBuffer> table_out, float eps, float dim, int64_t threads) {
   auto td = table.dimensions(), idd = ids.dimensions(), sd = src.dimensions(),
        gd = grads.dimensions();
-  if (td.size() != 2) return ffi::Error::InvalidArgument("table must be f32[R, D], got " + Dims(td));
+  const Store store = StoreOf(table.element_type());
+  if (store == Store::kBad)
+    return ffi::Error::InvalidArgument("table must be f32, bf16 or f16, got data type " +
+                                       std::to_string(static_cast<int>(table.element_type())));
+  if (td.size() != 2) return ffi::Error::InvalidArgument("table must be [R, D], got " + Dims(td));
+  if (table_out->element_type() != table.element_type() ||
+      table_out->element_count() != table.element_count())
+    return ffi::Error::InvalidArgument("table output differs from the table in type or shape");
   const int64_t R = td[0], D = td[1];
   if (idd.size() != 2) return ffi::Error::InvalidArgument("ids must be i32[K, n], got " + Dims(idd));
   const int64_t K = idd[0], n = idd[1];
@@ -378,6 +563,7 @@ ffi::Error Impl(int32_t kind, ffi::Buffer<ffi::F32> table, float* accum_in, floa
                                        " for ids " + Dims(idd) + ", table " + Dims(td));
   const int64_t G = gd[1];
   if (lr.element_count() != 1) return ffi::Error::InvalidArgument("lr must be a scalar");
+  if (seed.element_count() != 1) return ffi::Error::InvalidArgument("seed must be a u32 scalar");
   if (kind == kRowwiseAdagrad) {
     if (accum_dims.size() != 1 || accum_dims[0] != R)
       return ffi::Error::InvalidArgument("row-wise Adagrad accum must be f32[R], got " + Dims(accum_dims));
@@ -387,8 +573,8 @@ ffi::Error Impl(int32_t kind, ffi::Buffer<ffi::F32> table, float* accum_in, floa
   } else if (kind != kSgd) {
     return ffi::Error::InvalidArgument("unknown optimizer kind " + std::to_string(kind));
   }
-  float* t = table_out->typed_data();
-  if (t != table.typed_data()) std::memcpy(t, table.typed_data(), table.size_bytes());
+  void* t = table_out->untyped_data();
+  if (t != table.untyped_data()) std::memcpy(t, table.untyped_data(), table.size_bytes());
   if (accum_out != nullptr && accum_out != accum_in) std::memcpy(accum_out, accum_in, accum_bytes);
   if (K == 0 || n == 0 || R == 0 || D == 0 || G == 0) return ffi::Error::Success();
   Problem p;
@@ -402,29 +588,32 @@ ffi::Error Impl(int32_t kind, ffi::Buffer<ffi::F32> table, float* accum_in, floa
   p.eps = eps;
   p.inv_dim = 1.0f / (dim > 0 ? dim : static_cast<float>(D));
   p.kind = kind;
-  Run(p, threads);
+  p.seed = seed.typed_data()[0];
+  if (store == Store::kF32) Run<float>(p, threads);
+  else if (store == Store::kBf16) Run<Bf16>(p, threads);
+  else Run<F16>(p, threads);
   return ffi::Error::Success();
 }
 
-ffi::Error UpdateImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> accum,
+ffi::Error UpdateImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> accum,
                       ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::S32> src,
                       ffi::Buffer<ffi::F32> grads, ffi::Buffer<ffi::F32> lr,
-                      ffi::Result<ffi::Buffer<ffi::F32>> table_out,
+                      ffi::Buffer<ffi::U32> seed, ffi::Result<ffi::AnyBuffer> table_out,
                       ffi::Result<ffi::Buffer<ffi::F32>> accum_out, int32_t kind, float eps,
                       float dim, int64_t threads) {
   if (kind == kSgd) return ffi::Error::InvalidArgument("use jdmt_sparse_update_sgd for SGD");
   if (accum_out->element_count() != accum.element_count())
     return ffi::Error::InvalidArgument("accum output shape differs from input");
   return Impl(kind, table, accum.typed_data(), accum_out->typed_data(), accum.dimensions(),
-              accum.size_bytes(), ids, src, grads, lr, table_out, eps, dim, threads);
+              accum.size_bytes(), ids, src, grads, lr, seed, table_out, eps, dim, threads);
 }
 
-ffi::Error SgdImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> ids,
+ffi::Error SgdImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids,
                    ffi::Buffer<ffi::S32> src, ffi::Buffer<ffi::F32> grads,
-                   ffi::Buffer<ffi::F32> lr, ffi::Result<ffi::Buffer<ffi::F32>> table_out,
-                   int64_t threads) {
-  return Impl(kSgd, table, nullptr, nullptr, {}, 0, ids, src, grads, lr, table_out, 0.0f, 0.0f,
-              threads);
+                   ffi::Buffer<ffi::F32> lr, ffi::Buffer<ffi::U32> seed,
+                   ffi::Result<ffi::AnyBuffer> table_out, int64_t threads) {
+  return Impl(kSgd, table, nullptr, nullptr, {}, 0, ids, src, grads, lr, seed, table_out, 0.0f,
+              0.0f, threads);
 }
 
 // ---------------------------------------------------------------- pooled lookup
@@ -433,11 +622,25 @@ ffi::Error SgdImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> ids,
 // outside [0, R) skipped (a bag with none is zeros). The same sum, in the same
 // order, as `routing.pool_rows` (its first valid row, then one row added after
 // another), so results are bit-identical to the XLA path (up to the sign of a
-// zero). The next bag's rows are prefetched while one bag is summed (they are
+// zero). A 16-bit table's rows are widened to f32 as they are added (the same
+// bits as the f32 sum of the widened table). The next bag's rows are prefetched while one bag is summed (they are
 // mostly cache and TLB misses); bags are split over `threads` std::threads.
 
-void PoolBags(const float* table, const int32_t* ids, float* out, int64_t R, int64_t D,
+// The first valid row of a bag (copied) and each later one (added).
+inline void FirstRow(float* o, const float* row, int64_t D) { std::memcpy(o, row, sizeof(float) * D); }
+template <typename W>
+inline void FirstRow(float* o, const W* row, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) o[d] = Widen(row[d]);
+}
+template <typename W>
+inline void AddRow(float* o, const W* row, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) o[d] += Widen(row[d]);
+}
+
+template <typename W>
+void PoolBags(const W* table, const int32_t* ids, float* out, int64_t R, int64_t D,
               int64_t P, int64_t b0, int64_t b1) {
+  constexpr int64_t kStep = 64 / sizeof(W);  // elements per cache line
   constexpr int64_t kAhead = 2;  // bags prefetched ahead
   for (int64_t b = b0; b < b1; ++b) {
     if (b + kAhead < b1) {
@@ -445,8 +648,8 @@ void PoolBags(const float* table, const int32_t* ids, float* out, int64_t R, int
       for (int64_t p = 0; p < P; ++p) {
         const int32_t r = nx[p];
         if (r >= 0 && r < R) {
-          const float* row = table + r * D;
-          for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(row + d, 0, 1);
+          const W* row = table + r * D;
+          for (int64_t d = 0; d < D; d += kStep) __builtin_prefetch(row + d, 0, 1);
         }
       }
     }
@@ -456,22 +659,45 @@ void PoolBags(const float* table, const int32_t* ids, float* out, int64_t R, int
     for (int64_t p = 0; p < P; ++p) {
       const int32_t r = bag[p];
       if (r < 0 || r >= R) continue;
-      const float* row = table + static_cast<int64_t>(r) * D;
+      const W* row = table + static_cast<int64_t>(r) * D;
       if (first) {
-        std::memcpy(o, row, sizeof(float) * D);
+        FirstRow(o, row, D);
         first = false;
       } else {
-        for (int64_t d = 0; d < D; ++d) o[d] += row[d];
+        AddRow(o, row, D);
       }
     }
     if (first) std::memset(o, 0, sizeof(float) * D);
   }
 }
 
-ffi::Error PooledLookupImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> ids,
+template <typename W>
+void Pool(const W* t, const int32_t* i, float* o, int64_t R, int64_t D, int64_t B, int64_t P,
+          int64_t threads) {
+  // at least ~16k ids per thread: below that a thread costs more than it saves
+  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(threads, B * P / 16384));
+  if (n == 1) {
+    PoolBags<W>(t, i, o, R, D, P, 0, B);
+    return;
+  }
+  std::vector<std::thread> pool;
+  const int64_t per = (B + n - 1) / n;
+  for (int64_t k = 1; k < n; ++k) {
+    const int64_t b0 = std::min(B, k * per), b1 = std::min(B, (k + 1) * per);
+    pool.emplace_back(PoolBags<W>, t, i, o, R, D, P, b0, b1);
+  }
+  PoolBags<W>(t, i, o, R, D, P, 0, std::min(B, per));
+  for (auto& th : pool) th.join();
+}
+
+ffi::Error PooledLookupImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids,
                             ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t threads) {
   auto td = table.dimensions(), idd = ids.dimensions(), od = out->dimensions();
-  if (td.size() != 2) return ffi::Error::InvalidArgument("table must be f32[R, D], got " + Dims(td));
+  const Store store = StoreOf(table.element_type());
+  if (store == Store::kBad)
+    return ffi::Error::InvalidArgument("table must be f32, bf16 or f16, got data type " +
+                                       std::to_string(static_cast<int>(table.element_type())));
+  if (td.size() != 2) return ffi::Error::InvalidArgument("table must be [R, D], got " + Dims(td));
   if (idd.size() != 2) return ffi::Error::InvalidArgument("ids must be i32[B, P], got " + Dims(idd));
   const int64_t R = td[0], D = td[1], B = idd[0], P = idd[1];
   if (od.size() != 2 || od[0] != B || od[1] != D)
@@ -483,22 +709,11 @@ ffi::Error PooledLookupImpl(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> i
     std::memset(o, 0, sizeof(float) * B * D);
     return ffi::Error::Success();
   }
-  const float* t = table.typed_data();
+  const void* t = table.untyped_data();
   const int32_t* i = ids.typed_data();
-  // at least ~16k ids per thread: below that a thread costs more than it saves
-  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(threads, B * P / 16384));
-  if (n == 1) {
-    PoolBags(t, i, o, R, D, P, 0, B);
-    return ffi::Error::Success();
-  }
-  std::vector<std::thread> pool;
-  const int64_t per = (B + n - 1) / n;
-  for (int64_t k = 1; k < n; ++k) {
-    const int64_t b0 = std::min(B, k * per), b1 = std::min(B, (k + 1) * per);
-    pool.emplace_back(PoolBags, t, i, o, R, D, P, b0, b1);
-  }
-  PoolBags(t, i, o, R, D, P, 0, std::min(B, per));
-  for (auto& th : pool) th.join();
+  if (store == Store::kF32) Pool(static_cast<const float*>(t), i, o, R, D, B, P, threads);
+  else if (store == Store::kBf16) Pool(static_cast<const Bf16*>(t), i, o, R, D, B, P, threads);
+  else Pool(static_cast<const F16*>(t), i, o, R, D, B, P, threads);
   return ffi::Error::Success();
 }
 
@@ -512,13 +727,14 @@ extern "C" JDMT_EXPORT XLA_FFI_Error* JdmtPooledLookup(XLA_FFI_CallFrame* call_f
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JdmtSparseUpdate, UpdateImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // table
+                                  .Arg<ffi::AnyBuffer>()         // table: f32, bf16, f16
                                   .Arg<ffi::Buffer<ffi::F32>>()  // accum
                                   .Arg<ffi::Buffer<ffi::S32>>()  // ids
                                   .Arg<ffi::Buffer<ffi::S32>>()  // src
                                   .Arg<ffi::Buffer<ffi::F32>>()  // grads
                                   .Arg<ffi::Buffer<ffi::F32>>()  // lr
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // table (aliased)
+                                  .Arg<ffi::Buffer<ffi::U32>>()  // seed (16-bit tables)
+                                  .Ret<ffi::AnyBuffer>()         // table (aliased)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // accum (aliased)
                                   .Attr<int32_t>("kind")
                                   .Attr<float>("eps")
@@ -527,20 +743,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdmtSparseUpdate, UpdateImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JdmtSparseUpdateSgd, SgdImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // table
+                                  .Arg<ffi::AnyBuffer>()         // table: f32, bf16, f16
                                   .Arg<ffi::Buffer<ffi::S32>>()  // ids
                                   .Arg<ffi::Buffer<ffi::S32>>()  // src
                                   .Arg<ffi::Buffer<ffi::F32>>()  // grads
                                   .Arg<ffi::Buffer<ffi::F32>>()  // lr
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // table (aliased)
+                                  .Arg<ffi::Buffer<ffi::U32>>()  // seed (16-bit tables)
+                                  .Ret<ffi::AnyBuffer>()         // table (aliased)
                                   .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JdmtPooledLookup, PooledLookupImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // table
+                                  .Arg<ffi::AnyBuffer>()         // table: f32, bf16, f16
                                   .Arg<ffi::Buffer<ffi::S32>>()  // ids [B, P]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out [B, D]
                                   .Attr<int64_t>("threads"));
 
 // Lets the loader check the library matches the Python side.
-extern "C" JDMT_EXPORT int jdmt_cpu_kernels_abi_version() { return 3; }
+extern "C" JDMT_EXPORT int jdmt_cpu_kernels_abi_version() { return 4; }
