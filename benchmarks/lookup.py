@@ -75,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--check-rows", type=int, default=2000, help="rows per table of the CPU check")
     p.add_argument("--check-batch", type=int, default=256, help="bags per table of the CPU check")
     p.add_argument("--check-tables", type=int, default=4, help="tables of the CPU check")
+    p.add_argument("--table-dtype", default="f32", choices=["f32", "bf16", "f16"],
+                   help="the tables' storage (16-bit: stochastic rounding on write)")
     p.add_argument("--rounds", type=int, default=3,
                    help="with a peer: rounds of jdmt then the peer on the one-device shape")
     peers.add_arguments(p)
@@ -153,7 +155,7 @@ def configs(args):
     return out
 
 
-def build(feats, spec, sharding, devices, kernel, ids, lengths, weights, cpu_update=None):
+def build(feats, spec, sharding, devices, kernel, ids, lengths, weights, cpu_update=None, table_dtype="f32"):
     """(embeddings, state, forward(), step() with a donated state holder)."""
     import jax
     import jax.numpy as jnp
@@ -165,18 +167,19 @@ def build(feats, spec, sharding, devices, kernel, ids, lengths, weights, cpu_upd
 
     mesh = make_mesh(spec, devices=devices)
     emb = ShardedEmbeddings(feats, mesh, sharding, SparseOptimizer("rowwise_adagrad", lr=0.01),
-                            cpu_kernels=cpu_update, kernel=kernel)
+                            cpu_kernels=cpu_update, kernel=kernel, table_dtype=table_dtype)
     sh = NamedSharding(mesh, P(DEVICES))
     ids_d, len_d, w_d = (jax.device_put(x, sh) for x in (ids, lengths, weights))
     # exchange capacities from this batch (as the trainer fits them from its first)
     emb.fit_caps(ids.shape[0] // mesh.devices.size, emb.measure(ids, lengths))
     fwd = jax.jit(lambda s, i, n: emb.forward(s, i, n)[0].pooled)
-    step = jax.jit(lambda s, i, n, w: emb.step(s, i, n, lambda e, w: jnp.sum(e.pooled * w), w)[1],
-                   donate_argnums=0)
-    holder = [emb.init(seed=0)]
+    step = jax.jit(lambda s, i, n, w, seed: emb.step(s, i, n, lambda e, w: jnp.sum(e.pooled * w), w,
+                                                      seed=seed)[1], donate_argnums=0)
+    holder = [emb.init(seed=0), 0]
 
     def one_step():
-        holder[0] = step(holder[0], ids_d, len_d, w_d)
+        holder[1] += 1  # a new stochastic-rounding seed every step (16-bit tables)
+        holder[0] = step(holder[0], ids_d, len_d, w_d, jnp.uint32(holder[1]))
         return holder[0]
 
     return emb, holder, (lambda: fwd(holder[0], ids_d, len_d)), one_step
@@ -275,7 +278,7 @@ def run(args) -> list[dict]:
     timed = {}
     if single:
         built = {u: build(feats, c[0], c[1], c[2], "xla", ids, lengths, weights,
-                          cpu_update=u == "cpu")[2:] for c, u in single}
+                          cpu_update=u == "cpu", table_dtype=args.table_dtype)[2:] for c, u in single}
         rounds = []
         for r in range(args.rounds):
             row = {}
@@ -308,7 +311,7 @@ def run(args) -> list[dict]:
             fwd_ms, step_ms = t["fwd_ms"], t["step_ms"]
         else:
             _, _, fwd, step = build(feats, spec, sharding, devices, "xla", ids, lengths, weights,
-                                    cpu_update=update == "cpu")
+                                    cpu_update=update == "cpu", table_dtype=args.table_dtype)
             fwd_ms = median_ms(fwd, args.iters)
             step_ms = median_ms(step, args.iters)
             t = None
@@ -321,6 +324,7 @@ def run(args) -> list[dict]:
             "batch": args.batch, "pooling": args.pooling, "alpha": args.alpha,
             "unique_ids_per_table": float(unique),
             "optimizer": "rowwise_adagrad",
+            "table_dtype": args.table_dtype,
             # the C++ CPU kernels run the pooled lookup and the update together
             "lookup": "cpu_kernel" if update == "cpu" else "xla",
             "update": "cpu_kernel" if update == "cpu" else "xla",

@@ -539,16 +539,28 @@ def test_step_cost_does_not_grow_with_rows(mesh24, sharding):
     """The compiled step has no table-sized temporary: no dense gradient, no
     copy of a table; its scratch memory is the same for 20k and 2M rows, and
     the tables are updated in place (donated, aliased to the outputs)."""
+    check_step_cost(mesh24, sharding)
+
+
+@pytest.mark.parametrize("sharding,cpu", [("table_wise", False), ("row_wise", False), ("data_parallel", False),
+                                          ("table_wise", None)])
+def test_half_table_step_cost_does_not_grow_with_rows(mesh24, sharding, cpu):
+    """The same for 16-bit tables (read, updated in f32, rounded and written
+    in place), on the XLA path and with the C++ kernels where they build."""
+    check_step_cost(mesh24, sharding, table_dtype="bf16", cpu_kernels=cpu)
+
+
+def check_step_cost(mesh, sharding, **kw):
     temps = []
     for rows in (20_000, 2_000_000):
         feats = _mixed_features(rows)
-        emb = ShardedEmbeddings(feats, mesh24, sharding)
+        emb = ShardedEmbeddings(feats, mesh, sharding, **kw)
         ids, lengths = make_batch(feats, id_range=rows)
         shapes = emb.state_shapes()
         wp = jnp.zeros((B, 64))
 
         def step(state, ids, lengths, wp):
-            return emb.step(state, ids, lengths, lambda e, w: jnp.sum(e.pooled * w), wp)[1]
+            return emb.step(state, ids, lengths, lambda e, w: jnp.sum(e.pooled * w), wp, seed=jnp.uint32(5))[1]
 
         lowered = jax.jit(step, donate_argnums=0).lower(shapes, ids, lengths, wp)
         compiled = lowered.compile()

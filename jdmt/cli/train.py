@@ -220,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "on CPU; the Pallas kernels are chosen only by name until they have been "
                    "verified on GPU and TPU hardware), pallas (Mosaic GPU needs compute "
                    "capability 9.0; on CPU interpreted: slow, for checks) or xla")
+    p.add_argument("--table-dtype", type=_one_of("table dtype", ("f32", "bf16", "f16")), default=d.table_dtype,
+                   help="embedding tables' storage: f32, or bf16/f16 (16-bit rows: half the table "
+                   "memory and bytes per lookup; the optimizer's math and state stay f32, rows are "
+                   "written back with stochastic rounding; XLA and C++ paths, not Pallas)")
     p.add_argument("--row-dedup", type=_one_of("row dedup", ("host", "device")), default=d.row_dedup,
                    help="row-wise tables: de-duplicate requests per host before they cross hosts "
                    "(host: two hops, inside the host first; applies with more than one host of "
@@ -475,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
             keep_checkpoints=args.keep_checkpoints,
             resume=args.resume,
             kernel=args.kernel,
+            table_dtype=args.table_dtype,
             row_dedup=args.row_dedup,
             row_tiers=args.row_tiers,
             memory_budget=args.memory_budget_per_device,

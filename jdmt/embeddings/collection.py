@@ -33,6 +33,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jdmt import precision
 from jdmt.data.specs import Combiner, FeatureSet
 from jdmt.embeddings import optimizers
 from jdmt.embeddings.exchange import MODES, broadcast
@@ -51,7 +52,7 @@ from jdmt.embeddings.types import (
     check_plan,
     plan_sharding,
 )
-from jdmt.mesh import DEVICES, HOST, host_numpy, mesh_shape
+from jdmt.mesh import DEVICES, HOST, LOCAL, host_numpy, mesh_shape
 from jdmt.pallas_kernels.common import Impl, resolve
 
 __all__ = [
@@ -159,6 +160,13 @@ class ShardedEmbeddings:
         per device and row). "host" applies on meshes with more than one
         host and more than one device per host; elsewhere both are the
         direct route.
+      table_dtype: the tables' value type: "f32" (default), "bf16" or "f16"
+        (`jdmt.precision`: rows stored in 16 bits, read as f32, updated in
+        f32 and written back with stochastic rounding; the optimizer state
+        stays f32). The state holds 16-bit rows as their bit patterns
+        (`storage_dtype`: bf16 as uint16, f16 as int16); `to_dense` gives
+        f32 values. 16-bit tables run on the XLA and C++ paths, not the
+        Pallas kernels.
     """
 
     def __init__(
@@ -176,8 +184,11 @@ class ShardedEmbeddings:
         host_features=None,
         towers: bool = False,
         row_dedup: str = "host",
+        table_dtype="f32",
     ):
         self.features = features
+        self.table_dtype = precision.resolve_dtype(table_dtype)  # the values' type
+        self.storage_dtype = precision.storage_dtype(self.table_dtype)  # the state's
         if row_dedup not in ("host", "device"):
             raise ValueError(f"row_dedup must be 'host' or 'device', got {row_dedup!r}")
         platform = mesh.devices.flat[0].platform
@@ -185,6 +196,9 @@ class ShardedEmbeddings:
         if self.impl.pallas:
             if cpu_kernels:
                 raise ValueError("cpu_kernels=True and Pallas kernels exclude each other")
+            if precision.is_half(self.table_dtype):
+                raise ValueError(f"{precision.dtype_name(self.table_dtype)} tables run on the XLA and C++ "
+                                 "paths; the Pallas kernels take f32 tables (kernel='xla')")
             cpu_kernels = False
         if exchange not in MODES:
             raise ValueError(f"exchange must be one of {MODES}, got {exchange!r}")
@@ -463,14 +477,14 @@ class ShardedEmbeddings:
             total = rows if rep else rows * self.num_devices
             acc = optimizers.accumulator_shape(self.optimizer, total, width)
             out[name] = TableState(
-                jax.ShapeDtypeStruct((total, width), jnp.float32, sharding=sh),
+                jax.ShapeDtypeStruct((total, width), self.storage_dtype, sharding=sh),
                 None if acc is None else jax.ShapeDtypeStruct(acc, jnp.float32, sharding=sh),
             )
         return out
 
     def memory(self) -> Memory:
         """Owned and allocated bytes of the tables and their optimizer state."""
-        return self.layout.memory(self.optimizer)
+        return self.layout.memory(self.optimizer, self.storage_dtype.itemsize)
 
     def _shard_map(self, body, in_specs, out_specs, check_vma=False):
         return jax.shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
@@ -488,7 +502,7 @@ class ShardedEmbeddings:
             out = {}
             for name in names:
                 rows, width, rep = self.layout.storages()[name]
-                w = self.layout.init_local(name, seed, me, scales)
+                w = precision.encode(self.layout.init_local(name, seed, me, scales), self.table_dtype)
                 out[name] = TableState(w, optimizers.init_accumulator(self.optimizer, rows, width))
             return out
 
@@ -531,7 +545,7 @@ class ShardedEmbeddings:
 
                 return jax.make_array_from_callback(shape, sh, cb)
 
-            w = make((total, width), lambda d: cut(name, d, order))
+            w = make((total, width), lambda d: precision.encode_host(cut(name, d, order), self.table_dtype))
             acc = None
             if acc_kind is not None:
                 fill = self.optimizer.initial_accumulator
@@ -545,7 +559,7 @@ class ShardedEmbeddings:
     def to_dense(self, state: Mapping[str, TableState]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
         """Full host copies of all tables and accumulators (tests, exports)."""
         names = [f.name for f in self.features.sparse]
-        w = {k: host_numpy(v.weights) for k, v in state.items()}
+        w = {k: precision.decode_host(host_numpy(v.weights)) for k, v in state.items()}
         tables = dict(zip(names, self.layout.to_dense(w)))
         accs = None
         if any(v.accum is not None for v in state.values()):
@@ -753,6 +767,7 @@ class ShardedEmbeddings:
         *,
         lr: jax.Array | float | None = None,
         skip: jax.Array | bool = False,
+        seed: jax.Array | int | None = None,
     ) -> tuple[dict[str, TableState], dict[str, jax.Array]]:
         """The fused sparse optimizer step at the owners, touched rows only.
 
@@ -763,6 +778,10 @@ class ShardedEmbeddings:
           ids, lengths: the batch given to `forward`.
           lr: learning rate override (e.g. a schedule); default the optimizer's.
           skip: write nothing (e.g. `must_skip(forward's stats)`).
+          seed: u32 seed of the stochastic rounding of 16-bit tables, a new
+            one every step (the trainer passes the step count); each storage
+            buffer and device mixes in its own (`precision.update_seed`;
+            replicas of a row round alike). Required for 16-bit tables.
 
         Returns:
           (new state, stats): payload bytes of the backward exchanges and
@@ -775,7 +794,11 @@ class ShardedEmbeddings:
         mode = self.exchange_mode
         feats = self.tables.sparse
 
-        def body(state, ctx, g_pooled, g_seqs, ids, lengths, lr, skip):
+        if precision.is_half(self.table_dtype) and seed is None:
+            raise TypeError(f"updating {precision.dtype_name(self.table_dtype)} tables needs `seed` "
+                            "(a new one every step: the stochastic rounding's bits)")
+
+        def body(state, ctx, g_pooled, g_seqs, ids, lengths, lr, skip, seed):
             streams: dict[str, list] = {}
             st = []
             if not self.towers:
@@ -807,7 +830,7 @@ class ShardedEmbeddings:
                     src = jnp.concatenate([src, s2 + g.shape[0]])
                     rows = jnp.concatenate([rows, r2])
                     g = jnp.concatenate([g, g2])
-                new[name], o = self._apply(name, state[name], rows, src, g, lr, skip, b)
+                new[name], o = self._apply(name, state[name], rows, src, g, lr, skip, seed, b)
                 chunked = chunked + o
                 st.append(self._split_payload(name, rows))
             for w, route in self.hr_routes.items():
@@ -819,7 +842,7 @@ class ShardedEmbeddings:
                 rows, g, s = replica_sum(rows, g, r_all, self.hosts, self.local, False, c["read"])
                 st.append(s)
                 new[name], o = self._apply(name, state[name], rows, jnp.arange(r_all, dtype=jnp.int32), g, lr,
-                                           skip, b, chunk=False)
+                                           skip, seed, b, chunk=False)
                 chunked = chunked + o
             for w, pieces in self._dp.items():
                 name = storage_name(w, True)
@@ -845,7 +868,7 @@ class ShardedEmbeddings:
                     rows, g, s = replica_sum(rows, gpos, r_all, self.hosts, self.local, True, ctx["dp"][w][0])
                     st.append(s)
                     new[name], o = self._apply(name, state[name], rows, jnp.arange(r_all, dtype=jnp.int32), g,
-                                               lr, skip, b, chunk=False)
+                                               lr, skip, seed, b, chunk=False)
                     chunked = chunked + o
                     continue
                 rows = jnp.where((rows >= 0) & (rows < table.shape[0]), rows, -1)
@@ -863,7 +886,7 @@ class ShardedEmbeddings:
                 st.append(s)
                 n = all_rows.size
                 new[name], o = self._apply(name, state[name], all_rows.reshape(-1),
-                                           jnp.arange(n, dtype=jnp.int32), all_g.reshape(n, w), lr, skip, b)
+                                           jnp.arange(n, dtype=jnp.int32), all_g.reshape(n, w), lr, skip, seed, b)
                 chunked = chunked + o
             for name in state:  # storages nothing routes to (no piece of the batch): unchanged
                 new.setdefault(name, state[name])
@@ -881,15 +904,20 @@ class ShardedEmbeddings:
         new, stats = self._shard_map(
             body,
             (self.state_specs(), P(DEVICES), P(DEVICES) if g_pooled is not None else None, seq_specs,
-             P(DEVICES), P(DEVICES), P(), P()),
+             P(DEVICES), P(DEVICES), P(), P(), P()),
             (self.state_specs(), P()),
         )(dict(state), ctx, g_pooled, g_seqs, ids, lengths, jnp.asarray(lr, jnp.float32),
-          jnp.asarray(skip, bool))
+          jnp.asarray(skip, bool), jnp.asarray(0 if seed is None else seed).astype(jnp.uint32))
         return new, stats
 
-    def _apply(self, name, st: TableState, rows, src, grads, lr, skip, batch: int, chunk: bool = True):
+    def _apply(self, name, st: TableState, rows, src, grads, lr, skip, seed, batch: int, chunk: bool = True):
         """sparse_step on one storage buffer (inside the body); `chunk=False`:
         the rows are already unique (one chunk, whatever `unique_capacity`)."""
+        if precision.is_half(self.table_dtype):  # replicas of a row round alike
+            _, _, rep = self.layout.storages()[name]
+            device = (lax.axis_index(LOCAL) if name.startswith("hr_") else 0 if rep
+                      else lax.axis_index(DEVICES))
+            seed = precision.update_seed(seed, sorted(self.layout.storages()).index(name), device)
         rows = jnp.where(skip, -1, rows)
         split = self._split_rows(name, batch)
         opt = self.optimizer
@@ -903,7 +931,7 @@ class ShardedEmbeddings:
             cap = None if cap >= n else cap
         w, acc, o = optimizers.sparse_step(
             opt, st.weights, st.accum, rows, src, grads, lr=lr, row_mean_sq=row_mean_sq, capacity=cap,
-            cpu_kernel=self.cpu_kernels and row_mean_sq is None, impl=self.impl,
+            cpu_kernel=self.cpu_kernels and row_mean_sq is None, impl=self.impl, seed=seed,
         )
         return TableState(w, acc), o
 
@@ -1004,14 +1032,15 @@ class ShardedEmbeddings:
 
     # ---- conveniences -------------------------------------------------------------------------------
 
-    def step(self, state, ids, lengths, loss_fn: Callable, *args, lr=None):
+    def step(self, state, ids, lengths, loss_fn: Callable, *args, lr=None, seed=None):
         """One sparse training step of the embeddings alone (dense parts are the
         caller's): `loss_fn(embs, *args) -> scalar`. Returns (loss, new state,
         gradients of `args`, stats); the state is unchanged when
         `must_skip(stats)` (an overflow: `grow` and repeat; or bad ids)."""
         embs, ctx, stats = self.forward(state, ids, lengths)
         loss, grads = jax.value_and_grad(loss_fn, argnums=tuple(range(1 + len(args))))(embs, *args)
-        new, ustats = self.update(state, ctx, grads[0], ids, lengths, lr=lr, skip=self.must_skip(stats))
+        new, ustats = self.update(state, ctx, grads[0], ids, lengths, lr=lr, skip=self.must_skip(stats),
+                                  seed=seed)
         return loss, new, grads[1:], {**stats, **{f"update_{k}": v for k, v in ustats.items()}}
 
     def describe(self) -> list[dict]:

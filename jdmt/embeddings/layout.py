@@ -299,26 +299,30 @@ class Layout:
     def pieces_of(self, feature: int) -> list[Piece]:
         return [p for p in self.pieces if p.feature == feature]
 
-    def memory(self, optimizer: SparseOptimizer) -> Memory:
-        """Owned and allocated bytes of tables and optimizer state."""
+    def memory(self, optimizer: SparseOptimizer, weight_bytes: int = 4) -> Memory:
+        """Owned and allocated bytes of tables and optimizer state (`weight_bytes`
+        per table element: 4 for f32, 2 for 16-bit tables; the state is f32)."""
         n = self.num_devices
+
+        def row_bytes(w):
+            return weight_bytes * w + 4.0 * _acc_floats(optimizer, w)
+
         owned = 0.0
         per_dev = np.zeros(n)
         for p in self.pieces:
             f = self.features.sparse[p.feature]
-            row_bytes = 4.0 * (p.width + _acc_floats(optimizer, p.width))
-            owned += f.rows * row_bytes
+            rb = row_bytes(p.width)
+            owned += f.rows * rb
             if p.replicated:
-                per_dev += f.rows * row_bytes
+                per_dev += f.rows * rb
             elif p.host_replicated:
                 for d in range(n):
-                    per_dev[d] += p.shard_rows(f.rows, d % self.local) * row_bytes
+                    per_dev[d] += p.shard_rows(f.rows, d % self.local) * rb
             else:
                 for s, d in enumerate(p.devices):
-                    per_dev[d] += p.shard_rows(f.rows, s) * row_bytes
-        alloc_dev = sum(r * 4.0 * (w + _acc_floats(optimizer, w)) for w, r in self.rows.items())
-        alloc_dev += sum(r * 4.0 * (w + _acc_floats(optimizer, w)) for w, r in self.dp_rows.items())
-        alloc_dev += sum(r * 4.0 * (w + _acc_floats(optimizer, w)) for w, r in self.hr_rows.items())
+                    per_dev[d] += p.shard_rows(f.rows, s) * rb
+        alloc_dev = sum(r * row_bytes(w) for rows in (self.rows, self.dp_rows, self.hr_rows)
+                        for w, r in rows.items())
         return Memory(owned, alloc_dev * n, per_dev, alloc_dev)
 
     # ---- initial values (traced, on the devices) ---------------------------------------------

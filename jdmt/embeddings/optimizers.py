@@ -84,11 +84,14 @@ def sparse_step(
     agree: Callable[[jax.Array], jax.Array] | None = None,
     cpu_kernel: bool = False,
     impl: Impl = XLA,
+    seed: jax.Array | int | None = None,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
     """De-duplicate and apply: the whole fused update of one device's storage.
 
     Args:
-      table: f32[R, D] the storage buffer (donated by the caller's jit).
+      table: f32[R, D] the storage buffer (donated by the caller's jit), or
+        bf16/f16: updated in f32 and written back with stochastic rounding
+        (`jdmt.precision`).
       accum: its optimizer state, or None.
       rows: i32[n] storage rows of the ids whose gradients arrived; negative
         or >= R = none.
@@ -113,6 +116,8 @@ def sparse_step(
         is summed by the `segment_sum` kernel and the rows are written by the
         `row_update` kernel, in place (`jdmt.pallas_kernels`); the sort stays
         in XLA. Ignored when `cpu_kernel` is set.
+      seed: u32, the stochastic rounding's seed of a 16-bit table (a new one
+        every step; `precision.update_seed`); not used for f32 tables.
 
     Returns:
       (table, accum, overflowed): overflowed is 1 if more than one chunk ran.
@@ -128,7 +133,7 @@ def sparse_step(
 
         threads = max(1, getattr(impl, "cpu_threads", 1))
         table, accum = cpu_kernels.sparse_update(opt.kind, table, accum, rows, src, grads, lr,
-                                                 eps=opt.eps, threads=threads)
+                                                 eps=opt.eps, threads=threads, seed=seed)
         return table, accum, jnp.zeros((), jnp.int32)
     d = grads.shape[-1]
     sentinel = r
@@ -147,7 +152,7 @@ def sparse_step(
         # The caller makes `grads` depend on this step's reads of `table`, or XLA
         # keeps the old table alive with a whole-table copy (docs/design.md).
         return run_update(impl, table, accum, uniq, g.reshape(-1, d), lr, msq,
-                          kind=opt.kind, eps=opt.eps)
+                          kind=opt.kind, eps=opt.eps, seed=seed)
 
     if capacity is None or capacity >= n:
         return (*update(n, 0, table, accum), jnp.zeros((), jnp.int32))

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jdmt import precision
+
 __all__ = [
     "bag_ids_at_owner",
     "bag_send",
@@ -180,9 +182,12 @@ def _row_send_pairs(dst, local, ok, rows_per_peer, peers, cap):
 
 
 def gather_rows(table: jax.Array, idx: jax.Array) -> jax.Array:
-    """`table[idx]` with zeros where idx < 0 (or past the end)."""
+    """`table[idx]` with zeros where idx < 0 (or past the end), as f32 (a
+    16-bit table's stored rows are widened as they are read: `precision.widen`)."""
     idx = jnp.where(idx >= 0, idx, table.shape[0])
-    return table.at[idx].get(mode="fill", fill_value=0)
+    if precision.is_half(table.dtype):
+        return precision.widen(table.at[idx].get(mode="fill", fill_value=0))
+    return table.at[idx].get(mode="fill", fill_value=0).astype(jnp.float32)
 
 
 _UNROLL = 16  # positions unrolled in Python (bags longer than this loop in blocks of it)
@@ -202,7 +207,7 @@ def pool_rows(table: jax.Array, idx: jax.Array, count: jax.Array | int | None = 
     static = count is None or isinstance(count, int)
     n = min(count, pmax) if static and count is not None else pmax
     if n == 0:
-        return jnp.zeros(idx.shape[:-1] + table.shape[1:], table.dtype)
+        return jnp.zeros(idx.shape[:-1] + table.shape[1:], jnp.float32)
     if static:
         if n <= _UNROLL:
             out = gather_rows(table, idx[..., 0])

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+from jdmt import precision
 
 from jdmt.pallas_kernels.common import Impl, as_arrays, check_table, resolve, target_module
 
@@ -48,17 +51,22 @@ def check_update(table, accum, rows, grads, kind: str, row_mean_sq) -> None:
 
 
 def sparse_update_reference(
-    table, accum, rows, grads, lr, *, kind="rowwise_adagrad", eps=1e-8, row_mean_sq=None
+    table, accum, rows, grads, lr, *, kind="rowwise_adagrad", eps=1e-8, row_mean_sq=None, seed=None
 ):
     """XLA reference of `sparse_update`."""
     table, accum, rows, grads, row_mean_sq = as_arrays(table, accum, rows, grads, row_mean_sq)
     kind = _kind(kind)
     check_update(table, accum, rows, grads, kind, row_mean_sq)
-    return row_update_xla(table, accum, rows, grads, lr, row_mean_sq, kind=kind, eps=eps)
+    return row_update_xla(table, accum, rows, grads, lr, row_mean_sq, kind=kind, eps=eps, seed=seed)
 
 
-def row_update_xla(table, accum, rows, grads, lr, row_mean_sq, *, kind: str, eps: float):
-    """The update in XLA: gathers of the touched state, one scatter each."""
+def row_update_xla(table, accum, rows, grads, lr, row_mean_sq, *, kind: str, eps: float, seed=None):
+    """The update in XLA: gathers of the touched state, one scatter each.
+
+    A 16-bit table (bf16 stored as uint16, f16 as int16:
+    `precision.storage_dtype`) is updated in f32 and written back rounded
+    stochastically with the bits `precision.sr_bits(seed, row, col)`
+    (`seed`: u32, required then; `jdmt.precision`)."""
     r = table.shape[0]
     rows = jnp.where((rows >= 0) & (rows < r), rows, r)  # out of range: dropped
     grads = grads.astype(jnp.float32)
@@ -75,6 +83,16 @@ def row_update_xla(table, accum, rows, grads, lr, row_mean_sq, *, kind: str, eps
         delta = -(lr * grads) / (jnp.sqrt(new) + eps)
     else:
         delta = -(lr * grads)
+    if precision.is_half(table.dtype):
+        if seed is None:
+            raise TypeError("a 16-bit table's update needs `seed` (the stochastic rounding's bits)")
+        # (stored as integers: `precision.storage_dtype`; gathers and scatters in place)
+        old = precision.widen(table.at[rows].get(mode="fill", fill_value=0))
+        # the add stays a separate add (as the f32 scatter-add and the C++
+        # kernel do it): no fused multiply-add across the barrier
+        new = old + lax.optimization_barrier(delta)
+        bits = precision.sr_bits(seed, rows[:, None], jnp.arange(table.shape[1], dtype=jnp.int32)[None, :])
+        return table.at[rows].set(precision.round_stored(new, table.dtype, bits), mode="drop"), accum
     return table.at[rows].add(delta.astype(table.dtype), mode="drop"), accum
 
 
@@ -116,11 +134,14 @@ def sparse_update(
                       row_mean_sq, kind=kind, eps=eps)
 
 
-def run_update(impl: Impl, table, accum, rows, grads, lr, row_mean_sq, *, kind: str, eps: float):
+def run_update(impl: Impl, table, accum, rows, grads, lr, row_mean_sq, *, kind: str, eps: float, seed=None):
     """`sparse_update` with a resolved implementation (inputs already checked)."""
     kind = _kind(kind)
     if not impl.pallas:
-        return row_update_xla(table, accum, rows, grads, lr, row_mean_sq, kind=kind, eps=eps)
+        return row_update_xla(table, accum, rows, grads, lr, row_mean_sq, kind=kind, eps=eps, seed=seed)
+    if precision.is_half(table.dtype):
+        raise ValueError("the Pallas row-update kernels take f32 tables; 16-bit tables run on the XLA "
+                         "and C++ paths")
     return target_module(impl).row_update(
         table, accum, rows.astype(jnp.int32), grads, jnp.asarray(lr, jnp.float32), row_mean_sq,
         kind=kind, eps=float(eps), interpret=impl.interpret)

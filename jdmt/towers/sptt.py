@@ -152,7 +152,8 @@ class SPTT:
       row_wise: tables sharded table-row-wise over their tower's host (the
         others are table-wise on one of its devices), or `'auto'`: those
         bigger than an even share of their host (`auto_row_wise`).
-      cpu_kernels, kernel, exchange, bag_features: passed to `ShardedEmbeddings`.
+      cpu_kernels, kernel, exchange, bag_features, table_dtype: passed to
+        `ShardedEmbeddings`.
 
     Attributes:
       emb: the `ShardedEmbeddings` of the tower plan (state, update, checkpoints).
@@ -182,6 +183,7 @@ class SPTT:
         kernel: str = "auto",
         exchange: str = "auto",
         bag_features=None,
+        table_dtype="f32",
     ):
         self.features = features
         self.mesh = mesh
@@ -196,7 +198,8 @@ class SPTT:
         self.row_wise = tuple(n for n in features.names if plan[n].type is ShardingType.TABLE_ROW_WISE)
         self.emb = ShardedEmbeddings(features, mesh, plan, optimizer, cpu_kernels=cpu_kernels,
                                      kernel=kernel, exchange=exchange, bag_features=bag_features,
-                                     host_features=features.names, towers=not self.identity)
+                                     host_features=features.names, towers=not self.identity,
+                                     table_dtype=table_dtype)
         self.tower_inputs = tuple(tuple(t) for t in self.towers)
         self.f_max = max(1, max(len(t) for t in self.tower_inputs))
         self.out_dim = 0 if self.identity else tower_output_dim(module, self.f_max, self.dim, tower_dim)
@@ -294,9 +297,9 @@ class SPTT:
         or a compressing module's inputs, the bags pooled at the entries."""
         return self.emb.forward(state, ids, lengths)
 
-    def update(self, state, ctx, grads, ids, lengths, *, lr=None, skip=False):
+    def update(self, state, ctx, grads, ids, lengths, *, lr=None, skip=False, seed=None):
         """`emb.update` with the gradients of `forward`'s outputs."""
-        return self.emb.update(state, ctx, grads, ids, lengths, lr=lr, skip=skip)
+        return self.emb.update(state, ctx, grads, ids, lengths, lr=lr, skip=skip, seed=seed)
 
     def tower_outputs(self, params: Any, entry: jax.Array, module: TowerModule | None = None) -> jax.Array:
         """Tower Module outputs of every sample: f32[B_global, T, C], towers in

@@ -21,6 +21,7 @@ from jdmt.data.synthetic import TEACHERS
 from jdmt.mesh import parse_mesh_spec
 from jdmt.train.schedule import DENSE_OPTIMIZERS, LR_SCHEDULES, schedule_steps
 from jdmt.pallas_kernels.common import Kernel
+from jdmt.precision import TABLE_DTYPES
 from jdmt.models import (
     MODELS,
     SEQUENCE_POOLING,
@@ -148,6 +149,10 @@ class TrainConfig:
         kernels have run on GPU and TPU hardware), 'pallas'
         (`jdmt.pallas_kernels`; in interpret mode on CPU: slow, for checks)
         or 'xla'.
+      table_dtype: the embedding tables' storage type: 'f32', 'bf16' or
+        'f16' (16-bit rows, f32 optimizer math and state, stochastic
+        rounding on write; `jdmt.precision`). 16-bit tables take the XLA and
+        C++ paths, not the Pallas kernels.
       row_dedup: where row-wise tables' requests are de-duplicated before
         they cross hosts: 'host' (two hops: inside the host first, then one
         request per host and row; on meshes of more than one host of more
@@ -222,6 +227,7 @@ class TrainConfig:
     resume: bool = False
     keep_checkpoints: int = 3
     kernel: str = "auto"
+    table_dtype: str = "f32"
     row_dedup: str = "host"
     row_tiers: str = "auto"
     memory_budget: float = 1.25
@@ -279,6 +285,11 @@ class TrainConfig:
             _choice("sharding", self.sharding, ShardingType)
         _choice("embedding_optimizer", self.embedding_optimizer, OptimizerKind)
         _choice("kernel", self.kernel, Kernel)
+        if self.table_dtype not in TABLE_DTYPES:
+            raise ValueError(f"table_dtype must be one of {', '.join(TABLE_DTYPES)}, got {self.table_dtype!r}")
+        if self.table_dtype != "f32" and self.kernel == "pallas":
+            raise ValueError(f"table_dtype={self.table_dtype!r} runs on the XLA and C++ paths; the Pallas "
+                             "kernels take f32 tables (kernel='xla' or 'auto')")
         if self.row_dedup not in ("host", "device"):
             raise ValueError(f"row_dedup must be 'host' or 'device', got {self.row_dedup!r}")
         if self.row_tiers not in ("auto", "none"):

@@ -33,7 +33,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jdmt import metrics
+from jdmt import metrics, precision
 from jdmt.comm import comm_report_compiled
 from jdmt.data import (
     Batch,
@@ -158,7 +158,8 @@ class Trainer:
             self.emb = self.sptt.emb
         else:
             self.emb = ShardedEmbeddings(self.features, self.mesh, sharding, sparse_opt,
-                                         kernel=config.kernel, row_dedup=config.row_dedup)
+                                         kernel=config.kernel, row_dedup=config.row_dedup,
+                                         table_dtype=config.table_dtype)
             if config.plan is not None and not self.plan_loaded and jax.process_index() == 0:
                 write_plan(self, config.plan)
         if config.model == "dcn":
@@ -217,7 +218,7 @@ class Trainer:
         _check_tower_sequences(cfg.tower_module, cfg.sequence_pooling, len(self.seq_index) > 0)
         return SPTT(self.features, self.mesh, part.towers, part.hosts, optimizer,
                     module=cfg.tower_module, tower_dim=cfg.tower_dim, row_wise=cfg.tower_row_wise,
-                    kernel=cfg.kernel)
+                    kernel=cfg.kernel, table_dtype=cfg.table_dtype)
 
     def path_line(self) -> str:
         """What runs, in one line: the embedding path, the kernels and the exchange."""
@@ -238,8 +239,9 @@ class Trainer:
         if self.emb.hops:
             exchange += ", row-wise requests de-duplicated per host (two hops)"
         gp = "" if self.gp is None else f", growth-prune {cfg.growth_prune} ({len(self.gp.phases)} phases)"
+        tables = "f32" if cfg.table_dtype == "f32" else f"{cfg.table_dtype} (f32 math, stochastic rounding)"
         return (f"mesh {self.hosts}x{self.local}, {cfg.model}, {path}, kernels {self._kernel_name()}, "
-                f"exchange {exchange}{gp}")
+                f"tables {tables}, exchange {exchange}{gp}")
 
     def _kernel_name(self) -> str:
         """What runs the lookups and updates: 'xla' (with the C++ update on
@@ -345,7 +347,8 @@ class Trainer:
         """What a checkpoint's state depends on (saved in its meta).
 
         `features`, `model` and the optimizer kinds must match to restore;
-        `mesh` and `plan` may differ (the tables are then re-laid out).
+        `mesh`, `plan` and `table_dtype` may differ (the tables are then
+        re-laid out, and rounded to the nearest value of a 16-bit type).
         """
         cfg = self.config
         return {
@@ -373,6 +376,7 @@ class Trainer:
             else {"lr_schedule": cfg.lr_schedule, "clip": cfg.clip_norm is not None},
             "mesh": [self.hosts, self.local],
             "plan": {name: p.to_json() for name, p in self.emb.plan.items()},
+            "table_dtype": cfg.table_dtype,
         }
 
     def restore(self, ckpt: Checkpointer, step: int) -> tuple[TrainState, dict]:
@@ -390,16 +394,17 @@ class Trainer:
                 f"checkpoint {step} in {ckpt.directory} does not fit this run: " + "; ".join(problems)
             )
         like = self.abstract_state()
-        if saved["mesh"] == here["mesh"] and saved["plan"] == here["plan"]:
+        if (saved["mesh"] == here["mesh"] and saved["plan"] == here["plan"]
+                and saved.get("table_dtype", "f32") == here["table_dtype"]):
             return ckpt.restore(step, like), meta
-        # Another mesh or plan: rebuild the saved layout, cut the tables out on the host.
+        # Another mesh, plan or table type: rebuild the saved layout, cut the tables out on the host.
         old_plan = {n: Placement.from_json(p) for n, p in saved["plan"].items()}
         old = Layout(self.features, old_plan, *saved["mesh"])
         has_acc = any(t.accum is not None for t in like.tables.values())
         old_tables = {name: TableState(0, 0 if has_acc else None) for name in old.storages()}
         host = ckpt.restore_host(step, TrainState(like.params, like.opt_state, old_tables))
         names = [f.name for f in self.features.sparse]
-        tables = dict(zip(names, old.to_dense({k: t.weights for k, t in host.tables.items()})))
+        tables = dict(zip(names, old.to_dense({k: precision.decode_host(t.weights) for k, t in host.tables.items()})))
         accums = None
         if has_acc:
             acc = {k: t.accum for k, t in host.tables.items()}
@@ -449,10 +454,14 @@ class Trainer:
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(skip, b, a), new, old)  # noqa: E731
         params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
         lr = None
+        count = _step_count(state.opt_state)
         if self.config.lr_schedule != "constant":  # the schedule scales the sparse optimizer too
-            lr = self.emb.optimizer.lr * self.lr_scale(_step_count(state.opt_state))
+            lr = self.emb.optimizer.lr * self.lr_scale(count)
+        # 16-bit tables round stochastically: new bits every applied step (a
+        # repeated step rounds alike), and per run seed
+        seed = count.astype(jnp.uint32) + jnp.uint32(self.config.seed) * jnp.uint32(0x9E3779B9)
         tables, ustats = self.emb_path.update(state.tables, ctx, g_acts, batch.ids, batch.lengths,
-                                              lr=lr, skip=skip)
+                                              lr=lr, skip=skip, seed=seed)
         return TrainState(params, opt_state, tables), {
             "loss": loss,
             "halted": skip,
@@ -764,6 +773,7 @@ class Trainer:
             "plan_file": cfg.plan,
             "plan_loaded": self.plan_loaded,
             "kernel": self._kernel_name(),
+            "table_dtype": self.config.table_dtype,
             "path": self.path_line(),
             "row_tiers": None if self.tier_report is None else [r.to_json() for r in self.tier_report],
             "embedding_dim": cfg.embedding_dim,
