@@ -53,6 +53,10 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 namespace ffi = xla::ffi;
 
 namespace {
@@ -243,6 +247,44 @@ inline float Widen(F16 v) {
   return BitsFloat(sign | (special & is_special) | (sub & is_sub) | (normal & ~(is_special | is_sub)));
 }
 
+// An f16 row widened (o = row) or added (o += row) by the hardware's
+// conversion where there is one: x86's F16C (chosen at run time) or aarch64's
+// fcvt. Both give Widen(F16)'s bits (exact for every finite value; a NaN
+// quieted, its payload kept), several times faster than the bit arithmetic.
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("avx,f16c"))) void F16RowF16c(float* o, const F16* row, int64_t D, bool add) {
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(row);
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + d)));
+    if (add) v = _mm256_add_ps(_mm256_loadu_ps(o + d), v);
+    _mm256_storeu_ps(o + d, v);
+  }
+  for (; d < D; ++d) {
+    const float x = _cvtsh_ss(h[d]);
+    o[d] = add ? o[d] + x : x;
+  }
+}
+const bool kHostF16c = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+inline bool F16RowFast(float* o, const F16* row, int64_t D, bool add) {
+  if (!kHostF16c) return false;
+  F16RowF16c(o, row, D, add);
+  return true;
+}
+#elif defined(__aarch64__)
+inline bool F16RowFast(float* o, const F16* row, int64_t D, bool add) {
+  const __fp16* h = reinterpret_cast<const __fp16*>(row);
+  if (add) {
+    for (int64_t d = 0; d < D; ++d) o[d] += static_cast<float>(h[d]);
+  } else {
+    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<float>(h[d]);
+  }
+  return true;
+}
+#else
+inline bool F16RowFast(float*, const F16*, int64_t, bool) { return false; }
+#endif
+
 // `precision.sr_bits`: murmur3's finaliser over (seed, row), then the column.
 inline uint32_t Mix32(uint32_t x) {
   x ^= x >> 16;
@@ -334,7 +376,11 @@ template <typename W>
 inline void UpdateRow(const Problem& p, int64_t row, const float* g, float* tmp) {
   const int64_t D = p.D;
   W* w = static_cast<W*>(p.table) + row * D;
-  for (int64_t d = 0; d < D; ++d) tmp[d] = Widen(w[d]);
+  bool fast = false;
+  if constexpr (std::is_same_v<W, F16>) fast = F16RowFast(tmp, w, D, false);
+  if (!fast) {
+    for (int64_t d = 0; d < D; ++d) tmp[d] = Widen(w[d]);
+  }
   ApplyRow(p, row, tmp, g);
   RoundRow(w, tmp, D, RowBits(p.seed, row));
 }
@@ -630,10 +676,16 @@ ffi::Error SgdImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids,
 inline void FirstRow(float* o, const float* row, int64_t D) { std::memcpy(o, row, sizeof(float) * D); }
 template <typename W>
 inline void FirstRow(float* o, const W* row, int64_t D) {
+  if constexpr (std::is_same_v<W, F16>) {
+    if (F16RowFast(o, row, D, false)) return;
+  }
   for (int64_t d = 0; d < D; ++d) o[d] = Widen(row[d]);
 }
 template <typename W>
 inline void AddRow(float* o, const W* row, int64_t D) {
+  if constexpr (std::is_same_v<W, F16>) {
+    if (F16RowFast(o, row, D, true)) return;
+  }
   for (int64_t d = 0; d < D; ++d) o[d] += Widen(row[d]);
 }
 
