@@ -41,8 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["TABLE_DTYPES", "decode_host", "dtype_name", "encode", "encode_host", "is_half", "logical_dtype",
-           "resolve_dtype", "round_stored", "sr_bits", "stochastic_round", "storage_dtype", "update_seed", "widen"]
+__all__ = ["TABLE_DTYPES", "decode_host", "dtype_name", "encode", "encode_host", "is_half", "is_stored_half",
+           "logical_dtype", "resolve_dtype", "round_stored", "sr_bits", "stochastic_round", "storage_dtype",
+           "update_seed", "widen"]
 
 TABLE_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
 """The storage types a table may have (`--table-dtype`)."""
@@ -71,6 +72,13 @@ def dtype_name(dtype) -> str:
 def is_half(dtype) -> bool:
     """A 16-bit table type, logical (bf16, f16) or stored (uint16, int16)."""
     return jnp.dtype(dtype) in _STORAGE or jnp.dtype(dtype) in _LOGICAL
+
+
+def is_stored_half(dtype) -> bool:
+    """A table stored as 16-bit bit patterns (uint16, int16): updated with
+    stochastic rounding. (A bf16- or f16-typed array is not: the Pallas
+    kernels and their references update those with round-to-nearest.)"""
+    return jnp.dtype(dtype) in _LOGICAL
 
 
 _STORAGE = {jnp.dtype(jnp.bfloat16): jnp.dtype(jnp.uint16), jnp.dtype(jnp.float16): jnp.dtype(jnp.int16)}
@@ -149,7 +157,7 @@ def widen(stored: jax.Array) -> jax.Array:
 def round_stored(x: jax.Array, dtype, bits: jax.Array) -> jax.Array:
     """`stochastic_round` of f32 `x` into a table stored as `dtype`."""
     dt = jnp.dtype(dtype)
-    if not is_half(dt):
+    if not is_stored_half(dt):
         return x.astype(dt)
     return lax.bitcast_convert_type(stochastic_round(x, logical_dtype(dt), bits), storage_dtype(dt))
 

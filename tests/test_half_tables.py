@@ -122,7 +122,7 @@ def test_half_tables_need_a_seed_and_no_pallas(mesh24):
     emb = ShardedEmbeddings(FEATURES, mesh24, "table_wise", table_dtype="f16", cpu_kernels=False)
     state = emb.init()
     ids, lengths = make_batch(FEATURES)
-    embs, ctx, _ = emb.forward(state, ids, lengths)
+    embs, ctx, _ = jax.jit(emb.forward)(state, ids, lengths)
     g = jax.tree.map(jnp.ones_like, embs)
     with pytest.raises(TypeError, match="seed"):
         emb.update(state, ctx, g, ids, lengths)
@@ -201,3 +201,22 @@ def test_trainer_runs_half_tables_and_checkpoints_cross_table_types(mesh24, tmp_
         for name in a:
             want = a[name] if src == "bf16" else a[name].astype(jnp.bfloat16).astype(np.float32)
             np.testing.assert_array_equal(b[name], want)
+
+
+def test_a_dense_optimizer_without_a_step_count_gets_one_for_the_rounding(mesh24):
+    """SGD at a constant rate keeps no step count; with 16-bit tables the
+    trainer adds one (updates times 1.0), so each step rounds with new bits,
+    and the checkpoint layout says so."""
+    cfg = _tiny(steps=2, optimizer="sgd", table_dtype="f16")
+    trainer = Trainer(cfg, mesh24)
+    assert trainer.step_counter and trainer.layout()["dense_optimizer_chain"]["step_counter"]
+    assert not Trainer(_tiny(steps=2, optimizer="sgd"), mesh24).step_counter
+    assert not Trainer(_tiny(steps=2, table_dtype="f16"), mesh24).step_counter  # Adam counts
+    state = trainer.init_state()
+    step = trainer.compiled_step(state)
+    for i in range(2):
+        batch = trainer.device_batch(trainer._host_train_batch(i))
+        state, stats = step(state, batch, trainer.no_halt())
+        assert not bool(stats["halted"])
+    counts = [x for x in jax.tree.leaves(state.opt_state) if x.dtype == jnp.int32]
+    assert [int(c) for c in counts] == [2]

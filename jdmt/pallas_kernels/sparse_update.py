@@ -83,7 +83,7 @@ def row_update_xla(table, accum, rows, grads, lr, row_mean_sq, *, kind: str, eps
         delta = -(lr * grads) / (jnp.sqrt(new) + eps)
     else:
         delta = -(lr * grads)
-    if precision.is_half(table.dtype):
+    if precision.is_stored_half(table.dtype):
         if seed is None:
             raise TypeError("a 16-bit table's update needs `seed` (the stochastic rounding's bits)")
         # (stored as integers: `precision.storage_dtype`; gathers and scatters in place)
@@ -139,9 +139,9 @@ def run_update(impl: Impl, table, accum, rows, grads, lr, row_mean_sq, *, kind: 
     kind = _kind(kind)
     if not impl.pallas:
         return row_update_xla(table, accum, rows, grads, lr, row_mean_sq, kind=kind, eps=eps, seed=seed)
-    if precision.is_half(table.dtype):
-        raise ValueError("the Pallas row-update kernels take f32 tables; 16-bit tables run on the XLA "
-                         "and C++ paths")
+    if precision.is_stored_half(table.dtype):
+        raise ValueError("the Pallas row-update kernels take f32 (or bf16 / f16 typed) tables, not "
+                         "16-bit tables stored as bits (`--table-dtype`): those run on the XLA and C++ paths")
     return target_module(impl).row_update(
         table, accum, rows.astype(jnp.int32), grads, jnp.asarray(lr, jnp.float32), row_mean_sq,
         kind=kind, eps=float(eps), interpret=impl.interpret)

@@ -66,10 +66,14 @@ def lr_scale(schedule: str, steps: tuple[int, int, int], lr: float):
     return scale
 
 
-def dense_optimizer(name: str, lr: float, scale=None, clip_norm: float | None = None
-                    ) -> optax.GradientTransformation:
+def dense_optimizer(name: str, lr: float, scale=None, clip_norm: float | None = None,
+                    count: bool = False) -> optax.GradientTransformation:
     """The dense model's optax optimizer: `name` at `lr` times `scale(step)`,
-    after clipping the gradients to a global norm of `clip_norm` (if given)."""
+    after clipping the gradients to a global norm of `clip_norm` (if given).
+    `count`: make sure the state counts the applied steps (`needs_counter`)."""
+    if count and needs_counter(name, scale):  # a step count in the state; updates times 1.0
+        inner = dense_optimizer(name, lr, scale, clip_norm)
+        return optax.chain(inner, optax.scale_by_schedule(lambda _: 1.0))
     rate = lr if scale is None else (lambda count: lr * scale(count))
     if name == "adagrad":
         tx = optax.adagrad(rate)
@@ -80,3 +84,9 @@ def dense_optimizer(name: str, lr: float, scale=None, clip_norm: float | None = 
     else:
         raise ValueError(f"unknown dense optimizer {name!r}; available: {', '.join(DENSE_OPTIMIZERS)}")
     return optax.chain(optax.clip_by_global_norm(clip_norm), tx) if clip_norm else tx
+
+
+def needs_counter(name: str, scale) -> bool:
+    """Whether `dense_optimizer(name, ..., scale)`'s state has no step count
+    (SGD and Adagrad at a constant rate keep none; Adam and any schedule do)."""
+    return name in ("sgd", "adagrad") and scale is None

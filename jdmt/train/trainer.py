@@ -63,7 +63,7 @@ from jdmt.train.batches import DataSource, checked_batch
 from jdmt.train.config import TrainConfig, _check_tower_sequences
 from jdmt.train.growth_prune import GrowthPruneRun, flops_summary, resume_state
 from jdmt.train.sharding import auto_plan, load_plan, plan_file_exists, tier_plan, write_plan
-from jdmt.train.schedule import dense_optimizer, lr_scale, schedule_steps
+from jdmt.train.schedule import dense_optimizer, lr_scale, needs_counter, schedule_steps
 from jdmt.train.state import TrainState
 from jdmt.train.steps import run_steps
 from jdmt.train.checkpoint import (
@@ -177,9 +177,11 @@ class Trainer:
         sched = (schedule_steps(config.steps, config.warmup_steps, config.decay_start,
                                 config.decay_steps) if config.lr_schedule == "dlrm" else (0, 0, 0))
         self.lr_scale = lr_scale(config.lr_schedule, sched, config.lr)
-        self.tx = dense_optimizer(config.optimizer, config.lr,
-                                  None if config.lr_schedule == "constant" else self.lr_scale,
-                                  config.clip_norm)
+        scale = None if config.lr_schedule == "constant" else self.lr_scale
+        # 16-bit tables round with a new seed every step: the dense state must count steps
+        self.step_counter = config.table_dtype != "f32" and needs_counter(config.optimizer, scale)
+        self.tx = dense_optimizer(config.optimizer, config.lr, scale, config.clip_norm,
+                                  count=self.step_counter)
         self.gp = None if config.growth_prune is None else GrowthPruneRun(self, config.growth_prune)
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P(DEVICES))
@@ -372,8 +374,10 @@ class Trainer:
             "embedding_optimizer": self.emb.optimizer.kind.value,
             "dense_optimizer": cfg.optimizer,
             # the optax state's structure: a schedule and clipping add state
-            "dense_optimizer_chain": None if cfg.lr_schedule == "constant" and cfg.clip_norm is None
-            else {"lr_schedule": cfg.lr_schedule, "clip": cfg.clip_norm is not None},
+            "dense_optimizer_chain": None if (cfg.lr_schedule == "constant" and cfg.clip_norm is None
+                                              and not self.step_counter)
+            else {"lr_schedule": cfg.lr_schedule, "clip": cfg.clip_norm is not None,
+                  **({"step_counter": True} if self.step_counter else {})},
             "mesh": [self.hosts, self.local],
             "plan": {name: p.to_json() for name, p in self.emb.plan.items()},
             "table_dtype": cfg.table_dtype,
@@ -454,12 +458,14 @@ class Trainer:
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(skip, b, a), new, old)  # noqa: E731
         params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
         lr = None
-        count = _step_count(state.opt_state)
         if self.config.lr_schedule != "constant":  # the schedule scales the sparse optimizer too
-            lr = self.emb.optimizer.lr * self.lr_scale(count)
-        # 16-bit tables round stochastically: new bits every applied step (a
-        # repeated step rounds alike), and per run seed
-        seed = count.astype(jnp.uint32) + jnp.uint32(self.config.seed) * jnp.uint32(0x9E3779B9)
+            lr = self.emb.optimizer.lr * self.lr_scale(_step_count(state.opt_state))
+        seed = None
+        if self.config.table_dtype != "f32":
+            # 16-bit tables round stochastically: new bits every applied step (a
+            # repeated step rounds alike), and per run seed
+            seed = (_step_count(state.opt_state).astype(jnp.uint32)
+                    + jnp.uint32(self.config.seed) * jnp.uint32(0x9E3779B9))
         tables, ustats = self.emb_path.update(state.tables, ctx, g_acts, batch.ids, batch.lengths,
                                               lr=lr, skip=skip, seed=seed)
         return TrainState(params, opt_state, tables), {
