@@ -256,6 +256,7 @@ class WidthRoute:
         # Both kinds of request go in one exchange of ids (a block per peer cut in
         # two slices: bags, then rows) and one of rows back: fewer collectives.
         sends, sizes, parts = [], [], []
+        alone = g == 1  # one device: no exchange, and bags are pooled where they are
         if self.bag_pieces:
             header = self.header(b)
             imax = int(header.max())
@@ -264,13 +265,18 @@ class WidthRoute:
             rows = jnp.transpose(rows, (1, 0, 2)).reshape(-1, self.bag_pool)  # items (k, b)
             kk = np.repeat(np.arange(len(self.bag_pieces)), b)
             rank = self.bag_kd[kk] * b + np.tile(np.arange(b), len(self.bag_pieces))
-            cap = imax + caps.bag_ids
-            send, bsz, _ = routing.bag_send(rows, jnp.asarray(self.bag_dst[kk]), jnp.asarray(rank),
-                                            jnp.asarray(self.bag_base[kk]), jnp.asarray(header), cap)
-            stats.need(f"w{self.width}/bag_ids", jnp.max(bsz) - imax)
-            stats.over(overflow(bsz, cap))
-            stats.payload(jnp.minimum(bsz, cap), 4, self.peer_host, my_host, me)
-            sends.append(send), sizes.append(bsz), parts.append(cap)
+            if alone:  # items in (k, b) order are the owner's order (rank); storage rows
+                base = jnp.asarray(self.bag_base[kk])[:, None]
+                local_ids = jnp.where(rows >= 0, rows + base, -1)[None]  # [1, I, P]
+                stats.need(f"w{self.width}/bag_ids", jnp.sum(rows >= 0, dtype=jnp.int32))
+            else:
+                cap = imax + caps.bag_ids
+                send, bsz, _ = routing.bag_send(rows, jnp.asarray(self.bag_dst[kk]), jnp.asarray(rank),
+                                                jnp.asarray(self.bag_base[kk]), jnp.asarray(header), cap)
+                stats.need(f"w{self.width}/bag_ids", jnp.max(bsz) - imax)
+                stats.over(overflow(bsz, cap))
+                stats.payload(jnp.minimum(bsz, cap), 4, self.peer_host, my_host, me)
+                sends.append(send), sizes.append(bsz), parts.append(cap)
         if self.row_pieces:
             rows = canon[:, self.row_cols].reshape(-1)  # [B * M]
             piece = jnp.asarray(np.tile(self.row_piece_of_col, b))
@@ -282,28 +288,37 @@ class WidthRoute:
             stats.payload(jnp.minimum(rsz_sent, caps.rows), 4, self.peer_host, my_host, me)
             stats.dedup(jnp.sum(rows >= 0, dtype=jnp.int32), unique)
             sends.append(send), sizes.append(rsz_sent), parts.append(caps.rows)
-        recv, rsz = exchange(jnp.concatenate(sends, axis=1), jnp.stack(sizes, axis=1), AXIS,
-                             parts=parts, mode=mode, fill=-1)
+        if alone:  # the exchange with oneself is the identity
+            recv = jnp.concatenate(sends, axis=1) if sends else None
+            rsz = jnp.stack(sizes, axis=1) if sizes else None
+        else:
+            recv, rsz = exchange(jnp.concatenate(sends, axis=1), jnp.stack(sizes, axis=1), AXIS,
+                                 parts=parts, mode=mode, fill=-1)
         outs, back_sizes, back_recv = [], [], []
         k = 0
         if self.bag_pieces:
-            ids = routing.bag_ids_at_owner(recv[:, : parts[0]], items, imax, self.bag_pool)
+            ids = (local_ids if alone else
+                   routing.bag_ids_at_owner(recv[:, : parts[0]], items, imax, self.bag_pool))
             outs.append(owner_pool(table, ids, jnp.asarray(self.bag_maxlen)[me], impl))  # [G, I, D]
             back_sizes.append(jnp.full((g,), items, jnp.int32))
             back_recv.append(jnp.asarray(header))
             ctx["bag_ids"] = ids
             k = 1
         if self.row_pieces:
-            row_ids = recv[:, parts[0] if k else 0 :]
+            c = 0 if alone else k  # the rows' column of the sizes (bags went nowhere)
+            row_ids = recv[:, parts[0] if c else 0 :]
             outs.append(owner_rows(table, row_ids, impl))  # [G, cap, D]
-            back_sizes.append(rsz[:, k])
+            back_sizes.append(rsz[:, c])
             back_recv.append(rsz_sent)
-            ctx.update(row_ids=row_ids, row_recv=rsz[:, k], row_sizes=rsz_sent, row_inv=inv.reshape(b, -1))
+            ctx.update(row_ids=row_ids, row_recv=rsz[:, c], row_sizes=rsz_sent, row_inv=inv.reshape(b, -1))
         back_parts = [o.shape[1] for o in outs]
-        back, _ = exchange(jnp.concatenate(outs, axis=1), jnp.stack(back_sizes, axis=1), AXIS,
-                           parts=back_parts, recv_sizes=jnp.stack(back_recv, axis=1), mode=mode)
-        for bs in back_sizes:
-            stats.payload(bs, 4 * self.width, self.peer_host, my_host, me)
+        if alone:
+            back = jnp.concatenate(outs, axis=1)
+        else:
+            back, _ = exchange(jnp.concatenate(outs, axis=1), jnp.stack(back_sizes, axis=1), AXIS,
+                               parts=back_parts, recv_sizes=jnp.stack(back_recv, axis=1), mode=mode)
+            for bs in back_sizes:
+                stats.payload(bs, 4 * self.width, self.peer_host, my_host, me)
         if self.bag_pieces:
             bag_out = back[self.bag_dst[kk], rank].reshape(len(self.bag_pieces), b, self.width)
         if self.row_pieces:
@@ -364,10 +379,13 @@ class WidthRoute:
             rows.append(ctx["row_ids"].reshape(-1))
             srcs.append(None)  # set below, once the block layout is known
         block = [s_.shape[1] for s_ in sends]
-        got, _ = exchange(jnp.concatenate(sends, axis=1), jnp.stack(sizes, axis=1), AXIS, parts=block,
-                          recv_sizes=jnp.stack(recv_sizes, axis=1), mode=mode)
-        for sz in sizes:
-            stats.payload(sz, 4 * self.width, self.peer_host, my_host, me)
+        if g == 1:  # the exchange with oneself is the identity
+            got = jnp.concatenate(sends, axis=1)
+        else:
+            got, _ = exchange(jnp.concatenate(sends, axis=1), jnp.stack(sizes, axis=1), AXIS, parts=block,
+                              recv_sizes=jnp.stack(recv_sizes, axis=1), mode=mode)
+            for sz in sizes:
+                stats.payload(sz, 4 * self.width, self.peer_host, my_host, me)
         # gradient row of received slot (peer s, position j of its block): s * total + j
         total = sum(block)
         if self.bag_pieces:
