@@ -332,6 +332,22 @@ def test_pooled_lookup_matches_xla_bit_for_bit(pooling, dim):
     np.testing.assert_array_equal(one, np.asarray(jax.jit(routing.pool_rows)(table, big)))
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_pooled_lookup_writes_blocks_interleaved(threads):
+    """interleave=K: K blocks of bags read in order, written sample by sample
+    (bag k * N + j to row j * K + k): the plain lookup's rows, transposed."""
+    rng = np.random.default_rng(3)
+    table = rng.normal(size=(500, 16)).astype(np.float32)
+    k, n = 5, 8000
+    ids = rng.integers(-1, 500, (k * n, 4)).astype(np.int32)
+    plain = np.asarray(jax.jit(lambda t, i: cpu_kernels.pooled_lookup(t, i, threads=threads))(table, ids))
+    inter = np.asarray(jax.jit(lambda t, i: cpu_kernels.pooled_lookup(t, i, threads=threads, interleave=k))(
+        table, ids))
+    np.testing.assert_array_equal(inter.reshape(n, k, 16), plain.reshape(k, n, 16).transpose(1, 0, 2))
+    with pytest.raises(ValueError, match="interleave"):
+        cpu_kernels.pooled_lookup(jnp.asarray(table), ids[:7], interleave=2)
+
+
 def test_pooled_lookup_skips_ids_outside_the_table():
     table = np.arange(12, dtype=np.float32).reshape(4, 3)
     ids = np.array([[0, 4, -1, 3], [99, -7, 2, 2], [-1, -1, -1, -1]], np.int32)

@@ -296,10 +296,20 @@ class WidthRoute:
                                  parts=parts, mode=mode, fill=-1)
         outs, back_sizes, back_recv = [], [], []
         k = 0
+        # One device with the C++ lookup: bags read table by table, written sample
+        # by sample ([B, K, D]: the pooled embeddings' order, no transpose after)
+        interleaved = alone and self.bag_pieces and self.in_order(b) and bool(impl.cpu_threads) \
+            and not impl.pallas
         if self.bag_pieces:
             ids = (local_ids if alone else
                    routing.bag_ids_at_owner(recv[:, : parts[0]], items, imax, self.bag_pool))
-            outs.append(owner_pool(table, ids, jnp.asarray(self.bag_maxlen)[me], impl))  # [G, I, D]
+            if interleaved:
+                from jdmt.embeddings import cpu_kernels
+
+                outs.append(cpu_kernels.pooled_lookup(table, ids[0], threads=impl.cpu_threads,
+                                                      interleave=len(self.bag_pieces))[None])
+            else:
+                outs.append(owner_pool(table, ids, jnp.asarray(self.bag_maxlen)[me], impl))  # [G, I, D]
             back_sizes.append(jnp.full((g,), items, jnp.int32))
             back_recv.append(jnp.asarray(header))
             ctx["bag_ids"] = ids
@@ -320,7 +330,13 @@ class WidthRoute:
             for bs in back_sizes:
                 stats.payload(bs, 4 * self.width, self.peer_host, my_host, me)
         if self.bag_pieces:
-            bag_out = back[self.bag_dst[kk], rank].reshape(len(self.bag_pieces), b, self.width)
+            nk, i_all = len(self.bag_pieces), len(kk)
+            if interleaved:  # [B, K, D] viewed as [K, B, D]; `_assemble` transposes it back (no copy)
+                bag_out = jnp.swapaxes(outs[0][0].reshape(b, nk, self.width), 0, 1)
+            elif alone and self.in_order(b):
+                bag_out = back[0, :i_all].reshape(nk, b, self.width)
+            else:
+                bag_out = back[self.bag_dst[kk], rank].reshape(nk, b, self.width)
         if self.row_pieces:
             rows_back = back[:, back_parts[0] if k else 0 :].reshape(-1, self.width)
             inv = ctx["row_inv"]
@@ -331,6 +347,13 @@ class WidthRoute:
                               else routing.gather_rows(rows_back, at))
         ctx["read"] = _read_token(outs)
         return bag_out, row_out, ctx, stats
+
+    def in_order(self, b: int) -> bool:
+        """The bag items (k, j) of a B = `b` batch are at their owner in that
+        order (one device: item k * B + j is slot k * B + j)."""
+        kk = np.repeat(np.arange(len(self.bag_pieces)), b)
+        rank = self.bag_kd[kk] * b + np.tile(np.arange(b), len(self.bag_pieces))
+        return bool(np.all(self.bag_dst[kk] == 0) and np.array_equal(rank, np.arange(len(kk))))
 
     def backward(self, ctx, g_bag, g_rows, caps: Caps, mode: str):
         """The gradients of `forward`'s outputs, back at the owners.
@@ -360,7 +383,12 @@ class WidthRoute:
             item_at = np.full(g * imax, len(kk), np.int32)  # len(kk): out of range -> 0
             item_at[self.bag_dst[kk] * imax + rank] = np.arange(len(kk))
             g_items = g_bag.reshape(-1, self.width)
-            if np.array_equal(item_at, np.arange(g * imax)):  # already in block order
+            nk = len(self.bag_pieces)
+            sample_order = g == 1 and self.in_order(b)
+            if sample_order:  # one device: the gradients in the pooled order [B, K, D], read
+                # through `src` (g_bag is a transposed view of them: no copy)
+                send = jnp.swapaxes(g_bag, 0, 1).reshape(-1, self.width)
+            elif np.array_equal(item_at, np.arange(g * imax)):  # already in block order
                 send = g_items
             else:  # (pieces are sorted by peer, so this means slots left empty)
                 send = jnp.take(g_items, jnp.asarray(item_at), axis=0, mode="fill", fill_value=0)
@@ -391,6 +419,9 @@ class WidthRoute:
         if self.bag_pieces:
             imax = block[0]
             item = (np.arange(g)[:, None, None] * total + np.arange(imax)[None, :, None]).astype(np.int32)
+            if sample_order:  # item k * B + j's gradient is row j * K + k
+                j = np.arange(imax)
+                item = ((j % b) * nk + j // b).astype(np.int32)[None, :, None]
             srcs[0] = jnp.broadcast_to(jnp.asarray(item), ctx["bag_ids"].shape).reshape(-1)
         if self.row_pieces:
             off = block[0] if self.bag_pieces else 0

@@ -34,7 +34,7 @@ from jdmt.embeddings.types import OptimizerKind
 _TARGET = "jdmt_sparse_update"
 _TARGET_SGD = "jdmt_sparse_update_sgd"
 _TARGET_POOL = "jdmt_pooled_lookup"
-_ABI = 4
+_ABI = 5
 _KIND = {
     OptimizerKind.ROWWISE_ADAGRAD: 0,
     OptimizerKind.ADAGRAD: 1,
@@ -201,7 +201,7 @@ def host_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def pooled_lookup(table: jax.Array, ids: jax.Array, *, threads: int = 1) -> jax.Array:
+def pooled_lookup(table: jax.Array, ids: jax.Array, *, threads: int = 1, interleave: int = 1) -> jax.Array:
     """Pooled rows f32[..., D]: the sum of `table[ids[..., p]]` over the last
     axis in position order, ids outside [0, R) skipped (CPU); a 16-bit
     table's rows are widened to f32 as they are added.
@@ -212,6 +212,10 @@ def pooled_lookup(table: jax.Array, ids: jax.Array, *, threads: int = 1) -> jax.
       ids: i32[..., P] rows (-1: no id).
       threads: host threads to split the bags over (static; bags are split
         only where each thread gets at least ~16k ids).
+      interleave: K (static): the bags are K blocks of N / K (N = the bags
+        of `ids` flattened); bag k * (N / K) + j is written to row j * K + k
+        of the output (the [N / K, K, D] order) -- table by table in, sample
+        by sample out, with no transpose after. 1: in order.
     """
     if not _ensure():
         raise RuntimeError(f"jdmt CPU kernels unavailable: {_state.get('reason')}")
@@ -221,9 +225,11 @@ def pooled_lookup(table: jax.Array, ids: jax.Array, *, threads: int = 1) -> jax.
     ids = jnp.asarray(ids, jnp.int32)
     lead, p = ids.shape[:-1], ids.shape[-1]
     flat = ids.reshape(-1, p)
+    if interleave < 1 or flat.shape[0] % interleave:
+        raise ValueError(f"interleave {interleave} must divide the {flat.shape[0]} bags")
     (out,) = jax.ffi.ffi_call(
         _TARGET_POOL, (jax.ShapeDtypeStruct((flat.shape[0], table.shape[1]), jnp.float32),),
-    )(table, flat, threads=np.int64(max(1, int(threads))))
+    )(table, flat, threads=np.int64(max(1, int(threads))), interleave=np.int64(interleave))
     return out.reshape(*lead, table.shape[1])
 
 

@@ -689,9 +689,22 @@ inline void AddRow(float* o, const W* row, int64_t D) {
   for (int64_t d = 0; d < D; ++d) o[d] += Widen(row[d]);
 }
 
+// Bags in K blocks of Bk = B / K (block k: bags k * Bk ...), written out in
+// the interleaved order: bag k * Bk + j to row j * K + k (K = 1: in place).
+// The jdmt layout reads table by table (block by block, which keeps each
+// table's hot rows in cache) and writes the `[Bk, K * D]` embeddings of the
+// samples directly, with no transpose after.
+struct Interleave {
+  int64_t K, per;
+};
+inline int64_t OutRow(int64_t b, const Interleave& v) {
+  return v.K == 1 ? b : (b % v.per) * v.K + b / v.per;
+}
+
 template <typename W>
 void PoolBags(const W* table, const int32_t* ids, float* out, int64_t R, int64_t D,
-              int64_t P, int64_t b0, int64_t b1) {
+              int64_t P, int64_t b0, int64_t b1, Interleave v) {
+
   constexpr int64_t kStep = 64 / sizeof(W);  // elements per cache line
   constexpr int64_t kAhead = 2;  // bags prefetched ahead
   for (int64_t b = b0; b < b1; ++b) {
@@ -706,7 +719,7 @@ void PoolBags(const W* table, const int32_t* ids, float* out, int64_t R, int64_t
       }
     }
     const int32_t* bag = ids + b * P;
-    float* o = out + b * D;
+    float* o = out + OutRow(b, v) * D;
     bool first = true;
     for (int64_t p = 0; p < P; ++p) {
       const int32_t r = bag[p];
@@ -725,25 +738,26 @@ void PoolBags(const W* table, const int32_t* ids, float* out, int64_t R, int64_t
 
 template <typename W>
 void Pool(const W* t, const int32_t* i, float* o, int64_t R, int64_t D, int64_t B, int64_t P,
-          int64_t threads) {
+          int64_t threads, Interleave v) {
   // at least ~16k ids per thread: below that a thread costs more than it saves
   const int64_t n = std::max<int64_t>(1, std::min<int64_t>(threads, B * P / 16384));
   if (n == 1) {
-    PoolBags<W>(t, i, o, R, D, P, 0, B);
+    PoolBags<W>(t, i, o, R, D, P, 0, B, v);
     return;
   }
   std::vector<std::thread> pool;
   const int64_t per = (B + n - 1) / n;
   for (int64_t k = 1; k < n; ++k) {
     const int64_t b0 = std::min(B, k * per), b1 = std::min(B, (k + 1) * per);
-    pool.emplace_back(PoolBags<W>, t, i, o, R, D, P, b0, b1);
+    pool.emplace_back(PoolBags<W>, t, i, o, R, D, P, b0, b1, v);
   }
-  PoolBags<W>(t, i, o, R, D, P, 0, std::min(B, per));
+  PoolBags<W>(t, i, o, R, D, P, 0, std::min(B, per), v);
   for (auto& th : pool) th.join();
 }
 
 ffi::Error PooledLookupImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids,
-                            ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t threads) {
+                            ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t threads,
+                            int64_t interleave) {
   auto td = table.dimensions(), idd = ids.dimensions(), od = out->dimensions();
   const Store store = StoreOf(table.element_type());
   if (store == Store::kBad)
@@ -755,6 +769,10 @@ ffi::Error PooledLookupImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids,
   if (od.size() != 2 || od[0] != B || od[1] != D)
     return ffi::Error::InvalidArgument("out must be f32[" + std::to_string(B) + "," +
                                        std::to_string(D) + "], got " + Dims(od));
+  if (interleave < 1 || B % interleave != 0)
+    return ffi::Error::InvalidArgument("interleave must divide the bags " + std::to_string(B) +
+                                       ", got " + std::to_string(interleave));
+  const Interleave v{interleave, B / interleave};
   float* o = out->typed_data();
   if (B == 0 || D == 0) return ffi::Error::Success();
   if (P == 0 || R == 0) {
@@ -763,9 +781,9 @@ ffi::Error PooledLookupImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids,
   }
   const void* t = table.untyped_data();
   const int32_t* i = ids.typed_data();
-  if (store == Store::kF32) Pool(static_cast<const float*>(t), i, o, R, D, B, P, threads);
-  else if (store == Store::kBf16) Pool(static_cast<const Bf16*>(t), i, o, R, D, B, P, threads);
-  else Pool(static_cast<const F16*>(t), i, o, R, D, B, P, threads);
+  if (store == Store::kF32) Pool(static_cast<const float*>(t), i, o, R, D, B, P, threads, v);
+  else if (store == Store::kBf16) Pool(static_cast<const Bf16*>(t), i, o, R, D, B, P, threads, v);
+  else Pool(static_cast<const F16*>(t), i, o, R, D, B, P, threads, v);
   return ffi::Error::Success();
 }
 
@@ -809,7 +827,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdmtPooledLookup, PooledLookupImpl,
                                   .Arg<ffi::AnyBuffer>()         // table: f32, bf16, f16
                                   .Arg<ffi::Buffer<ffi::S32>>()  // ids [B, P]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out [B, D]
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("interleave"));
 
 // Lets the loader check the library matches the Python side.
-extern "C" JDMT_EXPORT int jdmt_cpu_kernels_abi_version() { return 4; }
+extern "C" JDMT_EXPORT int jdmt_cpu_kernels_abi_version() { return 5; }
