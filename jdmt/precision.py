@@ -42,7 +42,7 @@ import numpy as np
 from jax import lax
 
 __all__ = ["TABLE_DTYPES", "decode_host", "dtype_name", "encode", "encode_host", "is_half", "is_stored_half",
-           "logical_dtype", "resolve_dtype", "round_stored", "sr_bits", "stochastic_round", "storage_dtype",
+           "logical_dtype", "mix32", "resolve_dtype", "round_stored", "sr_bits", "stochastic_round", "storage_dtype",
            "update_seed", "widen"]
 
 TABLE_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
@@ -89,8 +89,9 @@ def _u32(v) -> jax.Array:
     return jnp.asarray(v).astype(jnp.uint32)
 
 
-def _mix32(x: jax.Array) -> jax.Array:
-    """murmur3's 32-bit finaliser (as `layout.hash_uniform` uses)."""
+def mix32(x: jax.Array) -> jax.Array:
+    """murmur3's 32-bit finaliser: a fast, well-mixing bijection on uint32
+    (the random bits here and `layout.hash_uniform`'s initial values)."""
     x = x ^ (x >> 16)
     x = x * jnp.uint32(0x85EBCA6B)
     x = x ^ (x >> 13)
@@ -100,16 +101,16 @@ def _mix32(x: jax.Array) -> jax.Array:
 
 def sr_bits(seed, row, col) -> jax.Array:
     """u32 random bits of element (row, col) under `seed` (broadcasting)."""
-    h = _mix32(_u32(seed) ^ (_u32(row) * jnp.uint32(0x632BE5AB)))
-    return _mix32(h + _u32(col) * jnp.uint32(0x85157AF5))
+    h = mix32(_u32(seed) ^ (_u32(row) * jnp.uint32(0x632BE5AB)))
+    return mix32(h + _u32(col) * jnp.uint32(0x85157AF5))
 
 
 def update_seed(step, storage: int, device) -> jax.Array:
     """The seed of one storage buffer's update in one step: distinct per
     step, per storage buffer and per device (replicated buffers pass the same
     `device` on every replica, so replicas round alike)."""
-    h = _mix32(_u32(step) * jnp.uint32(0x9E3779B9) + _u32(storage))
-    return _mix32(h ^ (_u32(device) * jnp.uint32(0x27D4EB2F)))
+    h = mix32(_u32(step) * jnp.uint32(0x9E3779B9) + _u32(storage))
+    return mix32(h ^ (_u32(device) * jnp.uint32(0x27D4EB2F)))
 
 
 def storage_dtype(dtype) -> jnp.dtype:

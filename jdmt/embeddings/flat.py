@@ -257,6 +257,7 @@ class WidthRoute:
         # two slices: bags, then rows) and one of rows back: fewer collectives.
         sends, sizes, parts = [], [], []
         alone = g == 1  # one device: no exchange, and bags are pooled where they are
+        in_order = False
         if self.bag_pieces:
             header = self.header(b)
             imax = int(header.max())
@@ -265,6 +266,7 @@ class WidthRoute:
             rows = jnp.transpose(rows, (1, 0, 2)).reshape(-1, self.bag_pool)  # items (k, b)
             kk = np.repeat(np.arange(len(self.bag_pieces)), b)
             rank = self.bag_kd[kk] * b + np.tile(np.arange(b), len(self.bag_pieces))
+            in_order = alone and np.array_equal(rank, np.arange(len(kk)))  # item (k, j) at slot k * B + j
             if alone:  # items in (k, b) order are the owner's order (rank); storage rows
                 base = jnp.asarray(self.bag_base[kk])[:, None]
                 local_ids = jnp.where(rows >= 0, rows + base, -1)[None]  # [1, I, P]
@@ -298,8 +300,7 @@ class WidthRoute:
         k = 0
         # One device with the C++ lookup: bags read table by table, written sample
         # by sample ([B, K, D]: the pooled embeddings' order, no transpose after)
-        interleaved = alone and self.bag_pieces and self.in_order(b) and bool(impl.cpu_threads) \
-            and not impl.pallas
+        interleaved = in_order and bool(impl.cpu_threads) and not impl.pallas
         if self.bag_pieces:
             ids = (local_ids if alone else
                    routing.bag_ids_at_owner(recv[:, : parts[0]], items, imax, self.bag_pool))
@@ -333,7 +334,7 @@ class WidthRoute:
             nk, i_all = len(self.bag_pieces), len(kk)
             if interleaved:  # [B, K, D] viewed as [K, B, D]; `_assemble` transposes it back (no copy)
                 bag_out = jnp.swapaxes(outs[0][0].reshape(b, nk, self.width), 0, 1)
-            elif alone and self.in_order(b):
+            elif in_order:
                 bag_out = back[0, :i_all].reshape(nk, b, self.width)
             else:
                 bag_out = back[self.bag_dst[kk], rank].reshape(nk, b, self.width)
@@ -347,13 +348,6 @@ class WidthRoute:
                               else routing.gather_rows(rows_back, at))
         ctx["read"] = _read_token(outs)
         return bag_out, row_out, ctx, stats
-
-    def in_order(self, b: int) -> bool:
-        """The bag items (k, j) of a B = `b` batch are at their owner in that
-        order (one device: item k * B + j is slot k * B + j)."""
-        kk = np.repeat(np.arange(len(self.bag_pieces)), b)
-        rank = self.bag_kd[kk] * b + np.tile(np.arange(b), len(self.bag_pieces))
-        return bool(np.all(self.bag_dst[kk] == 0) and np.array_equal(rank, np.arange(len(kk))))
 
     def backward(self, ctx, g_bag, g_rows, caps: Caps, mode: str):
         """The gradients of `forward`'s outputs, back at the owners.
@@ -382,16 +376,17 @@ class WidthRoute:
             # zeros (on CPU a memset and a scatter of the whole block).
             item_at = np.full(g * imax, len(kk), np.int32)  # len(kk): out of range -> 0
             item_at[self.bag_dst[kk] * imax + rank] = np.arange(len(kk))
-            g_items = g_bag.reshape(-1, self.width)
             nk = len(self.bag_pieces)
-            sample_order = g == 1 and self.in_order(b)
+            in_block_order = np.array_equal(item_at, np.arange(g * imax))
+            sample_order = g == 1 and in_block_order
             if sample_order:  # one device: the gradients in the pooled order [B, K, D], read
                 # through `src` (g_bag is a transposed view of them: no copy)
                 send = jnp.swapaxes(g_bag, 0, 1).reshape(-1, self.width)
-            elif np.array_equal(item_at, np.arange(g * imax)):  # already in block order
-                send = g_items
+            elif in_block_order:
+                send = g_bag.reshape(-1, self.width)
             else:  # (pieces are sorted by peer, so this means slots left empty)
-                send = jnp.take(g_items, jnp.asarray(item_at), axis=0, mode="fill", fill_value=0)
+                send = jnp.take(g_bag.reshape(-1, self.width), jnp.asarray(item_at), axis=0, mode="fill",
+                                fill_value=0)
             sends.append(send.reshape(g, imax, self.width))
             sizes.append(jnp.asarray(header))
             recv_sizes.append(jnp.full((g,), items, jnp.int32))

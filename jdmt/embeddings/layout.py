@@ -62,6 +62,7 @@ from jdmt.embeddings.types import (
     check_plan,
     table_row_wise_host,
 )
+from jdmt.precision import mix32
 
 __all__ = [
     "ROW_ALIGN",
@@ -439,20 +440,11 @@ class Layout:
         return self.fold_values(out)
 
 
-def _mix32(x: jax.Array) -> jax.Array:
-    """murmur3's 32-bit finaliser: a fast, well-mixing bijection on uint32."""
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = x * jnp.uint32(0xC2B2AE35)
-    return x ^ (x >> 16)
-
-
 def hash_uniform(seed, feature, row, col) -> jax.Array:
     """Uniform [0, 1) floats from a counter-based hash of four integers."""
     u32 = lambda v: jnp.asarray(v).astype(jnp.uint32)  # noqa: E731
-    h = _mix32(u32(seed) * jnp.uint32(0x9E3779B9) + u32(feature))
-    h = _mix32(h ^ (u32(row) * jnp.uint32(0x632BE5AB)))
-    h = _mix32(h + u32(col) * jnp.uint32(0x85157AF5))
+    h = mix32(u32(seed) * jnp.uint32(0x9E3779B9) + u32(feature))
+    h = mix32(h ^ (u32(row) * jnp.uint32(0x632BE5AB)))
+    h = mix32(h + u32(col) * jnp.uint32(0x85157AF5))
     return (h >> 8).astype(jnp.float32) * jnp.float32(1.0 / (1 << 24))
 
