@@ -279,6 +279,85 @@ def test_build_failures_are_reported(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())  # no partial library left behind
 
 
+def test_a_refused_native_build_falls_back_to_the_portable_one(tmp_path, monkeypatch):
+    """A compiler that refuses -march=native: the portable library is built,
+    and the refusal is remembered (the native build is not tried again)."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "fake-c++"
+    fake.write_text("#!/bin/sh\n"
+                    f"echo \"$*\" >> {calls}\n"
+                    "for a in \"$@\"; do [ \"$a\" = -march=native ] && "
+                    "{ echo 'error: unknown -march=native' >&2; exit 1; }; done\n"
+                    "while [ $# -gt 1 ]; do [ \"$1\" = -o ] && echo lib > \"$2\"; shift; done\n")
+    fake.chmod(0o755)
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(build, "_compiler", lambda: str(fake))
+    monkeypatch.setattr(build, "_cache_dirs", lambda: [cache])
+    path, why = build.build()
+    assert why is None and path is not None and "-native-" not in path
+    def compiles():
+        return [c for c in calls.read_text().splitlines() if " -o " in c] if calls.exists() else []
+
+    assert ["-march=native" in c for c in compiles()] == [True, False]  # refused, then portable
+    assert [p.name for p in cache.iterdir() if p.name.endswith(".refused")]
+    calls.unlink()
+    assert build.build() == (path, None) and not compiles()  # cached, nothing compiled
+    # JDMT_CPU_KERNELS_NATIVE=0: the portable build only
+    monkeypatch.setenv("JDMT_CPU_KERNELS_NATIVE", "0")
+    assert build.build() == (path, None)
+
+
+def test_native_build_names_the_cpu():
+    """The native library's cache name depends on the CPU (a cache shared
+    between machines builds one per CPU); the kernels in use say which build."""
+    ident = build.cpu_identity()
+    assert ident and ident.split(";")[0]
+    assert cpu_kernels.isa() in ("native", "portable")
+    assert ("-native-" in os.path.basename(cpu_kernels.library_path())) == (cpu_kernels.isa() == "native")
+
+
+_PORTABLE_CHECK = """
+import sys
+import numpy as np, jax, jax.numpy as jnp
+from jdmt.embeddings import cpu_kernels, routing
+from jdmt.embeddings.types import OptimizerKind
+assert cpu_kernels.isa() == "portable", cpu_kernels.isa()
+rng = np.random.default_rng(0)
+t = rng.normal(size=(300, 24)).astype(np.float32)
+acc = rng.random(300).astype(np.float32)
+ids = rng.integers(-1, 300, (2000, 5)).astype(np.int32)
+g = rng.normal(size=(2000, 24)).astype(np.float32)
+src = np.repeat(np.arange(2000), 5).astype(np.int32)
+pooled = jax.jit(lambda a, b: cpu_kernels.pooled_lookup(a, b, visit=4))(t, ids)
+upd = jax.jit(lambda a, c, i, s, gr: cpu_kernels.sparse_update(
+    OptimizerKind.ROWWISE_ADAGRAD, a, c, i, s, gr, 0.05, eps=1e-8))(t, acc, ids.reshape(1, -1), src[None], g[None])
+np.savez(sys.argv[1], pooled=np.asarray(pooled), table=np.asarray(upd[0]), accum=np.asarray(upd[1]))
+"""
+
+
+def test_the_portable_build_gives_the_same_bits(tmp_path):
+    """JDMT_CPU_KERNELS_NATIVE=0 builds the portable library; its lookup and
+    row-wise Adagrad update equal those of the build in use (native where the
+    compiler allows) bit for bit."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JDMT_CPU_KERNELS_NATIVE="0")
+    out = tmp_path / "portable.npz"
+    r = subprocess.run([sys.executable, "-c", _PORTABLE_CHECK, str(out)], capture_output=True, text=True,
+                       env=env, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = np.load(out)
+    rng = np.random.default_rng(0)
+    t = rng.normal(size=(300, 24)).astype(np.float32)
+    acc = rng.random(300).astype(np.float32)
+    ids = rng.integers(-1, 300, (2000, 5)).astype(np.int32)
+    g = rng.normal(size=(2000, 24)).astype(np.float32)
+    src = np.repeat(np.arange(2000), 5).astype(np.int32)
+    np.testing.assert_array_equal(got["pooled"], np.asarray(jax.jit(cpu_kernels.pooled_lookup)(t, ids)))
+    table, accum = jax.jit(lambda a, c, i, s, gr: cpu_kernels.sparse_update(
+        OptimizerKind.ROWWISE_ADAGRAD, a, c, i, s, gr, 0.05, eps=1e-8))(t, acc, ids.reshape(1, -1), src[None], g[None])
+    np.testing.assert_array_equal(got["table"], np.asarray(table))
+    np.testing.assert_array_equal(got["accum"], np.asarray(accum))
+
+
 def test_a_failed_build_warns_once_and_the_run_uses_xla(tmp_path):
     """No working compiler: train.py warns once naming the cause, says
     `kernels xla` and trains."""
@@ -333,19 +412,22 @@ def test_pooled_lookup_matches_xla_bit_for_bit(pooling, dim):
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_pooled_lookup_writes_blocks_interleaved(threads):
-    """interleave=K: K blocks of bags read in order, written sample by sample
-    (bag k * N + j to row j * K + k): the plain lookup's rows, transposed."""
+def test_pooled_lookup_visits_table_by_table(threads):
+    """visit=K: bags of N samples x K tables (bag j * K + k) visited table by
+    table give the in-order lookup's rows, bit for bit, in the same places."""
+    from jdmt.embeddings import routing
+
     rng = np.random.default_rng(3)
     table = rng.normal(size=(500, 16)).astype(np.float32)
     k, n = 5, 8000
-    ids = rng.integers(-1, 500, (k * n, 4)).astype(np.int32)
+    ids = rng.integers(-1, 500, (n * k, 4)).astype(np.int32)
     plain = np.asarray(jax.jit(lambda t, i: cpu_kernels.pooled_lookup(t, i, threads=threads))(table, ids))
-    inter = np.asarray(jax.jit(lambda t, i: cpu_kernels.pooled_lookup(t, i, threads=threads, interleave=k))(
+    seen = np.asarray(jax.jit(lambda t, i: cpu_kernels.pooled_lookup(t, i, threads=threads, visit=k))(
         table, ids))
-    np.testing.assert_array_equal(inter.reshape(n, k, 16), plain.reshape(k, n, 16).transpose(1, 0, 2))
-    with pytest.raises(ValueError, match="interleave"):
-        cpu_kernels.pooled_lookup(jnp.asarray(table), ids[:7], interleave=2)
+    np.testing.assert_array_equal(seen, plain)
+    np.testing.assert_array_equal(plain, np.asarray(jax.jit(routing.pool_rows)(table, ids)))
+    with pytest.raises(ValueError, match="visit"):
+        cpu_kernels.pooled_lookup(jnp.asarray(table), ids[:7], visit=2)
 
 
 def test_pooled_lookup_skips_ids_outside_the_table():
@@ -353,6 +435,37 @@ def test_pooled_lookup_skips_ids_outside_the_table():
     ids = np.array([[0, 4, -1, 3], [99, -7, 2, 2], [-1, -1, -1, -1]], np.int32)
     got = np.asarray(cpu_kernels.pooled_lookup(jnp.asarray(table), ids))
     np.testing.assert_array_equal(got, [table[0] + table[3], 2 * table[2], np.zeros(3)])
+
+
+@pytest.mark.parametrize("sharding", ["table_wise", "row_wise"])
+def test_sequence_rows_are_taken_by_the_kernel(mesh24, sharding):
+    """Sequence features: the owners' rows and the requesters' positions are
+    gathered by the C++ kernel; the embeddings and one training step equal
+    the XLA path's bit for bit."""
+    from jdmt.data import FeatureSet, make_features
+    from jdmt.embeddings import ShardedEmbeddings
+
+    seq = make_features(2, 60, 8, 5, kind="sequence", prefix="seq")
+    pooled = make_features(2, 40, 8, 3)
+    feats = FeatureSet(pooled.sparse + seq.sparse, num_dense=13)
+    opt = SparseOptimizer("rowwise_adagrad", lr=0.1)
+    rng = np.random.default_rng(1)
+    ids = np.concatenate([rng.integers(0, 40, (16, 6)), rng.integers(0, 60, (16, 10))], axis=1).astype(np.int32)
+    lengths = rng.integers(0, 6, (16, 4)).astype(np.int32)
+    lengths[:, :2] = np.minimum(lengths[:, :2], 3)
+    got = {}
+    for ck in (True, False):
+        emb = ShardedEmbeddings(feats, mesh24, sharding, opt, cpu_kernels=ck)
+        emb.fit_caps(2, emb.measure(ids, lengths))
+        fwd = jax.jit(lambda s, i, n, e=emb: e.forward(s, i, n)[0].sequence)
+        text = fwd.lower(emb.init(seed=0), ids, lengths).compile().as_text()  # the pooled part is dead
+        assert ("jdmt_pooled_lookup" in text) == ck
+        step = jax.jit(lambda s, i, n, e=emb: e.step(
+            s, i, n, lambda x, w: sum(jnp.sum(v * w) for v in x.sequence.values()), 1.0)[1])
+        tables, accs = emb.to_dense(step(emb.init(seed=0), ids, lengths))
+        got[ck] = (jax.tree.map(np.asarray, fwd(emb.init(seed=0), ids, lengths)), tables, accs)
+    for a, b in zip(jax.tree.leaves(got[True]), jax.tree.leaves(got[False])):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_the_embeddings_run_the_pooled_lookup_kernel(mesh24):

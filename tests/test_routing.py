@@ -39,3 +39,29 @@ def test_pool_rows_program_does_not_grow_with_the_pooling_factor():
         return len(jax.make_jaxpr(routing.pool_rows)(table, idx).eqns)
 
     assert size(40) == size(400) <= size(routing._UNROLL) + 4
+
+
+@pytest.mark.parametrize("cols", [
+    np.arange(12).reshape(3, 4),                      # one run: a slice
+    np.repeat(np.arange(2, 8), 3),                    # each column repeated: a broadcast
+    np.array([[0, 1, 2, -1], [5, 6, -1, -1], [9, 10, 11, -1]]),  # runs and the last column
+    np.array([3, 3, 3, 1, 1, 0, 2, 4]),               # constant and rising runs
+    np.concatenate([[i] * k for i, k in enumerate([3, 1, 2, 5])]),  # uneven repeats
+    np.random.default_rng(1).integers(-1, 12, (7, 5)),  # anything: runs or the gather
+    np.array([], np.int64),
+])
+def test_take_columns_is_numpy_indexing(cols):
+    x = np.random.default_rng(0).integers(0, 100, (5, 12)).astype(np.int32)
+    want = x[:, cols]
+    for max_runs in (64, 1):  # slices, and the gather it falls back to
+        got = np.asarray(jax.jit(lambda a: routing.take_columns(a, cols, max_runs=max_runs))(x))
+        assert got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+
+
+def test_take_columns_of_the_lookup_ids_is_not_a_gather():
+    """The ids' column selection compiles to slices XLA fuses, not a gather."""
+    cols = np.arange(260).reshape(26, 10)
+    text = jax.jit(lambda a: routing.take_columns(a, cols) + 1).lower(
+        jax.ShapeDtypeStruct((64, 261), jnp.int32)).compile().as_text()
+    assert "gather(" not in text

@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from jdmt import precision
 from jdmt.data.specs import Combiner, FeatureSet
-from jdmt.embeddings import optimizers
+from jdmt.embeddings import optimizers, routing
 from jdmt.embeddings.exchange import MODES, broadcast
 from jdmt.embeddings.flat import Caps, Stats, WidthRoute, _read_token, owner_rows, pool_received
 from jdmt.embeddings.host_replicated import LocalRows, replica_sum
@@ -574,7 +574,7 @@ class ShardedEmbeddings:
         """i32[B, slots + 1] table rows of the batch's ids (-1: none, and a last
         all -1 column), and the count of out-of-range ids of non-hashed tables.
         The columns are the layout's tables' (a flexshard table's tiers)."""
-        valid = jnp.asarray(self._col_pos)[None, :] < lengths[:, self._col_feature]
+        valid = jnp.asarray(self._col_pos)[None, :] < routing.take_columns(lengths, self._col_feature)
         rows = jnp.asarray(self._col_rows)[None, :]
         r = jnp.where(jnp.asarray(self._col_hashed)[None, :], jnp.remainder(ids, rows), ids)
         inside = (r >= 0) & (r < rows)
@@ -586,7 +586,7 @@ class ShardedEmbeddings:
     def _mean_scale(self, lengths):
         """f32[B, F_pooled] the factor of each pooled feature (1 / count for mean)."""
         feats = self.tables.sparse
-        n = jnp.maximum(lengths[:, np.array(self.pooled_idx)], 1).astype(jnp.float32)
+        n = jnp.maximum(routing.take_columns(lengths, np.array(self.pooled_idx)), 1).astype(jnp.float32)
         mean = np.array([feats[i].combiner is Combiner.MEAN for i in self.pooled_idx])
         return jnp.where(jnp.asarray(mean)[None, :], 1.0 / n, 1.0)
 
@@ -653,7 +653,7 @@ class ShardedEmbeddings:
                         outs[i] = o[f]
             for w, pieces in self._dp.items():
                 table = weights[storage_name(w, True)]
-                at = canon[:, self._dp_cols[w]]
+                at = routing.take_columns(canon, self._dp_cols[w])
                 for k, i in enumerate(pieces):
                     base = self.layout.pieces[i].offsets[0]
                     rows = jnp.where(at[:, self._dp_pos[w][k]] >= 0, at[:, self._dp_pos[w][k]] + base, -1)
@@ -808,7 +808,7 @@ class ShardedEmbeddings:
                 c = {**ctx["flat"][w], "read": ctx["flat"][w]["read"][0]}
                 g_bag = self._bag_grads(route.bag_pieces, route.width, gp, g_scaled)
                 g_rows = {k: gp[i] for k, i in enumerate(route.row_pieces)}
-                rows, src, g, s = route.backward(c, g_bag, g_rows, caps["flat"][w], mode)
+                rows, src, g, s = route.backward(c, g_bag, g_rows, caps["flat"][w], mode, self.impl)
                 st.append(s)
                 streams.setdefault(storage_name(w), []).append((rows, src, g))
             for w, route in self.hops.items():
@@ -847,7 +847,7 @@ class ShardedEmbeddings:
             for w, pieces in self._dp.items():
                 name = storage_name(w, True)
                 canon, _ = self._canonical(ids, lengths)
-                at = canon[:, self._dp_cols[w]]
+                at = routing.take_columns(canon, self._dp_cols[w])
                 rows, gpos = [], []
                 for k, i in enumerate(pieces):
                     base = self.layout.pieces[i].offsets[0]

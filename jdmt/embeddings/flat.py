@@ -42,7 +42,7 @@ from jdmt.pallas_kernels.pooled_lookup import pooled_gather
 from jdmt.pallas_kernels.sequence_lookup import sequence_gather
 
 __all__ = ["AXIS", "FLAT_TYPES", "Caps", "Stats", "WidthRoute", "owner_pool", "owner_rows", "peer_of",
-           "pool_received", "unique_row_grads"]
+           "pool_received", "take_rows", "unique_row_grads"]
 
 AXIS = (LOCAL, HOST)
 FLAT_TYPES = (ShardingType.TABLE_WISE, ShardingType.COLUMN_WISE, ShardingType.ROW_WISE)
@@ -85,12 +85,24 @@ def pool_received(rows, at, impl: Impl):
     return routing.pool_rows(rows, at)
 
 
+def take_rows(rows, at, impl: Impl):
+    """Rows f32[..., D] of rows f32[M, D] (a table, or rows received from
+    their owners) at i32[...] (-1 or past the end: zeros; 16-bit rows are
+    widened): in C++ where the CPU kernels run (the pooled lookup of
+    one-position bags: a copy or a widening per row), else XLA ops."""
+    if impl.cpu_threads:
+        from jdmt.embeddings import cpu_kernels
+
+        return cpu_kernels.pooled_lookup(rows, at[..., None], threads=impl.cpu_threads)
+    return routing.gather_rows(rows, at)
+
+
 def owner_rows(table, ids, impl: Impl):
     """Rows f32[..., D] of storage rows i32[...] at their owner (zeros for -1)."""
     if impl.pallas:
         flat = jnp.where((ids >= 0) & (ids < table.shape[0]), ids, -1).reshape(-1, 1)
         return sequence_gather(impl, table, flat).reshape(ids.shape + table.shape[1:])
-    return routing.gather_rows(table, ids)
+    return take_rows(table, ids, impl)
 
 
 class WidthRoute:
@@ -257,19 +269,28 @@ class WidthRoute:
         # two slices: bags, then rows) and one of rows back: fewer collectives.
         sends, sizes, parts = [], [], []
         alone = g == 1  # one device: no exchange, and bags are pooled where they are
-        in_order = False
+        in_order = samples = False
         if self.bag_pieces:
             header = self.header(b)
             imax = int(header.max())
             items = jnp.asarray(header)[me]
-            rows = canon[:, self.bag_cols]  # [B, K, P]
-            rows = jnp.transpose(rows, (1, 0, 2)).reshape(-1, self.bag_pool)  # items (k, b)
+            rows = routing.take_columns(canon, self.bag_cols)  # [B, K, P]
             kk = np.repeat(np.arange(len(self.bag_pieces)), b)
             rank = self.bag_kd[kk] * b + np.tile(np.arange(b), len(self.bag_pieces))
             in_order = alone and np.array_equal(rank, np.arange(len(kk)))  # item (k, j) at slot k * B + j
-            if alone:  # items in (k, b) order are the owner's order (rank); storage rows
-                base = jnp.asarray(self.bag_base[kk])[:, None]
-                local_ids = jnp.where(rows >= 0, rows + base, -1)[None]  # [1, I, P]
+            # One device with the C++ lookup: the bags stay in the samples' order
+            # (b, k) and the kernel visits them table by table; no transpose of the
+            # ids, of the pooled embeddings, or of their gradients
+            samples = in_order and bool(impl.cpu_threads) and not impl.pallas
+            if samples:  # storage rows, [1, B * K, P] in (b, k) order
+                base = jnp.asarray(self.bag_base)[None, :, None]
+                local_ids = jnp.where(rows >= 0, rows + base, -1).reshape(1, -1, self.bag_pool)
+            else:
+                rows = jnp.transpose(rows, (1, 0, 2)).reshape(-1, self.bag_pool)  # items (k, b)
+            if alone:
+                if not samples:  # items in (k, b) order are the owner's order (rank); storage rows
+                    base = jnp.asarray(self.bag_base[kk])[:, None]
+                    local_ids = jnp.where(rows >= 0, rows + base, -1)[None]  # [1, I, P]
                 stats.need(f"w{self.width}/bag_ids", jnp.sum(rows >= 0, dtype=jnp.int32))
             else:
                 cap = imax + caps.bag_ids
@@ -280,7 +301,7 @@ class WidthRoute:
                 stats.payload(jnp.minimum(bsz, cap), 4, self.peer_host, my_host, me)
                 sends.append(send), sizes.append(bsz), parts.append(cap)
         if self.row_pieces:
-            rows = canon[:, self.row_cols].reshape(-1)  # [B * M]
+            rows = routing.take_columns(canon, self.row_cols).reshape(-1)  # [B * M]
             piece = jnp.asarray(np.tile(self.row_piece_of_col, b))
             send, rsz_sent, inv, unique = routing.row_send(
                 rows, piece, jnp.asarray(self.row_stride), jnp.asarray(self.row_devices),
@@ -298,17 +319,14 @@ class WidthRoute:
                                  parts=parts, mode=mode, fill=-1)
         outs, back_sizes, back_recv = [], [], []
         k = 0
-        # One device with the C++ lookup: bags read table by table, written sample
-        # by sample ([B, K, D]: the pooled embeddings' order, no transpose after)
-        interleaved = in_order and bool(impl.cpu_threads) and not impl.pallas
         if self.bag_pieces:
             ids = (local_ids if alone else
                    routing.bag_ids_at_owner(recv[:, : parts[0]], items, imax, self.bag_pool))
-            if interleaved:
+            if samples:
                 from jdmt.embeddings import cpu_kernels
 
                 outs.append(cpu_kernels.pooled_lookup(table, ids[0], threads=impl.cpu_threads,
-                                                      interleave=len(self.bag_pieces))[None])
+                                                      visit=len(self.bag_pieces))[None])
             else:
                 outs.append(owner_pool(table, ids, jnp.asarray(self.bag_maxlen)[me], impl))  # [G, I, D]
             back_sizes.append(jnp.full((g,), items, jnp.int32))
@@ -332,7 +350,7 @@ class WidthRoute:
                 stats.payload(bs, 4 * self.width, self.peer_host, my_host, me)
         if self.bag_pieces:
             nk, i_all = len(self.bag_pieces), len(kk)
-            if interleaved:  # [B, K, D] viewed as [K, B, D]; `_assemble` transposes it back (no copy)
+            if samples:  # [B, K, D] viewed as [K, B, D]; `_assemble` transposes it back (no copy)
                 bag_out = jnp.swapaxes(outs[0][0].reshape(b, nk, self.width), 0, 1)
             elif in_order:
                 bag_out = back[0, :i_all].reshape(nk, b, self.width)
@@ -345,15 +363,16 @@ class WidthRoute:
             for j, pos in enumerate(self.row_pos):
                 at = inv[:, pos]
                 row_out[j] = (pool_received(rows_back, at, impl) if self.row_pooled[j]
-                              else routing.gather_rows(rows_back, at))
+                              else take_rows(rows_back, at, impl))
         ctx["read"] = _read_token(outs)
         return bag_out, row_out, ctx, stats
 
-    def backward(self, ctx, g_bag, g_rows, caps: Caps, mode: str):
+    def backward(self, ctx, g_bag, g_rows, caps: Caps, mode: str, impl: Impl):
         """The gradients of `forward`'s outputs, back at the owners.
 
         Args:
           g_bag: f32[K_bag, B, D]; g_rows: {row piece k: f32[B, D] or f32[B, S, D]}.
+          impl: the forward's kernels (they decide the bags' order).
 
         Returns:
           (rows i32[n] storage rows, src i32[n], grads f32[M, D], stats): what
@@ -414,7 +433,9 @@ class WidthRoute:
         if self.bag_pieces:
             imax = block[0]
             item = (np.arange(g)[:, None, None] * total + np.arange(imax)[None, :, None]).astype(np.int32)
-            if sample_order:  # item k * B + j's gradient is row j * K + k
+            if sample_order and impl.cpu_threads and not impl.pallas:  # ids in (b, k) order
+                item = np.arange(imax, dtype=np.int32)[None, :, None]
+            elif sample_order:  # item k * B + j's gradient is row j * K + k
                 j = np.arange(imax)
                 item = ((j % b) * nk + j // b).astype(np.int32)[None, :, None]
             srcs[0] = jnp.broadcast_to(jnp.asarray(item), ctx["bag_ids"].shape).reshape(-1)

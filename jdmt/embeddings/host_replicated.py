@@ -22,7 +22,7 @@ from jax import lax
 
 from jdmt.embeddings import routing
 from jdmt.embeddings.exchange import exchange, overflow
-from jdmt.embeddings.flat import Stats, _read_token, owner_rows, pool_received, unique_row_grads
+from jdmt.embeddings.flat import Stats, _read_token, owner_rows, pool_received, take_rows, unique_row_grads
 from jdmt.embeddings.layout import Layout
 from jdmt.mesh import HOST, LOCAL
 from jdmt.pallas_kernels.common import Impl
@@ -91,7 +91,7 @@ class LocalRows:
         g = self.peers
         me = lax.axis_index(LOCAL)
         stats = Stats()
-        rows = canon[:, self.cols].reshape(-1)
+        rows = routing.take_columns(canon, self.cols).reshape(-1)
         piece = jnp.asarray(np.tile(self.piece_of_col, b))
         send, sizes, inv, unique = routing.row_send(
             rows, piece, jnp.asarray(self.stride), jnp.asarray(self.devices), jnp.asarray(self.offsets),
@@ -111,7 +111,7 @@ class LocalRows:
         for j, pos in enumerate(self.pos):
             at = inv[:, pos]
             res[j] = (pool_received(rows_back, at, impl) if self.pooled[j]
-                      else routing.gather_rows(rows_back, at))
+                      else take_rows(rows_back, at, impl))
         ctx = {"row_ids": recv, "row_recv": rsz, "row_sizes": jnp.minimum(sizes, cap), "row_inv": inv,
                "read": _read_token([out])}
         return res, ctx, stats

@@ -43,7 +43,7 @@ from jax import lax
 
 from jdmt.embeddings import routing
 from jdmt.embeddings.exchange import exchange, overflow
-from jdmt.embeddings.flat import Stats, owner_pool, owner_rows, pool_received
+from jdmt.embeddings.flat import Stats, owner_pool, owner_rows, pool_received, take_rows
 from jdmt.embeddings.layout import Layout
 from jdmt.embeddings.types import ShardingType
 from jdmt.mesh import HOST, LOCAL
@@ -395,7 +395,7 @@ class HostPath:
         if self.bag_set:
             header = (self.bag_count * b).astype(np.int32)
             hmax = int(header.max())
-            rows = canon[:, self.bag_cols.reshape(h, -1)]  # [B, H, J * P]
+            rows = routing.take_columns(canon, self.bag_cols.reshape(h, -1))  # [B, H, J * P]
             rows = rows.reshape(b, h, self.jmax, self.bag_pool)
             rows = jnp.transpose(rows, (1, 2, 0, 3)).reshape(-1, self.bag_pool)  # items (h, j, b)
             hh = np.repeat(np.arange(h), self.jmax * b)
@@ -414,7 +414,7 @@ class HostPath:
         for w in hr_widths:
             hr = self.host_row[w]
             c = hr["c"]
-            rows = canon[:, hr["cols"]].reshape(-1)
+            rows = routing.take_columns(canon, hr["cols"]).reshape(-1)
             piece = jnp.asarray(np.tile(hr["piece_of_col"], b))
             send, sz, inv, unique = routing.row_send(
                 rows, piece, jnp.asarray(hr["stride"]), jnp.asarray(hr["dev"]), jnp.asarray(hr["key"]),
@@ -545,7 +545,7 @@ class HostPath:
                     pooled = pool_received(back[k].reshape(-1, w), m["inv"], impl)  # [H, T, B, D]
                     e = e.at[:, jnp.where(m["t_ok"], m["t_j"], self.jmax)].set(pooled, mode="drop")
                 else:  # forwarded host rows, back into the blocks they came in
-                    hr_back = routing.gather_rows(back[k].reshape(-1, w), m["at"])  # [H(src), cap_h, D]
+                    hr_back = take_rows(back[k].reshape(-1, w), m["at"], impl)  # [H(src), cap_h, D]
             entry[w] = e
             if self.towers:
                 continue
@@ -584,7 +584,7 @@ class HostPath:
                     inv = hrq[w]["inv"]
                     for kk, f in enumerate(hr["features"]):
                         a = inv[:, hr["pos"][kk]]
-                        out[f] = pool_received(flat, a, impl) if hr["pooled"][kk] else routing.gather_rows(flat, a)
+                        out[f] = pool_received(flat, a, impl) if hr["pooled"][kk] else take_rows(flat, a, impl)
         # what the backward needs
         assert [(kind, w) for kind, w, _ in meta] == self._kinds()
         ctx["meta"] = [{kk: v for kk, v in m.items() if kk in ("ids", "inv", "sizes", "recv", "at")}

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jdmt import precision
@@ -38,6 +39,7 @@ __all__ = [
     "pool_rows",
     "row_send",
     "send_keys",
+    "take_columns",
 ]
 
 _BIG = jnp.iinfo(jnp.int32).max
@@ -45,6 +47,45 @@ _BIG = jnp.iinfo(jnp.int32).max
 
 def exclusive_cumsum(x: jax.Array, axis: int = -1) -> jax.Array:
     return jnp.cumsum(x, axis=axis) - x
+
+
+def take_columns(x: jax.Array, cols, max_runs: int = 64) -> jax.Array:
+    """`x[:, cols]` for a static index array `cols` (numpy indexing: -1 is
+    the last column), built from slices where the indices run in order or
+    repeat one column: XLA:CPU fuses those into the consumer, where a gather
+    of columns is laid out column-major and copied back (measured: 1-4 ms for
+    the [4096, 260] ids of the lookup benchmark, a quarter of its forward).
+    Falls back to the gather past `max_runs` runs."""
+    idx = np.asarray(cols, np.int64)
+    flat = np.where(idx < 0, idx + x.shape[1], idx).reshape(-1)
+    if flat.size == 0:
+        return x[:, flat].reshape(x.shape[:1] + idx.shape)
+    # each of a run of consecutive columns repeated r times: one slice, broadcast
+    r = int(np.argmax(flat != flat[0])) or flat.size  # how often the first column repeats
+    if r > 1 and flat.size % r == 0:
+        u = flat[::r]
+        if np.all(np.diff(u) == 1) and np.array_equal(flat, np.repeat(u, r)):
+            part = lax.slice_in_dim(x, int(u[0]), int(u[0]) + len(u), axis=1)
+            part = jnp.broadcast_to(part[:, :, None], (x.shape[0], len(u), r))
+            return part.reshape(x.shape[:1] + idx.shape)
+    runs = []  # (start, length, consecutive?)
+    i = 0
+    while i < flat.size:
+        j = i + 1
+        step = flat[j] - flat[i] if j < flat.size else 1
+        if step not in (0, 1):
+            step = 1
+        while j < flat.size and flat[j] - flat[j - 1] == step:
+            j += 1
+        runs.append((int(flat[i]), j - i, step == 1 or j - i == 1))
+        i = j
+    if len(runs) > max_runs:
+        return x[:, flat].reshape(x.shape[:1] + idx.shape)
+    parts = [lax.slice_in_dim(x, c, c + n, axis=1) if seq
+             else jnp.broadcast_to(lax.slice_in_dim(x, c, c + 1, axis=1), (x.shape[0], n))
+             for c, n, seq in runs]
+    out = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+    return out.reshape(x.shape[:1] + idx.shape)
 
 
 def bag_send(rows: jax.Array, dst: jax.Array, rank: jax.Array, base: jax.Array,

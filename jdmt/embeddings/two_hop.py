@@ -36,7 +36,7 @@ from jax import lax
 
 from jdmt.embeddings import routing
 from jdmt.embeddings.exchange import exchange, overflow
-from jdmt.embeddings.flat import Stats, _read_token, owner_rows, pool_received
+from jdmt.embeddings.flat import Stats, _read_token, owner_rows, pool_received, take_rows
 from jdmt.embeddings.layout import Layout
 from jdmt.mesh import HOST, LOCAL
 from jdmt.pallas_kernels.common import Impl
@@ -169,7 +169,7 @@ class TwoHopRows:
         inside = (np.zeros(ln, np.int32), jnp.int32(0), me_l)  # payload: every peer on this host
         across = (np.arange(h, dtype=np.int32), me_h, me_h)
         stats = Stats()
-        rows = canon[:, self.cols].reshape(-1)
+        rows = routing.take_columns(canon, self.cols).reshape(-1)
         piece = jnp.asarray(np.tile(self.piece_of_col, b))
         # hop 1: to the device of this host with the owner's local rank
         send1, sz1, inv1, unique1 = routing.row_send(
@@ -193,7 +193,7 @@ class TwoHopRows:
         got = owner_rows(table, ids, impl)  # [H, cap2, D]
         back2, _ = exchange(got, rsz2, (HOST,), recv_sizes=sz2, mode=mode)
         stats.payload(rsz2, 4 * w, *across)
-        fwd = routing.gather_rows(back2.reshape(-1, w), inv2).reshape(ln, caps.local, w)
+        fwd = take_rows(back2.reshape(-1, w), inv2, impl).reshape(ln, caps.local, w)
         back1, _ = exchange(fwd, rsz1, (LOCAL,), recv_sizes=sz1, mode=mode)
         stats.payload(rsz1, 4 * w, *inside)
         flat = back1.reshape(-1, w)
@@ -201,7 +201,7 @@ class TwoHopRows:
         out = {}
         for k, pos in enumerate(self.pos):
             at = inv1[:, pos]
-            out[k] = pool_received(flat, at, impl) if self.pooled[k] else routing.gather_rows(flat, at)
+            out[k] = pool_received(flat, at, impl) if self.pooled[k] else take_rows(flat, at, impl)
         ctx = dict(inv1=inv1, sz1=sz1, rsz1=rsz1, inv2=inv2, sz2=sz2, rsz2=rsz2, ids=ids,
                    read=_read_token([got]))
         return out, ctx, stats

@@ -242,8 +242,18 @@ class Trainer:
             exchange += ", row-wise requests de-duplicated per host (two hops)"
         gp = "" if self.gp is None else f", growth-prune {cfg.growth_prune} ({len(self.gp.phases)} phases)"
         tables = "f32" if cfg.table_dtype == "f32" else f"{cfg.table_dtype} (f32 math, stochastic rounding)"
-        return (f"mesh {self.hosts}x{self.local}, {cfg.model}, {path}, kernels {self._kernel_name()}, "
+        isa = self._cpu_isa()
+        kernels = self._kernel_name() + (f" ({isa} build)" if isa else "")
+        return (f"mesh {self.hosts}x{self.local}, {cfg.model}, {path}, kernels {kernels}, "
                 f"tables {tables}, exchange {exchange}{gp}")
+
+    def _cpu_isa(self) -> str | None:
+        """'native' or 'portable': how the C++ CPU kernels were built (None: not used)."""
+        if not self.emb.cpu_kernels or self.emb.impl.pallas:
+            return None
+        from jdmt.embeddings import cpu_kernels
+
+        return cpu_kernels.isa()
 
     def _kernel_name(self) -> str:
         """What runs the lookups and updates: 'xla' (with the C++ update on
@@ -779,6 +789,7 @@ class Trainer:
             "plan_file": cfg.plan,
             "plan_loaded": self.plan_loaded,
             "kernel": self._kernel_name(),
+            "cpu_kernels_isa": self._cpu_isa(),
             "table_dtype": self.config.table_dtype,
             "path": self.path_line(),
             "row_tiers": None if self.tier_report is None else [r.to_json() for r in self.tier_report],

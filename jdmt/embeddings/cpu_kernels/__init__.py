@@ -16,7 +16,9 @@ The library is compiled on first use (see `build.py`). `available()` says
 whether that worked; when it is False, `unavailable_reason()` says why,
 callers fall back to the XLA path, and a failed build warns once per
 process (RuntimeWarning) naming the cause. Set `JDMT_CPU_KERNELS=0` to turn the
-kernels off.
+kernels off. The library is built for this CPU's instruction set where the
+compiler allows (`isa()` says which build runs; `JDMT_CPU_KERNELS_NATIVE=0`
+asks for the portable one).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from jdmt.embeddings.types import OptimizerKind
 _TARGET = "jdmt_sparse_update"
 _TARGET_SGD = "jdmt_sparse_update_sgd"
 _TARGET_POOL = "jdmt_pooled_lookup"
-_ABI = 5
+_ABI = 6
 _KIND = {
     OptimizerKind.ROWWISE_ADAGRAD: 0,
     OptimizerKind.ADAGRAD: 1,
@@ -193,6 +195,14 @@ def sparse_update(
     return table, accum
 
 
+def isa() -> str | None:
+    """'native' (built for this CPU's instruction set) or 'portable' (the
+    architecture's baseline); None when the kernels are unavailable."""
+    if not _ensure():
+        return None
+    return "native" if "-native-" in os.path.basename(_state["path"]) else "portable"
+
+
 def host_cores() -> int:
     """CPU cores this process may run on."""
     try:
@@ -201,7 +211,7 @@ def host_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def pooled_lookup(table: jax.Array, ids: jax.Array, *, threads: int = 1, interleave: int = 1) -> jax.Array:
+def pooled_lookup(table: jax.Array, ids: jax.Array, *, threads: int = 1, visit: int = 1) -> jax.Array:
     """Pooled rows f32[..., D]: the sum of `table[ids[..., p]]` over the last
     axis in position order, ids outside [0, R) skipped (CPU); a 16-bit
     table's rows are widened to f32 as they are added.
@@ -212,10 +222,11 @@ def pooled_lookup(table: jax.Array, ids: jax.Array, *, threads: int = 1, interle
       ids: i32[..., P] rows (-1: no id).
       threads: host threads to split the bags over (static; bags are split
         only where each thread gets at least ~16k ids).
-      interleave: K (static): the bags are K blocks of N / K (N = the bags
-        of `ids` flattened); bag k * (N / K) + j is written to row j * K + k
-        of the output (the [N / K, K, D] order) -- table by table in, sample
-        by sample out, with no transpose after. 1: in order.
+      visit: K (static): the bags (`ids` flattened to [N, P]) are N / K
+        samples of K tables each (bag j * K + k); they are visited table by
+        table, so each table's hot rows stay in cache while the output keeps
+        the samples' order (no transpose before or after). The result is the
+        same for every K; 1 visits the bags in order.
     """
     if not _ensure():
         raise RuntimeError(f"jdmt CPU kernels unavailable: {_state.get('reason')}")
@@ -225,13 +236,13 @@ def pooled_lookup(table: jax.Array, ids: jax.Array, *, threads: int = 1, interle
     ids = jnp.asarray(ids, jnp.int32)
     lead, p = ids.shape[:-1], ids.shape[-1]
     flat = ids.reshape(-1, p)
-    if interleave < 1 or flat.shape[0] % interleave:
-        raise ValueError(f"interleave {interleave} must divide the {flat.shape[0]} bags")
+    if visit < 1 or flat.shape[0] % visit:
+        raise ValueError(f"visit {visit} must divide the {flat.shape[0]} bags")
     (out,) = jax.ffi.ffi_call(
         _TARGET_POOL, (jax.ShapeDtypeStruct((flat.shape[0], table.shape[1]), jnp.float32),),
-    )(table, flat, threads=np.int64(max(1, int(threads))), interleave=np.int64(interleave))
+    )(table, flat, threads=np.int64(max(1, int(threads))), visit=np.int64(visit))
     return out.reshape(*lead, table.shape[1])
 
 
-__all__ = ["available", "host_cores", "unavailable_reason", "library_path", "pooled_lookup",
+__all__ = ["available", "host_cores", "isa", "unavailable_reason", "library_path", "pooled_lookup",
            "sparse_update"]

@@ -689,27 +689,28 @@ inline void AddRow(float* o, const W* row, int64_t D) {
   for (int64_t d = 0; d < D; ++d) o[d] += Widen(row[d]);
 }
 
-// Bags in K blocks of Bk = B / K (block k: bags k * Bk ...), written out in
-// the interleaved order: bag k * Bk + j to row j * K + k (K = 1: in place).
-// The jdmt layout reads table by table (block by block, which keeps each
-// table's hot rows in cache) and writes the `[Bk, K * D]` embeddings of the
-// samples directly, with no transpose after.
-struct Interleave {
+// The order the bags are visited in. The bags are [Bk, K] (sample by sample,
+// K tables each: bag j * K + k), read from `ids` and written to `out` at that
+// index; with K > 1 they are visited table by table (visit v is bag
+// (v % Bk) * K + v / Bk), which keeps each table's hot rows in cache while
+// the embeddings come out in the samples' order, with no transpose before or
+// after. K = 1: in order.
+struct Visit {
   int64_t K, per;
 };
-inline int64_t OutRow(int64_t b, const Interleave& v) {
-  return v.K == 1 ? b : (b % v.per) * v.K + b / v.per;
+inline int64_t BagOf(int64_t v, const Visit& t) {
+  return t.K == 1 ? v : (v % t.per) * t.K + v / t.per;
 }
 
 template <typename W>
 void PoolBags(const W* table, const int32_t* ids, float* out, int64_t R, int64_t D,
-              int64_t P, int64_t b0, int64_t b1, Interleave v) {
+              int64_t P, int64_t b0, int64_t b1, Visit v) {
 
   constexpr int64_t kStep = 64 / sizeof(W);  // elements per cache line
   constexpr int64_t kAhead = 2;  // bags prefetched ahead
   for (int64_t b = b0; b < b1; ++b) {
     if (b + kAhead < b1) {
-      const int32_t* nx = ids + (b + kAhead) * P;
+      const int32_t* nx = ids + BagOf(b + kAhead, v) * P;
       for (int64_t p = 0; p < P; ++p) {
         const int32_t r = nx[p];
         if (r >= 0 && r < R) {
@@ -718,8 +719,9 @@ void PoolBags(const W* table, const int32_t* ids, float* out, int64_t R, int64_t
         }
       }
     }
-    const int32_t* bag = ids + b * P;
-    float* o = out + OutRow(b, v) * D;
+    const int64_t n = BagOf(b, v);
+    const int32_t* bag = ids + n * P;
+    float* o = out + n * D;
     bool first = true;
     for (int64_t p = 0; p < P; ++p) {
       const int32_t r = bag[p];
@@ -738,7 +740,7 @@ void PoolBags(const W* table, const int32_t* ids, float* out, int64_t R, int64_t
 
 template <typename W>
 void Pool(const W* t, const int32_t* i, float* o, int64_t R, int64_t D, int64_t B, int64_t P,
-          int64_t threads, Interleave v) {
+          int64_t threads, Visit v) {
   // at least ~16k ids per thread: below that a thread costs more than it saves
   const int64_t n = std::max<int64_t>(1, std::min<int64_t>(threads, B * P / 16384));
   if (n == 1) {
@@ -757,7 +759,7 @@ void Pool(const W* t, const int32_t* i, float* o, int64_t R, int64_t D, int64_t 
 
 ffi::Error PooledLookupImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids,
                             ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t threads,
-                            int64_t interleave) {
+                            int64_t visit) {
   auto td = table.dimensions(), idd = ids.dimensions(), od = out->dimensions();
   const Store store = StoreOf(table.element_type());
   if (store == Store::kBad)
@@ -769,10 +771,10 @@ ffi::Error PooledLookupImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids,
   if (od.size() != 2 || od[0] != B || od[1] != D)
     return ffi::Error::InvalidArgument("out must be f32[" + std::to_string(B) + "," +
                                        std::to_string(D) + "], got " + Dims(od));
-  if (interleave < 1 || B % interleave != 0)
-    return ffi::Error::InvalidArgument("interleave must divide the bags " + std::to_string(B) +
-                                       ", got " + std::to_string(interleave));
-  const Interleave v{interleave, B / interleave};
+  if (visit < 1 || B % visit != 0)
+    return ffi::Error::InvalidArgument("visit must divide the bags " + std::to_string(B) +
+                                       ", got " + std::to_string(visit));
+  const Visit v{visit, B / visit};
   float* o = out->typed_data();
   if (B == 0 || D == 0) return ffi::Error::Success();
   if (P == 0 || R == 0) {
@@ -828,7 +830,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdmtPooledLookup, PooledLookupImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // ids [B, P]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out [B, D]
                                   .Attr<int64_t>("threads")
-                                  .Attr<int64_t>("interleave"));
+                                  .Attr<int64_t>("visit"));
 
 // Lets the loader check the library matches the Python side.
-extern "C" JDMT_EXPORT int jdmt_cpu_kernels_abi_version() { return 5; }
+extern "C" JDMT_EXPORT int jdmt_cpu_kernels_abi_version() { return 6; }
