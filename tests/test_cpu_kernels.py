@@ -487,3 +487,70 @@ def test_the_embeddings_run_the_pooled_lookup_kernel(mesh24):
         assert ("jdmt_pooled_lookup" in text) == ck
         outs[ck] = np.asarray(fwd(emb.init(seed=0), ids, lengths))
     np.testing.assert_array_equal(outs[True], outs[False])
+
+
+def _interaction_ref(t):
+    """float64 reference of the strict-upper-triangle dot products and of the
+    gradient of sum(z * g)."""
+    t64 = np.asarray(t, np.float64)
+    n = t64.shape[1]
+    i, j = np.triu_indices(n, 1)
+    z = np.einsum("bid,bjd->bij", t64, t64)[:, i, j]
+
+    def grad(g):
+        G = np.zeros((t64.shape[0], n, n))
+        G[:, i, j] = g
+        return np.einsum("bij,bjd->bid", G + G.transpose(0, 2, 1), t64)
+
+    return z, grad
+
+
+@pytest.mark.parametrize("shape", [(300, 27, 64), (50, 5, 13), (7, 1, 4), (0, 4, 8)])
+def test_dot_interaction_kernel_matches_the_reference(shape):
+    rng = np.random.default_rng(0)
+    t = rng.standard_normal(shape).astype(np.float32)
+    n = shape[1]
+    g = rng.standard_normal((shape[0], n * (n - 1) // 2)).astype(np.float32)
+    z_ref, grad = _interaction_ref(t)
+    z = np.asarray(jax.jit(lambda a: cpu_kernels.dot_interaction(a, threads=1))(t))
+    dt = np.asarray(jax.jit(lambda a, b: cpu_kernels.dot_interaction_grad(a, b, threads=1))(t, g))
+    np.testing.assert_allclose(z, z_ref, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(dt, grad(g), rtol=1e-5, atol=1e-4)
+    # threads split the samples: the same bits
+    z3 = np.asarray(jax.jit(lambda a: cpu_kernels.dot_interaction(a, threads=3))(t))
+    dt3 = np.asarray(jax.jit(lambda a, b: cpu_kernels.dot_interaction_grad(a, b, threads=3))(t, g))
+    np.testing.assert_array_equal(z3, z)
+    np.testing.assert_array_equal(dt3, dt)
+
+
+def test_dot_interaction_kernel_is_the_models_interaction(mesh24):
+    """`dot_interaction(..., cpu_threads=N, mesh=...)` under jit on a batch
+    sharded over 8 devices: values and gradients equal the XLA form to f32
+    rounding, each device runs the kernel on its own samples (no all-gather),
+    and a batch the mesh does not divide takes the XLA ops."""
+    from jax.sharding import NamedSharding
+
+    from jdmt.models.dlrm import dot_interaction
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((64, 16)).astype(np.float32)
+    e = rng.standard_normal((64, 6, 16)).astype(np.float32)
+    w = rng.standard_normal((64, 21)).astype(np.float32)
+    sh = NamedSharding(mesh24, P(DEVICES))
+    x, e, w = (jax.device_put(a, sh) for a in (x, e, w))
+
+    def loss(x, e, w, threads):
+        return jnp.sum(dot_interaction(x, e, cpu_threads=threads, mesh=mesh24) * w)
+
+    f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=3)
+    (lk, gk), (lx, gx) = f(x, e, w, 2), f(x, e, w, 0)
+    np.testing.assert_allclose(lk, lx, rtol=1e-5)
+    for a, b in zip(gk, gx):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    text = f.lower(x, e, w, 2).compile().as_text()
+    assert "jdmt_dot_interaction_grad" in text and "all-gather" not in text
+    assert re.search(r"f32\[8,21\]\{[0-9,]*\} custom-call\(.*jdmt_dot_interaction\"", text)
+    odd = jax.jit(lambda x, e: dot_interaction(x, e, cpu_threads=2, mesh=mesh24))
+    assert "jdmt_dot_interaction" not in odd.lower(x[:12], e[:12]).compile().as_text()
+    with pytest.raises(TypeError):
+        cpu_kernels.dot_interaction_grad(jnp.zeros((2, 3, 4)), jnp.zeros((2, 4)))

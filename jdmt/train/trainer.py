@@ -168,8 +168,11 @@ class Trainer:
                              sequence_pooling=config.sequence_pooling)
             self._init_params = init_dcn
         else:
+            # the interaction in C++ where the embeddings' C++ kernels run (CPU)
+            cpu = self.emb.impl.cpu_threads if self.emb.cpu_kernels and not self.emb.impl.pallas else 0
             self.model = DLRM(config.embedding_dim, bottom=config.bottom_mlp, top=config.top_mlp,
-                              sequence_pooling=config.sequence_pooling)
+                              sequence_pooling=config.sequence_pooling, interaction_threads=cpu,
+                              interaction_mesh=self.mesh if cpu else None)
             self._init_params = init_dlrm
         self.full_model = self.model  # `model` is a pruned one during a pruned phase
         self.tower_module = None if self.sptt is None or self.sptt.identity else self.sptt.module
@@ -256,11 +259,15 @@ class Trainer:
         return cpu_kernels.isa()
 
     def _kernel_name(self) -> str:
-        """What runs the lookups and updates: 'xla' (with the C++ update on
-        CPU: 'xla+cpu_lookup+cpu_update') or 'pallas:<target>' (', interpreted' on CPU)."""
+        """What runs the lookups and updates: 'xla' (with the C++ kernels on
+        CPU: 'xla+cpu_lookup+cpu_update', and '+cpu_interaction' for DLRM's dot
+        interaction) or 'pallas:<target>' (', interpreted' on CPU)."""
         impl = self.emb.impl
         if not impl.pallas:
-            return "xla+cpu_lookup+cpu_update" if self.emb.cpu_kernels else "xla"
+            if not self.emb.cpu_kernels:
+                return "xla"
+            inter = "+cpu_interaction" if getattr(self.model, "interaction_threads", 0) else ""
+            return "xla+cpu_lookup+cpu_update" + inter
         return f"pallas:{impl.target}" + (", interpreted" if impl.interpret else "")
 
     def _model_features(self) -> int:

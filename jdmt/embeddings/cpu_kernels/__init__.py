@@ -1,5 +1,5 @@
 """C++ XLA FFI kernels for CPU: the fused sparse optimizer step, in place,
-and the pooled lookup.
+the pooled lookup, and the DLRM dot interaction (forward and backward).
 
 `sparse_update` does what `optimizers.sparse_step` does for one device's
 storage buffer (sort the ids by row, sum each row's gradients in ascending
@@ -36,7 +36,9 @@ from jdmt.embeddings.types import OptimizerKind
 _TARGET = "jdmt_sparse_update"
 _TARGET_SGD = "jdmt_sparse_update_sgd"
 _TARGET_POOL = "jdmt_pooled_lookup"
-_ABI = 6
+_TARGET_DOT = "jdmt_dot_interaction"
+_TARGET_DOT_GRAD = "jdmt_dot_interaction_grad"
+_ABI = 7
 _KIND = {
     OptimizerKind.ROWWISE_ADAGRAD: 0,
     OptimizerKind.ADAGRAD: 1,
@@ -70,6 +72,9 @@ def _load() -> None:
         jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.JdmtSparseUpdate), platform="cpu")
         jax.ffi.register_ffi_target(_TARGET_SGD, jax.ffi.pycapsule(lib.JdmtSparseUpdateSgd), platform="cpu")
         jax.ffi.register_ffi_target(_TARGET_POOL, jax.ffi.pycapsule(lib.JdmtPooledLookup), platform="cpu")
+        jax.ffi.register_ffi_target(_TARGET_DOT, jax.ffi.pycapsule(lib.JdmtDotInteraction), platform="cpu")
+        jax.ffi.register_ffi_target(_TARGET_DOT_GRAD, jax.ffi.pycapsule(lib.JdmtDotInteractionGrad),
+                                    platform="cpu")
     except Exception as e:  # noqa: BLE001
         _state.update(ok=False, reason=f"loading {path} failed: {e!r}")
         return
@@ -244,5 +249,42 @@ def pooled_lookup(table: jax.Array, ids: jax.Array, *, threads: int = 1, visit: 
     return out.reshape(*lead, table.shape[1])
 
 
-__all__ = ["available", "host_cores", "isa", "unavailable_reason", "library_path", "pooled_lookup",
+def _interaction_input(t: jax.Array) -> jax.Array:
+    if not _ensure():
+        raise RuntimeError(f"jdmt CPU kernels unavailable: {_state.get('reason')}")
+    if t.ndim != 3:
+        raise TypeError(f"t must be f32[B, N, D], got {t.dtype}{list(t.shape)}")
+    return jnp.asarray(t, jnp.float32)
+
+
+def dot_interaction(t: jax.Array, *, threads: int = 1) -> jax.Array:
+    """f32[B, N(N-1)/2]: `<t_i, t_j>` of each sample's rows for i < j in
+    row-major order (the DLRM interaction; `jdmt.models.dlrm.dot_interaction`
+    is its XLA form). Each dot product sums over d in order (CPU; not
+    differentiable by itself: `dot_interaction_grad` is its backward).
+
+    Args:
+      t: f32[B, N, D].
+      threads: host threads to split the samples over (static).
+    """
+    t = _interaction_input(t)
+    b, n, _ = t.shape
+    (z,) = jax.ffi.ffi_call(_TARGET_DOT, (jax.ShapeDtypeStruct((b, n * (n - 1) // 2), jnp.float32),))(
+        t, threads=np.int64(max(1, int(threads))))
+    return z
+
+
+def dot_interaction_grad(t: jax.Array, g: jax.Array, *, threads: int = 1) -> jax.Array:
+    """f32[B, N, D]: the gradient of `sum(dot_interaction(t) * g)` with respect
+    to t: row i gets `sum_{j != i} g[p(i, j)] t_j`, summed over j in order."""
+    t = _interaction_input(t)
+    b, n, _ = t.shape
+    if g.shape != (b, n * (n - 1) // 2):
+        raise TypeError(f"g must be f32[{b}, {n * (n - 1) // 2}], got {list(g.shape)}")
+    (dt,) = jax.ffi.ffi_call(_TARGET_DOT_GRAD, (jax.ShapeDtypeStruct(t.shape, jnp.float32),))(
+        t, jnp.asarray(g, jnp.float32), threads=np.int64(max(1, int(threads))))
+    return dt
+
+
+__all__ = ["available", "dot_interaction", "dot_interaction_grad", "host_cores", "isa", "unavailable_reason", "library_path", "pooled_lookup",
            "sparse_update"]

@@ -789,6 +789,129 @@ ffi::Error PooledLookupImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids,
   return ffi::Error::Success();
 }
 
+// ---- DLRM dot interaction ---------------------------------------------------
+//
+// Forward: t f32[B, N, D] -> z f32[B, N(N-1)/2], z[b, p(i, j)] = <t_bi, t_bj>
+// for i < j in row-major order (`jdmt.models.dlrm.dot_interaction`). Each
+// sum runs over d in ascending order (one rounding per product and per add:
+// -ffp-contract=off), vectorised across j: row i of t is multiplied into the
+// transposed t of the sample, so no horizontal sums are needed.
+// Backward: g f32[B, P] -> dt f32[B, N, D], dt_bi = sum_{j != i} g[b, p(min,
+// max)] t_bj, summed over j in ascending order, vectorised across d.
+// Samples are independent, so threads split them without changing a bit.
+
+void InteractFwd(const float* t, float* z, int64_t N, int64_t D, int64_t b0, int64_t b1) {
+  const int64_t P = N * (N - 1) / 2;
+  std::vector<float> tt(static_cast<size_t>(D * N)), acc(static_cast<size_t>(N));
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* tb = t + b * N * D;
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t d = 0; d < D; ++d) tt[d * N + i] = tb[i * D + d];
+    float* o = z + b * P;
+    for (int64_t i = 0; i + 1 < N; ++i) {
+      const int64_t m = N - i - 1;  // j = i + 1 .. N - 1
+      float* a = acc.data();
+      const float* ti = tb + i * D;
+      for (int64_t k = 0; k < m; ++k) a[k] = ti[0] * tt[i + 1 + k];
+      for (int64_t d = 1; d < D; ++d) {
+        const float x = ti[d];
+        const float* r = tt.data() + d * N + i + 1;
+        for (int64_t k = 0; k < m; ++k) a[k] += x * r[k];
+      }
+      std::memcpy(o, a, sizeof(float) * m);
+      o += m;
+    }
+  }
+}
+
+void InteractBwd(const float* t, const float* g, float* dt, int64_t N, int64_t D, int64_t b0,
+                 int64_t b1) {
+  const int64_t P = N * (N - 1) / 2;
+  std::vector<float> G(static_cast<size_t>(N * N));
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* gb = g + b * P;
+    int64_t p = 0;
+    for (int64_t i = 0; i < N; ++i) {
+      G[i * N + i] = 0.0f;
+      for (int64_t j = i + 1; j < N; ++j, ++p) G[i * N + j] = G[j * N + i] = gb[p];
+    }
+    const float* tb = t + b * N * D;
+    for (int64_t i = 0; i < N; ++i) {
+      float* o = dt + (b * N + i) * D;
+      bool first = true;
+      for (int64_t j = 0; j < N; ++j) {
+        if (j == i) continue;
+        const float c = G[i * N + j];
+        const float* r = tb + j * D;
+        if (first) {
+          for (int64_t d = 0; d < D; ++d) o[d] = c * r[d];
+          first = false;
+        } else {
+          for (int64_t d = 0; d < D; ++d) o[d] += c * r[d];
+        }
+      }
+      if (first) std::memset(o, 0, sizeof(float) * D);
+    }
+  }
+}
+
+template <typename F>
+void SplitSamples(int64_t B, int64_t work_per_sample, int64_t threads, F f) {
+  // at least ~2M multiply-adds per thread: below that a thread costs more than it saves
+  const int64_t n = std::max<int64_t>(
+      1, std::min<int64_t>(threads, B * work_per_sample / (int64_t{1} << 21)));
+  if (n == 1) {
+    f(0, B);
+    return;
+  }
+  std::vector<std::thread> pool;
+  const int64_t per = (B + n - 1) / n;
+  for (int64_t k = 1; k < n; ++k) {
+    const int64_t b0 = std::min(B, k * per), b1 = std::min(B, (k + 1) * per);
+    pool.emplace_back(f, b0, b1);
+  }
+  f(0, std::min(B, per));
+  for (auto& th : pool) th.join();
+}
+
+ffi::Error InteractionImpl(ffi::Buffer<ffi::F32> t, ffi::Result<ffi::Buffer<ffi::F32>> z,
+                           int64_t threads) {
+  auto td = t.dimensions(), zd = z->dimensions();
+  if (td.size() != 3) return ffi::Error::InvalidArgument("t must be f32[B, N, D], got " + Dims(td));
+  const int64_t B = td[0], N = td[1], D = td[2], P = N * (N - 1) / 2;
+  if (zd.size() != 2 || zd[0] != B || zd[1] != P)
+    return ffi::Error::InvalidArgument("z must be f32[" + std::to_string(B) + "," + std::to_string(P) +
+                                       "], got " + Dims(zd));
+  if (B == 0 || P == 0) return ffi::Error::Success();
+  if (D == 0) {
+    std::memset(z->typed_data(), 0, sizeof(float) * B * P);
+    return ffi::Error::Success();
+  }
+  const float* tp = t.typed_data();
+  float* zp = z->typed_data();
+  SplitSamples(B, P * D, threads, [=](int64_t b0, int64_t b1) { InteractFwd(tp, zp, N, D, b0, b1); });
+  return ffi::Error::Success();
+}
+
+ffi::Error InteractionGradImpl(ffi::Buffer<ffi::F32> t, ffi::Buffer<ffi::F32> g,
+                               ffi::Result<ffi::Buffer<ffi::F32>> dt, int64_t threads) {
+  auto td = t.dimensions(), gd = g.dimensions(), od = dt->dimensions();
+  if (td.size() != 3) return ffi::Error::InvalidArgument("t must be f32[B, N, D], got " + Dims(td));
+  const int64_t B = td[0], N = td[1], D = td[2], P = N * (N - 1) / 2;
+  if (gd.size() != 2 || gd[0] != B || gd[1] != P)
+    return ffi::Error::InvalidArgument("g must be f32[" + std::to_string(B) + "," + std::to_string(P) +
+                                       "], got " + Dims(gd));
+  if (od.size() != 3 || od[0] != B || od[1] != N || od[2] != D)
+    return ffi::Error::InvalidArgument("dt must have t's shape, got " + Dims(od));
+  if (B == 0 || N == 0 || D == 0) return ffi::Error::Success();
+  const float* tp = t.typed_data();
+  const float* gp = g.typed_data();
+  float* op = dt->typed_data();
+  SplitSamples(B, N * N * D, threads,
+               [=](int64_t b0, int64_t b1) { InteractBwd(tp, gp, op, N, D, b0, b1); });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Exported (the library is built with -fvisibility=hidden).
@@ -796,6 +919,8 @@ ffi::Error PooledLookupImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids,
 extern "C" JDMT_EXPORT XLA_FFI_Error* JdmtSparseUpdate(XLA_FFI_CallFrame* call_frame);
 extern "C" JDMT_EXPORT XLA_FFI_Error* JdmtSparseUpdateSgd(XLA_FFI_CallFrame* call_frame);
 extern "C" JDMT_EXPORT XLA_FFI_Error* JdmtPooledLookup(XLA_FFI_CallFrame* call_frame);
+extern "C" JDMT_EXPORT XLA_FFI_Error* JdmtDotInteraction(XLA_FFI_CallFrame* call_frame);
+extern "C" JDMT_EXPORT XLA_FFI_Error* JdmtDotInteractionGrad(XLA_FFI_CallFrame* call_frame);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JdmtSparseUpdate, UpdateImpl,
                               ffi::Ffi::Bind()
@@ -832,5 +957,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdmtPooledLookup, PooledLookupImpl,
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("visit"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdmtDotInteraction, InteractionImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // t [B, N, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // z [B, N(N-1)/2]
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdmtDotInteractionGrad, InteractionGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // t [B, N, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // g [B, N(N-1)/2]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dt [B, N, D]
+                                  .Attr<int64_t>("threads"));
+
 // Lets the loader check the library matches the Python side.
-extern "C" JDMT_EXPORT int jdmt_cpu_kernels_abi_version() { return 6; }
+extern "C" JDMT_EXPORT int jdmt_cpu_kernels_abi_version() { return 7; }
