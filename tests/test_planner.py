@@ -555,3 +555,24 @@ def test_planned_embeddings_equal_table_wise(mesh24, table_wise_reference, budge
     for name in MIXED.names:
         np.testing.assert_allclose(out[name], want_out[name], rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(tables[name], want_tables[name], rtol=1e-5, atol=1e-6)
+
+
+def test_memory_trim_lowers_the_allocation_within_its_slack():
+    """After the search, tables move where the bytes allocated over all
+    devices fall, within `memory_slack` of the searched plan's step and no
+    worse than the best baseline; slack 0 keeps the searched plan."""
+    from jdmt.data.specs import make_features
+    from jdmt.planner import auto_plan
+
+    feats = make_features(12, [300_000, 120_000, 50_000] + [2_000] * 9, 16, 4)
+    off = auto_plan(feats, 2, 4, 512, memory_slack=0.0)
+    on = auto_plan(feats, 2, 4, 512, memory_slack=0.05)
+    assert off.stats["memory_trim"] is None
+    trim = on.stats["memory_trim"]
+    assert trim["allocated_over_owned"][0] == pytest.approx(off.cost.allocated / off.cost.owned, abs=1e-4)
+    assert on.cost.allocated <= off.cost.allocated
+    assert on.cost.step_s <= off.cost.step_s * 1.05 + 1e-15
+    best = on.best_baseline()
+    assert best is None or on.cost.step_s <= best[1].step_s * (1 + 1e-9)
+    assert trim["allocated_over_owned"][1] == pytest.approx(on.cost.allocated / on.cost.owned, abs=1e-4)
+    assert on.cost.allocated < off.cost.allocated, "this table set leaves room to trim"

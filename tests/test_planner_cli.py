@@ -177,7 +177,10 @@ def test_python_m_jdmt_planner_writes_a_plan_that_loads(tmp_path):
     feats = synthetic_default_features()
     assert lines[0].startswith("auto plan 2x4: est. embedding step")
     assert [ln.split()[0] for ln in lines[2:2 + 26]] == list(feats.names)
-    assert lines[-2].startswith("est. embedding step") and lines[-1] == f"wrote {out}"
+    assert lines[-1] == f"wrote {out}"
+    assert lines[2 + 26].startswith("est. embedding step")
+    trim = lines[2 + 27 : -1]  # the memory trim's line, where it moved tables
+    assert all(ln.startswith("memory trim: allocated ") for ln in trim) and len(trim) <= 1
     pf = PlanFile.read(out)
     pf.check(feats, 2, 4)
     assert pf.global_batch == 64 and pf.report["problem"]["pooling"] == pooling_from_fraction(

@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tables and optimizer state allowed per device, GiB")
     p.add_argument("--row-dedup", choices=("host", "device"), default="host",
                    help="route of row-wise tables the cost model assumes (train.py's --row-dedup)")
+    p.add_argument("--memory-slack", metavar="F", type=_number(float, 0, "a number >= 0"), default=0.02,
+                   help="after the search, move tables where that lowers the memory allocated "
+                   "over all devices while the estimated step stays within this fraction of "
+                   "the searched plan's (default 0.02, train.py's; 0: off)")
     p.add_argument("--cost-model", metavar="PATH", default=None,
                    help="plan with the learned planner and this fitted cost model "
                    "(python -m jdmt.planner.neural) instead of the analytic search")
@@ -142,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 features, hosts, local, args.global_batch, optimizer=args.optimizer,
                 memory_budget=args.memory_budget_gib * 2**30,
                 cost_model=AnalyticCostModel(row_dedup=args.row_dedup), pooling=pooling,
+                memory_slack=args.memory_slack,
             ), None
     except (PlanningError, ValueError, OSError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)

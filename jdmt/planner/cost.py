@@ -261,6 +261,16 @@ class PlanCost:
     def peak_memory(self) -> float:
         return float(self.memory_bytes.max(initial=0.0))
 
+    @property
+    def allocated(self) -> float:
+        """Bytes allocated over all devices (tables and optimizer state)."""
+        return float(self.memory_bytes.sum())
+
+    @property
+    def owned(self) -> float:
+        """Bytes of the rows the devices own (no alignment, no SPMD padding)."""
+        return float(self.used_bytes.sum())
+
     def fits(self, budget: float) -> bool:
         return self.peak_memory <= budget
 
