@@ -112,6 +112,9 @@ def main(argv=None) -> int:
     p.add_argument("--tower-dim", type=int, default=32)
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run")
     p.add_argument("--tuned-malloc", action="store_true")
+    p.add_argument("--local", type=int, default=4,
+                   help="devices per process (train_throughput.py --local): 4, so that each "
+                   "host has devices for the tower's intra-host exchange")
     p.add_argument("--kernel", default="auto", choices=("auto", "pallas", "xla"),
                    help="lookups and sparse updates of both runs (train_throughput.py --kernel)")
     p.add_argument("--links", default="loopback",
@@ -125,7 +128,7 @@ def main(argv=None) -> int:
                    "scale linearly with it; the ratio does not depend on it)")
     args = p.parse_args(argv)
     # jdmt against itself: no peer run (train_throughput.py --peer '')
-    common = ["--steps", str(args.steps), "--kernel", args.kernel, "--peer", "",
+    common = ["--steps", str(args.steps), "--kernel", args.kernel, "--peer", "", "--local", str(args.local),
               *(["--quick"] if args.quick else []),
               *(["--tuned-malloc"] if args.tuned_malloc else [])]
     for link in filter(None, args.links.split(",")):
