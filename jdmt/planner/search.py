@@ -354,23 +354,30 @@ class _Search:
             plan[f.name] = best[1]
         return plan
 
+    def _move_each(self, plan: dict[str, Placement], cost: PlanCost,
+                   accept: Callable[[PlanCost, PlanCost], bool]) -> tuple[dict, PlanCost, bool]:
+        """One pass of single-table moves: each table tries every candidate
+        and keeps the first that `accept(new, current)` and fits the budget."""
+        improved = False
+        for f in self.problem.features.sparse:
+            rest = {k: v for k, v in plan.items() if k != f.name}
+            for cand in candidates(self.problem, f, self.cost(rest)):
+                if cand == plan[f.name]:
+                    continue
+                trial = {**rest, f.name: cand}
+                c = self.cost(trial)
+                if c.fits(self.budget) and accept(c, cost):
+                    plan, cost, improved = trial, c, True
+                    self.moves += 1
+        return plan, cost, improved
+
     def improve(self, plan: dict[str, Placement]) -> tuple[dict[str, Placement], PlanCost]:
         """Moves and swaps while (bottleneck, balance) improves."""
         plan = dict(plan)
         cost = self.cost(plan)
         names = [f.name for f in self.problem.features.sparse]
         for _ in range(self.max_rounds):
-            improved = False
-            for f in self.problem.features.sparse:
-                rest = {k: v for k, v in plan.items() if k != f.name}
-                for cand in candidates(self.problem, f, self.cost(rest)):
-                    if cand == plan[f.name]:
-                        continue
-                    trial = {**rest, f.name: cand}
-                    c = self.cost(trial)
-                    if c.fits(self.budget) and _better(c, cost):
-                        plan, cost, improved = trial, c, True
-                        self.moves += 1
+            plan, cost, improved = self._move_each(plan, cost, _better)
             # swap a table-wise table of the bottleneck device with one elsewhere
             worst = int(cost.device_s.argmax()) if names else 0
             tw = [k for k in names if plan[k].type is ShardingType.TABLE_WISE]
@@ -387,7 +394,6 @@ class _Search:
                 break
         return {k: plan[k] for k in names}, cost
 
-
     def trim_memory(self, plan: dict[str, Placement], cost: PlanCost,
                     limit: float) -> tuple[dict[str, Placement], PlanCost]:
         """Moves that lower the memory allocated over all devices (one SPMD
@@ -395,22 +401,12 @@ class _Search:
         spread the owned bytes more evenly at the same allocation, while the
         estimated step stays within `limit` seconds."""
         plan = dict(plan)
-        names = [f.name for f in self.problem.features.sparse]
         for _ in range(self.max_rounds):
-            improved = False
-            for f in self.problem.features.sparse:
-                rest = {k: v for k, v in plan.items() if k != f.name}
-                for cand in candidates(self.problem, f, self.cost(rest)):
-                    if cand == plan[f.name]:
-                        continue
-                    trial = {**rest, f.name: cand}
-                    c = self.cost(trial)
-                    if c.fits(self.budget) and c.step_s <= limit and _less_memory(c, cost):
-                        plan, cost, improved = trial, c, True
-                        self.moves += 1
+            plan, cost, improved = self._move_each(
+                plan, cost, lambda c, cur: c.step_s <= limit and _less_memory(c, cur))
             if not improved:
                 break
-        return {k: plan[k] for k in names}, cost
+        return {f.name: plan[f.name] for f in self.problem.features.sparse}, cost
 
 
 def _less_memory(a: PlanCost, b: PlanCost) -> bool:

@@ -169,7 +169,7 @@ class Trainer:
             self._init_params = init_dcn
         else:
             # the interaction in C++ where the embeddings' C++ kernels run (CPU)
-            cpu = self.emb.impl.cpu_threads if self.emb.cpu_kernels and not self.emb.impl.pallas else 0
+            cpu = self.emb.impl.cpu_threads  # 0 unless the C++ kernels run (never with Pallas)
             self.model = DLRM(config.embedding_dim, bottom=config.bottom_mlp, top=config.top_mlp,
                               sequence_pooling=config.sequence_pooling, interaction_threads=cpu,
                               interaction_mesh=self.mesh if cpu else None)

@@ -127,9 +127,9 @@ def build() -> tuple[str | None, str | None]:
 
     native_why = None
     if native_wanted():
-        name, flags = named(True)
-        if not any((d / (name + ".refused")).is_file() for d in dirs):
-            path, native_why = _build_into(dirs, name, [cxx, *flags, "-I", include, str(SOURCE)])
+        native, flags = named(True)
+        if not any((d / (native + ".refused")).is_file() for d in dirs):
+            path, native_why = _build_into(dirs, native, [cxx, *flags, "-I", include, str(SOURCE)])
             if path is not None:
                 return path, None
     name, flags = named(False)
@@ -137,7 +137,7 @@ def build() -> tuple[str | None, str | None]:
     if path is not None and native_why and native_why.startswith("compile failed"):
         # this compiler refuses the native build but makes the portable one: remember
         try:
-            Path(path).with_name(named(True)[0] + ".refused").write_text(native_why)
+            Path(path).with_name(native + ".refused").write_text(native_why)
         except OSError:
             pass
     return path, why

@@ -738,23 +738,30 @@ void PoolBags(const W* table, const int32_t* ids, float* out, int64_t R, int64_t
   }
 }
 
-template <typename W>
-void Pool(const W* t, const int32_t* i, float* o, int64_t R, int64_t D, int64_t B, int64_t P,
-          int64_t threads, Visit v) {
-  // at least ~16k ids per thread: below that a thread costs more than it saves
-  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(threads, B * P / 16384));
-  if (n == 1) {
-    PoolBags<W>(t, i, o, R, D, P, 0, B, v);
+// f(b0, b1) over [0, B) cut into n contiguous ranges; ranges 1.. run on their own
+// std::threads, range 0 on the caller's.
+template <typename F>
+void SplitRange(int64_t B, int64_t n, F f) {
+  if (n <= 1) {
+    f(int64_t{0}, B);
     return;
   }
   std::vector<std::thread> pool;
   const int64_t per = (B + n - 1) / n;
   for (int64_t k = 1; k < n; ++k) {
     const int64_t b0 = std::min(B, k * per), b1 = std::min(B, (k + 1) * per);
-    pool.emplace_back(PoolBags<W>, t, i, o, R, D, P, b0, b1, v);
+    pool.emplace_back(f, b0, b1);
   }
-  PoolBags<W>(t, i, o, R, D, P, 0, std::min(B, per), v);
+  f(int64_t{0}, std::min(B, per));
   for (auto& th : pool) th.join();
+}
+
+template <typename W>
+void Pool(const W* t, const int32_t* i, float* o, int64_t R, int64_t D, int64_t B, int64_t P,
+          int64_t threads, Visit v) {
+  // at least ~16k ids per thread: below that a thread costs more than it saves
+  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(threads, B * P / 16384));
+  SplitRange(B, n, [=](int64_t b0, int64_t b1) { PoolBags<W>(t, i, o, R, D, P, b0, b1, v); });
 }
 
 ffi::Error PooledLookupImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids,
@@ -873,20 +880,8 @@ void InteractBwd(const float* t, const float* g, float* dt, int64_t N, int64_t D
 template <typename F>
 void SplitSamples(int64_t B, int64_t work_per_sample, int64_t threads, F f) {
   // at least ~2M multiply-adds per thread: below that a thread costs more than it saves
-  const int64_t n = std::max<int64_t>(
-      1, std::min<int64_t>(threads, B * work_per_sample / (int64_t{1} << 21)));
-  if (n == 1) {
-    f(0, B);
-    return;
-  }
-  std::vector<std::thread> pool;
-  const int64_t per = (B + n - 1) / n;
-  for (int64_t k = 1; k < n; ++k) {
-    const int64_t b0 = std::min(B, k * per), b1 = std::min(B, (k + 1) * per);
-    pool.emplace_back(f, b0, b1);
-  }
-  f(0, std::min(B, per));
-  for (auto& th : pool) th.join();
+  SplitRange(B, std::max<int64_t>(1, std::min<int64_t>(threads, B * work_per_sample / (int64_t{1} << 21))),
+             f);
 }
 
 ffi::Error InteractionImpl(ffi::Buffer<ffi::F32> t, ffi::Result<ffi::Buffer<ffi::F32>> z,
