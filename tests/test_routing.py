@@ -65,3 +65,27 @@ def test_take_columns_of_the_lookup_ids_is_not_a_gather():
     text = jax.jit(lambda a: routing.take_columns(a, cols) + 1).lower(
         jax.ShapeDtypeStruct((64, 261), jnp.int32)).compile().as_text()
     assert "gather(" not in text
+
+
+def test_one_to_one_take_and_its_gradient_are_jnp_takes():
+    """Value and gradient equal `jnp.take`'s (out-of-range indices: zeros);
+    the gradient is a gather through the inverse, no scatter."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 6, 2)), jnp.float32)
+    idx = np.array([[4, 0, 9], [2, 6, 5]])  # 9 and 6: out of range; 1 and 3 never taken
+    inv = routing.inverse_index(idx.reshape(1, -1), 6)[0]
+    np.testing.assert_array_equal(inv, [1, 6, 3, 6, 0, 5])  # 6 = idx.size: not taken
+    w = jnp.arange(3 * 6 * 2, dtype=jnp.float32).reshape(3, 2, 3, 2)
+
+    def ours(x):
+        return jnp.sum(routing.one_to_one_take(x, jnp.asarray(idx), jnp.asarray(inv), 1) * w)
+
+    def ref(x):
+        y = jnp.take(x, idx.reshape(-1), axis=1, mode="fill", fill_value=0).reshape(3, 2, 3, 2)
+        return jnp.sum(y * w)
+
+    assert float(ours(x)) == float(ref(x))
+    np.testing.assert_array_equal(jax.grad(ours)(x), jax.grad(ref)(x))
+    text = jax.jit(jax.grad(ours)).lower(x).compile().as_text()
+    assert "scatter" not in text
+    with pytest.raises(ValueError, match="more than once"):
+        routing.inverse_index(np.array([[1, 2, 1]]), 4)

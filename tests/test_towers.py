@@ -176,6 +176,19 @@ def test_tower_module_gradients_are_reduced_over_local_only(mesh24, module):
     assert np.all(g[0, 1] == 0)
 
 
+def test_compressing_towers_step_scatters_no_rows(mesh24):
+    """The entry's bags, the Tower Modules' inputs, their gradients and the
+    gradients back to the owners each come from a static place: the compiled
+    step gathers them; it scatters no float rows into zero buffers (only the
+    ids are scattered into their exchange blocks)."""
+    sp = SPTT(FEATS, mesh24, TOWERS, HOSTS, SparseOptimizer(lr=0.1), module="linear", tower_dim=4)
+    step, args = _tower_step(sp, FEATS)
+    hlo = step.lower(*args).compile().as_text()
+    scatters = [ln.strip() for ln in hlo.splitlines() if re.search(r"= [a-z0-9]+\[[0-9,]*\]\S* scatter\(", ln)]
+    assert scatters, "the ids' routing scatters: the pattern must see them"
+    assert not [ln for ln in scatters if re.search(r"= f(16|32|64)\[", ln)], scatters
+
+
 def test_compressing_towers_move_fewer_cross_host_bytes(mesh24):
     feats = make_features(8, 200, 16, 2, num_dense=2)
     towers, hosts = [feats.names[:4], feats.names[4:]], [0, 1]

@@ -135,6 +135,7 @@ class HostPath:
         self.host_row = {}
         for w in self.widths:
             self._inside(layout, w)
+        self._maps = {}  # `_entry_map`'s static tables
         self.peer_host_host = np.arange(h, dtype=np.int32)  # peers over `host`
         self.peer_host_local = None  # peers over `local`: all on this host
 
@@ -347,6 +348,41 @@ class HostPath:
                         i += b
         return q.transpose(1, 0, 2), ok, (lb["cnt"] * h * b).astype(np.int32)
 
+    def _entry_map(self, kind: str, w: int, b: int) -> np.ndarray:
+        """Where each of the entry's pooled bags f32[H(source), J, B, D] of
+        width w comes from, per host: i32[H, H * J * B], the row of the flat
+        block the owners returned (`bags`: [L, imax], `rows`: the pooled row
+        requests [H, T, B]), past its end where another kind (or none) fills
+        the slot. `_entry_map("grads", ...)` is the inverse of the bags' map:
+        i32[H, L * imax], each returned row's place among the entry's bags,
+        the path of the gradients back to the owners."""
+        key = (kind, w, b)
+        if key in self._maps:
+            return self._maps[key]
+        h, ln, jm = self.hosts, self.local, self.jmax
+        if kind == "rows":
+            t_j, t_ok, _ = self._row_pieces(w)
+            tmax = t_j.shape[1]
+            out = np.full((h, h * jm * b), h * tmax * b, np.int32)
+            s_, t_, b_ = np.meshgrid(np.arange(h), np.arange(tmax), np.arange(b), indexing="ij")
+            for hh in range(h):
+                ok = t_ok[hh][t_]
+                at = (s_ * jm + t_j[hh][t_]) * b + b_
+                out[hh, at[ok]] = ((s_ * tmax + t_) * b + b_)[ok]
+        else:
+            q, ok, header_all = self._bag_items(w, b)
+            imax = int(header_all.max())
+            src = q[:, 3] * imax + q[:, 4]  # [H, n] row of the owners' returned block
+            at = (q[:, 1] * jm + q[:, 0]) * b + q[:, 2]  # [H, n] place among the entry's bags
+            bags = np.full((h, h * jm * b), ln * imax, np.int32)
+            for hh in range(h):
+                bags[hh, at[hh][ok[hh]]] = src[hh][ok[hh]]
+            self._maps[("bags", w, b)] = bags
+            self._maps[("grads", w, b)] = routing.inverse_index(bags, ln * imax)
+            out = self._maps[key]
+        self._maps[key] = out
+        return out
+
     def _row_pieces(self, w: int):
         """Per host its row-spread pieces of width w: i32[H, T] slot j, bool[H, T]
         real, i32[H, T, L] storage offset of each row shard."""
@@ -450,7 +486,7 @@ class HostPath:
                 stats.need(f"host/local_bag_ids_{w}", jnp.max(sz) - imax)
                 stats.over(overflow(sz, cap))
                 stats.payload(jnp.minimum(sz, cap), 4, local_peers, zero, me_l)
-                meta.append(("bags", w, dict(q=q, ok=ok, header=pick(header_all), imax=imax)))
+                meta.append(("bags", w, dict(header=pick(header_all), imax=imax)))
                 sends.append(send), sizes.append(sz), parts.append(cap)
             if self.bag_set and any(self.local_row[w]["trw"]):
                 t_j, t_ok, t_off = (pick(x) for x in self._row_pieces(w))
@@ -465,7 +501,7 @@ class HostPath:
                 stats.over(overflow(sz, caps.local_rows[w]))
                 stats.payload(jnp.minimum(sz, caps.local_rows[w]), 4, local_peers, zero, me_l)
                 stats.dedup(jnp.sum(rows >= 0, dtype=jnp.int32), unique)
-                meta.append(("rows", w, dict(inv=inv.reshape(rows.shape), sizes=sz, t_j=t_j, t_ok=t_ok)))
+                meta.append(("rows", w, dict(inv=inv.reshape(rows.shape), sizes=sz)))
                 sends.append(send), sizes.append(sz), parts.append(caps.local_rows[w])
             if w in hrq:
                 c = self.host_row[w]["c"]
@@ -532,20 +568,25 @@ class HostPath:
         entry = {}
         out = {}
         for w in self.widths:
-            e = jnp.zeros((h, self.jmax, b, w), jnp.float32)
+            # Every slot of the entry's bags has a static source (a gather, not a
+            # scatter into zeros: on CPU a memset and a scatter of the whole block)
+            e = None
             hr_back = None
             for k, (kind, ww, m) in enumerate(meta):
                 if ww != w:
                     continue
-                if kind == "bags":
-                    q = m["q"]
-                    got = back[k][q[3], jnp.minimum(q[4], m["imax"] - 1)]  # [n, D]
-                    e = e.at[jnp.where(m["ok"], q[1], h), q[0], q[2]].set(got, mode="drop")
-                elif kind == "rows":
-                    pooled = pool_received(back[k].reshape(-1, w), m["inv"], impl)  # [H, T, B, D]
-                    e = e.at[:, jnp.where(m["t_ok"], m["t_j"], self.jmax)].set(pooled, mode="drop")
-                else:  # forwarded host rows, back into the blocks they came in
+                if kind == "fwd":  # forwarded host rows, back into the blocks they came in
                     hr_back = take_rows(back[k].reshape(-1, w), m["at"], impl)  # [H(src), cap_h, D]
+                    continue
+                if kind == "bags":
+                    src = back[k].reshape(-1, w)  # [L * imax, D] the owners' pooled bags
+                else:  # [H * T * B, D] bags pooled at the entry from the row shards' rows
+                    src = pool_received(back[k].reshape(-1, w), m["inv"], impl).reshape(-1, w)
+                at = pick(self._entry_map(kind, w, b))
+                got = jnp.take(src, at, axis=0, mode="fill", fill_value=0)
+                e = got if e is None else jnp.where((at < src.shape[0])[:, None], got, e)
+            e = jnp.zeros((h * self.jmax * b, w), jnp.float32) if e is None else e
+            e = e.reshape(h, self.jmax, b, w)
             entry[w] = e
             if self.towers:
                 continue
@@ -688,14 +729,13 @@ class HostPath:
             for (kind, ww), m in zip(self._kinds(), ctx["meta"]):
                 if ww != w:
                     continue
-                if kind == "bags":
-                    q, ok, header_all = self._bag_items(w, b)
-                    q, ok, header = pick(q), pick(ok), pick(header_all)
+                if kind == "bags":  # each block row's gradient: a gather (no scatter into zeros)
+                    _, _, header_all = self._bag_items(w, b)
+                    header = pick(header_all)
                     imax = int(header_all.max())
-                    g_items = eg[jnp.minimum(q[1], h - 1), q[0], q[2]]  # [n, D]
-                    send = jnp.zeros((ln, imax, w), jnp.float32)
-                    sends.append(send.at[jnp.where(ok, q[3], ln), jnp.minimum(q[4], imax - 1)].set(
-                        g_items, mode="drop"))
+                    at = pick(self._entry_map("grads", w, b))
+                    sends.append(jnp.take(eg.reshape(-1, w), at, axis=0, mode="fill", fill_value=0)
+                                 .reshape(ln, imax, w))
                     osz.append(header)
                     orecv.append(jnp.full((ln,), header[me_l], jnp.int32))
                     owners.append(("bags", m["ids"]))

@@ -24,6 +24,8 @@ Both report what a destination would need beyond its block's capacity
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,6 +38,8 @@ __all__ = [
     "bag_send",
     "exclusive_cumsum",
     "gather_rows",
+    "inverse_index",
+    "one_to_one_take",
     "pool_rows",
     "row_send",
     "send_keys",
@@ -261,3 +265,46 @@ def pool_rows(table: jax.Array, idx: jax.Array, count: jax.Array | int | None = 
     first = gather_rows(table, jnp.where(count > 0, idx[..., 0], -1))
     body = lambda p, o: o + gather_rows(table, lax.dynamic_index_in_dim(idx, p, idx.ndim - 1, False))  # noqa: E731
     return lax.fori_loop(1, jnp.minimum(count, pmax), body, first)
+
+
+def inverse_index(idx: np.ndarray, n: int) -> np.ndarray:
+    """For a static index `idx` (last axis: the positions it takes, any
+    leading axes: one index each, e.g. per host) into n positions, each
+    taken at most once: i32[..., n], for each position the flat place in
+    idx's last axes that takes it, or `idx`'s size (out of range) if none.
+    Indices outside [0, n) take nothing."""
+    idx = np.asarray(idx)
+    lead = idx.shape[:-1] if idx.ndim > 1 else ()
+    flat = idx.reshape(int(np.prod(lead, dtype=np.int64)) if lead else 1, -1)
+    out = np.full((flat.shape[0], n), flat.shape[1], np.int32)
+    for r, row in enumerate(flat):
+        ok = (row >= 0) & (row < n)
+        taken = row[ok]
+        if np.unique(taken).size != taken.size:
+            raise ValueError("the index takes a position more than once")
+        out[r, taken] = np.nonzero(ok)[0]
+    return out.reshape(lead + (n,))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def one_to_one_take(x: jax.Array, idx: jax.Array, inv: jax.Array, axis: int) -> jax.Array:
+    """`jnp.take(x, idx, axis)` with zeros for indices out of range, where no
+    position of x is taken twice (`inv`: `inverse_index` of idx over
+    x.shape[axis]). Its gradient gathers through `inv`: autodiff's own
+    would scatter-add into a zero buffer of x's size (on CPU a memset and a
+    scatter, each a pass over the buffer)."""
+    flat = jnp.take(x, idx.reshape(-1), axis=axis, mode="fill", fill_value=0)
+    return flat.reshape(x.shape[:axis] + idx.shape + x.shape[axis + 1 :])
+
+
+def _one_to_one_fwd(x, idx, inv, axis):
+    return one_to_one_take(x, idx, inv, axis), (idx, inv)
+
+
+def _one_to_one_bwd(axis, res, g):
+    idx, inv = res
+    g = g.reshape(g.shape[:axis] + (idx.size,) + g.shape[axis + idx.ndim :])
+    return jnp.take(g, inv, axis=axis, mode="fill", fill_value=0), None, None
+
+
+one_to_one_take.defvjp(_one_to_one_fwd, _one_to_one_bwd)

@@ -49,7 +49,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jdmt.data.specs import FeatureSet
-from jdmt.embeddings import Placement, ShardedEmbeddings, ShardingType, SparseOptimizer
+from jdmt.embeddings import Placement, ShardedEmbeddings, ShardingType, SparseOptimizer, routing
 from jdmt.embeddings.types import host_devices
 from jdmt.mesh import DEVICES, HOST, LOCAL, mesh_shape
 from jdmt.towers.modules import TowerModule, init_stacked, tower_output_dim
@@ -264,11 +264,13 @@ class SPTT:
                     assert hh == x
                     idx[x, j, i] = slot
         self.slot_index = idx
+        self.slot_inverse = routing.inverse_index(idx.reshape(h, -1), host.jmax)  # the gradient's gather
         self.slot_tower = slot_tower
         # After the return all-to-all a device holds [H * T_max] tower slots; the
         # global tower order picks them.
         pos = {int(t): x * self.t_max + j for x in range(h) for j, t in enumerate(slot_tower[x]) if t >= 0}
         self.tower_take = np.array([pos[t] for t in range(len(self.towers))], np.int32)
+        self.tower_inverse = routing.inverse_index(self.tower_take[None], h * self.t_max)[0]
 
     # ---- parameters ----------------------------------------------------------------------
 
@@ -319,16 +321,18 @@ class SPTT:
 
         def body(params, x):
             me = lax.axis_index(HOST)
-            x = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)
-            idx = jnp.asarray(self.slot_index)[me]  # [T_max, F_max]
-            x = x[:, idx]  # [H, T_max, F_max, B, D]
+            # [H, T_max, F_max, B, D]; no slot feeds two towers, so the gradient is a
+            # gather too (autodiff's own: a scatter-add into a zero buffer of x's size)
+            x = routing.one_to_one_take(x, jnp.asarray(self.slot_index)[me],
+                                        jnp.asarray(self.slot_inverse)[me], 1)
             b, d = x.shape[3], x.shape[4]
             x = jnp.transpose(x, (1, 0, 3, 2, 4)).reshape(self.t_max, h * b, self.f_max, d)
             p = jax.tree.map(lambda a: a[0], params)  # this host's towers [T_max, ...]
             y = jax.vmap(lambda pt, xt: module.apply({"params": pt}, xt))(p, x)
             y = jnp.transpose(y.reshape(self.t_max, h, b, -1), (1, 0, 2, 3))  # [H(dest), T_max, B, C]
             y = lax.all_to_all(y, HOST, 0, 0, tiled=True)  # [H(tower host), T_max, B, C]
-            y = y.reshape(h * self.t_max, b, -1)[self.tower_take]  # [T, B, C]
+            y = routing.one_to_one_take(y.reshape(h * self.t_max, b, -1), jnp.asarray(self.tower_take),
+                                        jnp.asarray(self.tower_inverse), 0)  # [T, B, C]
             return jnp.transpose(y, (1, 0, 2))
 
         param_specs = jax.tree.map(lambda _: P(HOST), params)
