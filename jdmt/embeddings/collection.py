@@ -818,7 +818,7 @@ class ShardedEmbeddings:
                 streams.setdefault(storage_name(w), []).append((rows, src, g))
             if self.host is not None:
                 hg = g_pooled if self.towers else {f: gp[i] for f, i in self.host.piece.items()}
-                per_w, s = self.host.backward(ctx["host"], hg, b, mode)
+                per_w, s = self.host.backward(ctx["host"], hg, b, mode, self.impl)
                 st.append(s)
                 for w, x in per_w.items():
                     streams.setdefault(storage_name(w), []).append(x)

@@ -123,7 +123,8 @@ def exchange(
       mode: "ragged" (`lax.ragged_all_to_all`), "padded" (all_to_all of whole
         blocks; CPU), "emulated" (the ragged op's definition, padded), or
         "auto" (ragged on GPU/TPU, padded on CPU, picked when lowered).
-      fill: the value of received rows past each slice's size.
+      fill: the value of received rows past each slice's size; None: any
+        value (the caller never reads them: no pass over the block to mask).
 
     Returns:
       (y [G, cap, ...] with block s = the rows peer s sent, then `fill`;
@@ -149,12 +150,14 @@ def exchange(
 
     def padded(x, sizes, recv_sizes):
         y = lax.all_to_all(x, axis, 0, 0, tiled=True)
+        if fill is None:
+            return y
         keep = jnp.asarray(offset)[None, :] < recv_sizes[:, part_of]
         return jnp.where(keep.reshape(keep.shape + (1,) * len(rest)), y, jnp.asarray(fill, x.dtype))
 
     def ragged(x, sizes, recv_sizes, emulate=False):
         flat = x.reshape((g * cap,) + rest)
-        out = jnp.full_like(flat, fill)
+        out = jnp.full_like(flat, 0 if fill is None else fill)
         args = ragged_args(sizes, recv_sizes, parts, group_index(axis))
         if emulate:
             y = _emulated_ragged(flat, out, *args, axis=axis, parts=parts)

@@ -349,13 +349,13 @@ class HostPath:
         return q.transpose(1, 0, 2), ok, (lb["cnt"] * h * b).astype(np.int32)
 
     def _entry_map(self, kind: str, w: int, b: int) -> np.ndarray:
-        """Where each of the entry's pooled bags f32[H(source), J, B, D] of
-        width w comes from, per host: i32[H, H * J * B], the row of the flat
+        """Where each of the entry's pooled bags f32[H(source), B, J, D] of
+        width w comes from, per host: i32[H, H * B * J], the row of the flat
         block the owners returned (`bags`: [L, imax], `rows`: the pooled row
-        requests [H, T, B]), past its end where another kind (or none) fills
-        the slot. `_entry_map("grads", ...)` is the inverse of the bags' map:
-        i32[H, L * imax], each returned row's place among the entry's bags,
-        the path of the gradients back to the owners."""
+        requests [H, T, B]), -1 where another kind (or none) fills the slot.
+        `_entry_map("grads", ...)` is the inverse of the bags' map: i32[H,
+        L * imax], each returned row's place among the entry's bags (-1:
+        padding), the path of the gradients back to the owners."""
         key = (kind, w, b)
         if key in self._maps:
             return self._maps[key]
@@ -363,22 +363,23 @@ class HostPath:
         if kind == "rows":
             t_j, t_ok, _ = self._row_pieces(w)
             tmax = t_j.shape[1]
-            out = np.full((h, h * jm * b), h * tmax * b, np.int32)
+            out = np.full((h, h * b * jm), -1, np.int32)
             s_, t_, b_ = np.meshgrid(np.arange(h), np.arange(tmax), np.arange(b), indexing="ij")
             for hh in range(h):
                 ok = t_ok[hh][t_]
-                at = (s_ * jm + t_j[hh][t_]) * b + b_
+                at = (s_ * b + b_) * jm + t_j[hh][t_]
                 out[hh, at[ok]] = ((s_ * tmax + t_) * b + b_)[ok]
         else:
             q, ok, header_all = self._bag_items(w, b)
             imax = int(header_all.max())
             src = q[:, 3] * imax + q[:, 4]  # [H, n] row of the owners' returned block
-            at = (q[:, 1] * jm + q[:, 0]) * b + q[:, 2]  # [H, n] place among the entry's bags
-            bags = np.full((h, h * jm * b), ln * imax, np.int32)
+            at = (q[:, 1] * b + q[:, 2]) * jm + q[:, 0]  # [H, n] place among the entry's bags
+            bags = np.full((h, h * b * jm), -1, np.int32)
             for hh in range(h):
                 bags[hh, at[hh][ok[hh]]] = src[hh][ok[hh]]
+            grads = routing.inverse_index(bags, ln * imax)
             self._maps[("bags", w, b)] = bags
-            self._maps[("grads", w, b)] = routing.inverse_index(bags, ln * imax)
+            self._maps[("grads", w, b)] = np.where(grads < bags.shape[1], grads, -1).astype(np.int32)
             out = self._maps[key]
         self._maps[key] = out
         return out
@@ -411,7 +412,7 @@ class HostPath:
 
         Returns:
           (out, ctx, stats): `out` is, with towers, the entry's pooled bags
-          f32[H(source host), J, B, D] (mean-combined features and sequence
+          f32[H(source host), B, J, D] (mean-combined features and sequence
           features averaged over their ids: the Tower Modules' inputs), else
           {feature: f32[B, D] pooled (sums) or f32[B, S, D]} at the requester.
         """
@@ -474,7 +475,7 @@ class HostPath:
             items = jnp.asarray(header)[me_h]
             raw = routing.bag_ids_at_owner(recv_a[:, : starts_a[1]], items, hmax, self.bag_pool)
             raw = raw.reshape(h, self.jmax, b, self.bag_pool)  # [H(source), J, B, P] table rows
-            counts = jnp.sum(raw >= 0, axis=-1, dtype=jnp.int32)
+            counts = jnp.sum(raw >= 0, axis=-1, dtype=jnp.int32).transpose(0, 2, 1)  # [H, B, J]
         for w in self.widths:
             if self.bag_set and any(self.local_bags[w]["tw"]):
                 q, ok, header_all = self._bag_items(w, b)
@@ -560,7 +561,9 @@ class HostPath:
             if not outs:
                 continue
             reads += outs
-            y, st = _send_rows(outs, osz, orecv, (LOCAL,), mode, stats, 4 * w, (local_peers, zero, me_l))
+            # the entry reads the rows each owner sent, nothing past them: no mask
+            y, st = _send_rows(outs, osz, orecv, (LOCAL,), mode, stats, 4 * w, (local_peers, zero, me_l),
+                               fill=None)
             for i, k in enumerate(idx):
                 back[k] = y[:, st[i] : st[i + 1]]
 
@@ -568,8 +571,10 @@ class HostPath:
         entry = {}
         out = {}
         for w in self.widths:
-            # Every slot of the entry's bags has a static source (a gather, not a
-            # scatter into zeros: on CPU a memset and a scatter of the whole block)
+            # Every slot of the entry's bags [H, B, J, D] has a static source: a
+            # gather of rows (a scatter into zeros is, on CPU, a memset and a
+            # scatter of the whole block), sample-major so that a host's tower
+            # takes its slots without a transpose
             e = None
             hr_back = None
             for k, (kind, ww, m) in enumerate(meta):
@@ -583,10 +588,10 @@ class HostPath:
                 else:  # [H * T * B, D] bags pooled at the entry from the row shards' rows
                     src = pool_received(back[k].reshape(-1, w), m["inv"], impl).reshape(-1, w)
                 at = pick(self._entry_map(kind, w, b))
-                got = jnp.take(src, at, axis=0, mode="fill", fill_value=0)
-                e = got if e is None else jnp.where((at < src.shape[0])[:, None], got, e)
-            e = jnp.zeros((h * self.jmax * b, w), jnp.float32) if e is None else e
-            e = e.reshape(h, self.jmax, b, w)
+                got = routing.gather_rows(src, at)  # XLA fuses it with its sources' slices
+                e = got if e is None else jnp.where((at >= 0)[:, None], got, e)
+            e = jnp.zeros((h * b * self.jmax, w), jnp.float32) if e is None else e
+            e = e.reshape(h, b, self.jmax, w)
             entry[w] = e
             if self.towers:
                 continue
@@ -598,8 +603,10 @@ class HostPath:
                 for x, v in enumerate(r["slots"]):
                     take[x, : len(v)] = v
                 sizes_all = np.array([len(v) * b for v in r["slots"]], np.int32)
-                ext = jnp.concatenate([e, jnp.zeros_like(e[:, :1])], axis=1)
-                sends.append(ext[:, pick(take)].reshape(h, jm * b, w))  # [H(source), J_w * B, D]
+                # [H(source), J_w * B, D]: feature after feature (the exchange sends each
+                # block's first rows, the features the host has)
+                mine = jnp.take(e, pick(take), axis=2, mode="fill", fill_value=0)  # [H, B, J_w, D]
+                sends.append(jnp.swapaxes(mine, 1, 2).reshape(h, jm * b, w))
                 osz.append(jnp.full((h,), pick(sizes_all), jnp.int32))
                 orecv.append(jnp.asarray(sizes_all))
                 kinds.append("ret")
@@ -639,7 +646,7 @@ class HostPath:
         return out, ctx, stats
 
     def _mean_scale(self, counts):
-        """f32[H, J, B]: 1 / count for averaged slots (mean pooled, or a
+        """f32[H, B, J]: 1 / count for averaged slots (mean pooled, or a
         sequence: a Tower Module's input is its mean), 1 for sums."""
         feats = self.features.sparse
         mean = np.zeros((self.hosts, self.jmax), bool)
@@ -647,18 +654,19 @@ class HostPath:
             for j, f in enumerate(fs):
                 mean[x, j] = feats[f].combiner.value == "mean" or not feats[f].pooled
         m = jnp.asarray(mean)[lax.axis_index(HOST)]  # [J]
-        return jnp.where(m[None, :, None], 1.0 / jnp.maximum(counts, 1).astype(jnp.float32), 1.0)
+        return jnp.where(m[None, None, :], 1.0 / jnp.maximum(counts, 1).astype(jnp.float32), 1.0)
 
     # ---- backward (inside shard_map) ---------------------------------------------------------------
 
-    def backward(self, ctx, grads, b: int, mode: str):
+    def backward(self, ctx, grads, b: int, mode: str, impl):
         """Gradients back to the owners: for the identity one exchange over
         `host` per width, then one inside the host per width.
 
         Args:
-          grads: with towers, the entry's f32[H, J, B, D] (of the averaged
+          grads: with towers, the entry's f32[H, B, J, D] (of the averaged
             bags); else {feature: f32[B, D] or f32[B, S, D]} at the requester.
           b: the local batch.
+          impl: the forward's kernels (a gather of rows in C++ where they run).
 
         Returns:
           ({width: (rows i32[n], src i32[n], grads f32[M, D])}, stats).
@@ -682,10 +690,9 @@ class HostPath:
                 r = self.ret[w]
                 if self.bag_set and any(r["slots"]):
                     jm = r["jmax"]
-                    send = jnp.zeros((h, jm * b, w), jnp.float32)
-                    for x, v in enumerate(r["slots"]):
-                        for n_, j in enumerate(v):
-                            send = send.at[x, n_ * b : (n_ + 1) * b].set(grads[self.bags[x][j]])
+                    pad = jnp.zeros((b, w), jnp.float32)
+                    send = jnp.stack([jnp.concatenate([grads[self.bags[x][j]] for j in v] + [pad] * (jm - len(v)))
+                                      for x, v in enumerate(r["slots"])])  # [H, J_w * B, D]
                     sizes_all = np.array([len(v) * b for v in r["slots"]], np.int32)
                     sends.append(send)
                     osz.append(jnp.asarray(sizes_all))
@@ -720,8 +727,8 @@ class HostPath:
                                 for n_, j in enumerate(v):
                                     take[x, j] = n_
                             part = part.reshape(h, jm, b, w)
-                            part = jnp.concatenate([part, jnp.zeros_like(part[:, :1])], axis=1)
-                            eg = part[:, pick(take)]  # [H, J, B, D]
+                            eg = jnp.take(part, pick(take), axis=1, mode="fill", fill_value=0)
+                            eg = jnp.swapaxes(eg, 1, 2)  # [H, B, J, D]
                         else:
                             hr_g = part  # [H(src), cap_h, D] at the entry
             # C': the entry's gradients to the owners, one exchange inside the host
@@ -734,15 +741,14 @@ class HostPath:
                     header = pick(header_all)
                     imax = int(header_all.max())
                     at = pick(self._entry_map("grads", w, b))
-                    sends.append(jnp.take(eg.reshape(-1, w), at, axis=0, mode="fill", fill_value=0)
-                                 .reshape(ln, imax, w))
+                    sends.append(take_rows(eg.reshape(-1, w), at, impl).reshape(ln, imax, w))
                     osz.append(header)
                     orecv.append(jnp.full((ln,), header[me_l], jnp.int32))
                     owners.append(("bags", m["ids"]))
                 elif kind == "rows":
                     t_j, _, _ = (pick(x) for x in self._row_pieces(w))
                     inv = m["inv"]  # [H, T, B, P]
-                    g = eg[:, t_j]  # [H, T, B, D]
+                    g = jnp.swapaxes(eg[:, :, t_j], 1, 2)  # [H, T, B, D]
                     gpos = jnp.broadcast_to(g[:, :, :, None, :], inv.shape + (w,)).reshape(-1, w)
                     cap = m["ids"].shape[1]
                     at = jnp.where(inv >= 0, inv, ln * cap).reshape(-1)
@@ -797,12 +803,12 @@ class HostPath:
         return out
 
 
-def _send_rows(sends, sizes, recv_sizes, axis, mode, stats, row_bytes, where):
+def _send_rows(sends, sizes, recv_sizes, axis, mode, stats, row_bytes, where, fill=0):
     """One exchange of several row blocks side by side (`parts`), their payload
     counted; returns (received [G, sum(caps), ...], the parts' start offsets)."""
     caps = [x.shape[1] for x in sends]
     got, _ = exchange(jnp.concatenate(sends, axis=1), jnp.stack(sizes, axis=1), axis, parts=caps,
-                      recv_sizes=jnp.stack(recv_sizes, axis=1), mode=mode)
+                      recv_sizes=jnp.stack(recv_sizes, axis=1), mode=mode, fill=fill)
     for sz in sizes:
         stats.payload(sz, row_bytes, *where)
     return got, np.concatenate([[0], np.cumsum(caps)]).astype(int)

@@ -309,7 +309,7 @@ class SPTT:
 
         Args:
           entry: `forward`'s output with a compressing module: the bags pooled
-            at the entries, f32[N * H, J, B, D] (mean features averaged).
+            at the entries, f32[N * H, B, J, D] (mean features averaged).
           module: the Tower Module `params` are of (default: this SPTT's; a
             growth-prune phase passes a pruned one).
         """
@@ -319,14 +319,21 @@ class SPTT:
         h = self.hosts
         module = self.module if module is None else module
 
+        # Every host's towers take all its slots in order (e.g. one tower per host): a reshape
+        tf = self.t_max * self.f_max
+        in_order = tf == self.emb.host.jmax and np.array_equal(
+            self.slot_index.reshape(h, -1), np.broadcast_to(np.arange(tf), (h, tf)))
+
         def body(params, x):
             me = lax.axis_index(HOST)
-            # [H, T_max, F_max, B, D]; no slot feeds two towers, so the gradient is a
-            # gather too (autodiff's own: a scatter-add into a zero buffer of x's size)
-            x = routing.one_to_one_take(x, jnp.asarray(self.slot_index)[me],
-                                        jnp.asarray(self.slot_inverse)[me], 1)
-            b, d = x.shape[3], x.shape[4]
-            x = jnp.transpose(x, (1, 0, 3, 2, 4)).reshape(self.t_max, h * b, self.f_max, d)
+            b, d = x.shape[1], x.shape[3]
+            if in_order:
+                x = x.reshape(h, b, self.t_max, self.f_max, d)
+            else:  # [H, B, T_max, F_max, D]; no slot feeds two towers, so the gradient is a gather
+                # too (autodiff's own: a scatter-add into a zero buffer of x's size)
+                x = routing.one_to_one_take(x, jnp.asarray(self.slot_index)[me],
+                                            jnp.asarray(self.slot_inverse)[me], 2)
+            x = jnp.transpose(x, (2, 0, 1, 3, 4)).reshape(self.t_max, h * b, self.f_max, d)
             p = jax.tree.map(lambda a: a[0], params)  # this host's towers [T_max, ...]
             y = jax.vmap(lambda pt, xt: module.apply({"params": pt}, xt))(p, x)
             y = jnp.transpose(y.reshape(self.t_max, h, b, -1), (1, 0, 2, 3))  # [H(dest), T_max, B, C]
