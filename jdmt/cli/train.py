@@ -228,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="row-wise tables: de-duplicate requests per host before they cross hosts "
                    "(host: two hops, inside the host first; applies with more than one host of "
                    "more than one device) or per device (device: ask the owners directly)")
+    p.add_argument("--dense-allreduce", type=_one_of("dense all-reduce", ("hierarchical", "xla")),
+                   default=d.dense_allreduce,
+                   help="how the dense gradients are summed over the devices: hierarchical (a "
+                   "reduce-scatter inside each host, an all-reduce of 1/L of them across hosts, an "
+                   "all-gather inside the host) or xla (the one all-reduce over all devices jit inserts)")
     p.add_argument("--row-tiers", type=_one_of("row tiers", ("auto", "none")), default=d.row_tiers,
                    help="flexshard tables (--sharding=flexshard): hot rows on every device, warm rows "
                    "once per host, the rest row-wise; auto sizes the tiers from the first batches' "
@@ -481,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
             kernel=args.kernel,
             table_dtype=args.table_dtype,
             row_dedup=args.row_dedup,
+            dense_allreduce=args.dense_allreduce,
             row_tiers=args.row_tiers,
             memory_budget=args.memory_budget_per_device,
             row_tier_batches=args.row_tier_batches,

@@ -303,7 +303,8 @@ class SPTT:
         """`emb.update` with the gradients of `forward`'s outputs."""
         return self.emb.update(state, ctx, grads, ids, lengths, lr=lr, skip=skip, seed=seed)
 
-    def tower_outputs(self, params: Any, entry: jax.Array, module: TowerModule | None = None) -> jax.Array:
+    def tower_outputs(self, params: Any, entry: jax.Array, module: TowerModule | None = None, *,
+                      inside: bool = False) -> jax.Array:
         """Tower Module outputs of every sample: f32[B_global, T, C], towers in
         partition order (differentiable in `params` and `entry`).
 
@@ -312,6 +313,9 @@ class SPTT:
             at the entries, f32[N * H, B, J, D] (mean features averaged).
           module: the Tower Module `params` are of (default: this SPTT's; a
             growth-prune phase passes a pruned one).
+          inside: called inside a `shard_map` over the mesh, on this device's
+            blocks (params [1, T_max, ...], entry [H, B, J, D]); returns this
+            device's samples' outputs f32[B, T, C].
         """
         if self.identity:
             raise TowerError("the identity Tower Module has no outputs to compute: its forward "
@@ -342,6 +346,8 @@ class SPTT:
                                         jnp.asarray(self.tower_inverse), 0)  # [T, B, C]
             return jnp.transpose(y, (1, 0, 2))
 
+        if inside:
+            return body(params, entry)
         param_specs = jax.tree.map(lambda _: P(HOST), params)
         return jax.shard_map(
             body, mesh=self.mesh, in_specs=(param_specs, P(DEVICES)), out_specs=P(DEVICES),

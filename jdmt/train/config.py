@@ -157,6 +157,11 @@ class TrainConfig:
         they cross hosts: 'host' (two hops: inside the host first, then one
         request per host and row; on meshes of more than one host of more
         than one device) or 'device' (each device asks the owners directly).
+      dense_allreduce: how the dense parameters' gradients are summed over
+        the devices: 'hierarchical' (spelled out by mesh level: a
+        reduce-scatter inside each host, an all-reduce of 1/L of them across
+        hosts, an all-gather inside the host; `jdmt.train.allreduce`) or
+        'xla' (the one all-reduce over all devices that `jit` inserts).
       row_tiers: flexshard tables' hot and warm rows: 'auto' (sized from row
         statistics of the first `row_tier_batches` batches, under
         `memory_budget`, by the modeled communication time;
@@ -229,6 +234,7 @@ class TrainConfig:
     kernel: str = "auto"
     table_dtype: str = "f32"
     row_dedup: str = "host"
+    dense_allreduce: str = "hierarchical"
     row_tiers: str = "auto"
     memory_budget: float = 1.25
     row_tier_batches: int = 8
@@ -292,6 +298,8 @@ class TrainConfig:
                              "kernels take f32 tables (kernel='xla' or 'auto')")
         if self.row_dedup not in ("host", "device"):
             raise ValueError(f"row_dedup must be 'host' or 'device', got {self.row_dedup!r}")
+        if self.dense_allreduce not in ("hierarchical", "xla"):
+            raise ValueError(f"dense_allreduce must be 'hierarchical' or 'xla', got {self.dense_allreduce!r}")
         if self.row_tiers not in ("auto", "none"):
             raise ValueError(f"row_tiers must be 'auto' or 'none', got {self.row_tiers!r}")
         if not self.memory_budget >= 1.0:

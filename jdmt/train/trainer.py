@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -59,6 +60,7 @@ from jdmt.models import (
 )
 from jdmt.towers.partition import TowerPartition, random_partition, round_robin_partition
 from jdmt.towers.sptt import SPTT
+from jdmt.train.allreduce import hierarchical_psum
 from jdmt.train.batches import DataSource, checked_batch
 from jdmt.train.config import TrainConfig, _check_tower_sequences
 from jdmt.train.growth_prune import GrowthPruneRun, flops_summary, resume_state
@@ -248,7 +250,7 @@ class Trainer:
         isa = self._cpu_isa()
         kernels = self._kernel_name() + (f" ({isa} build)" if isa else "")
         return (f"mesh {self.hosts}x{self.local}, {cfg.model}, {path}, kernels {kernels}, "
-                f"tables {tables}, exchange {exchange}{gp}")
+                f"tables {tables}, exchange {exchange}, dense all-reduce {cfg.dense_allreduce}{gp}")
 
     def _cpu_isa(self) -> str | None:
         """'native' or 'portable': how the C++ CPU kernels were built (None: not used)."""
@@ -351,8 +353,7 @@ class Trainer:
         towers = NamedSharding(self.mesh, P(HOST))
 
         def pick(path, leaf):
-            in_towers = any(getattr(k, "key", None) == "towers" for k in path)
-            return towers if in_towers and len(leaf.shape) >= 1 else self.replicated
+            return towers if _in_towers(path) and len(leaf.shape) >= 1 else self.replicated
 
         return jax.tree_util.tree_map_with_path(pick, tree)
 
@@ -448,6 +449,9 @@ class Trainer:
     def loss_and_grads(self, params, tables, batch: Batch):
         """Loss, dense gradients, the embeddings' gradients and what the update needs."""
         acts, ctx, stats = self.emb_path.forward(tables, batch.ids, batch.lengths)
+        if self.config.dense_allreduce == "hierarchical":
+            loss, g_params, g_acts = self._grads_by_level(params, acts, batch)
+            return loss, g_params, g_acts, ctx, stats
 
         def loss_fn(params, acts):
             logits = self._logits(params, acts, batch)
@@ -455,6 +459,33 @@ class Trainer:
 
         loss, (g_params, g_acts) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, acts)
         return loss, g_params, g_acts, ctx, stats
+
+    def _grads_by_level(self, params, acts, batch: Batch):
+        """`loss_and_grads`'s dense part inside a `shard_map`: each device
+        differentiates its samples' share of the mean loss, and the dense
+        gradients are summed by mesh level (`hierarchical_psum`; the Tower
+        Modules', each host's own, over `local` only)."""
+        n = batch.labels.shape[0]
+        specs = jax.tree.map(lambda sh: sh.spec, self._dense_shardings(params))
+        own = jax.tree.leaves(jax.tree_util.tree_map_with_path(
+            lambda path, leaf: _in_towers(path) and leaf.ndim >= 1, params))
+
+        def body(params, acts, batch):
+            def loss_fn(params, acts):
+                logits = self._logits(params, acts, batch, inside=True)
+                return optax.sigmoid_binary_cross_entropy(logits, batch.labels).sum() / n
+
+            loss, (gp, ga) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, acts)
+            leaves, tree = jax.tree.flatten(gp)
+            shared = hierarchical_psum([x for x, o in zip(leaves, own) if not o], self.hosts, self.local)
+            mine = hierarchical_psum([x for x, o in zip(leaves, own) if o], self.hosts, self.local,
+                                     over_hosts=False)
+            shared, mine = iter(shared), iter(mine)
+            gp = jax.tree.unflatten(tree, [next(mine) if o else next(shared) for o in own])
+            return lax.psum(loss, DEVICES), gp, ga
+
+        return jax.shard_map(body, mesh=self.mesh, in_specs=(specs, P(DEVICES), P(DEVICES)),
+                             out_specs=(P(), specs, P(DEVICES)), check_vma=False)(params, acts, batch)
 
     def step_fn(self, state: TrainState, batch: Batch, halt=False):
         """One training step (un-jitted): (state, batch[, halt]) -> (state, stats).
@@ -556,18 +587,23 @@ class Trainer:
                 return out
             self._grow(batch.labels.shape[0] // self.emb.num_devices, st, where)
 
-    def _logits(self, params, acts, batch: Batch) -> jax.Array:
+    def _logits(self, params, acts, batch: Batch, *, inside: bool = False) -> jax.Array:
         """The model on the looked-up embeddings (flat, or identity towers), or
-        on the Tower Modules' outputs (compressing towers)."""
+        on the Tower Modules' outputs (compressing towers). `inside`: on one
+        device's samples, inside a `shard_map` over the mesh."""
+        model = self.model
+        if inside and getattr(model, "interaction_mesh", None) is not None:
+            model = model.clone(interaction_mesh=None)  # already on one device's samples
         if self.sptt is None or self.sptt.identity:
-            return self.model.apply({"params": params}, *self.model_inputs(acts, batch))
+            return model.apply({"params": params}, *self.model_inputs(acts, batch))
         # Compressing towers: their outputs hold the sequence features, pooled in the tower.
-        out = self.sptt.tower_outputs(params["towers"], acts, module=self.tower_module)  # [B, T, C]
+        out = self.sptt.tower_outputs(params["towers"], acts, module=self.tower_module,
+                                      inside=inside)  # [B, T, C]
         a = params["adapter"]
         pooled = jnp.einsum("btc,tcd->btd", out, a["kernel"]) + a["bias"]
         pooled = pooled.reshape(out.shape[0], -1, self.config.embedding_dim)
         extra = {"extra": out.reshape(out.shape[0], -1)} if self._top_extra() else {}
-        return self.model.apply({"params": params["model"]}, batch.dense, pooled, **extra)
+        return model.apply({"params": params["model"]}, batch.dense, pooled, **extra)
 
     def model_inputs(self, embs, batch: Batch) -> tuple:
         """The model's arguments: dense, pooled f32[B, F, D] and, with sequence
@@ -800,6 +836,7 @@ class Trainer:
             "table_dtype": self.config.table_dtype,
             "path": self.path_line(),
             "row_tiers": None if self.tier_report is None else [r.to_json() for r in self.tier_report],
+            "dense_allreduce": self.config.dense_allreduce,
             "embedding_dim": cfg.embedding_dim,
             "embedding_optimizer": cfg.embedding_optimizer,
             "embedding_lr": cfg.embedding_lr,
@@ -849,6 +886,11 @@ class Trainer:
             "tower_row_wise": None if self.sptt is None else list(self.sptt.row_wise),
             **flops_summary(self, history),
         }
+
+
+def _in_towers(path) -> bool:
+    """A dense parameter (or its moment) of the Tower Modules: under a "towers" key."""
+    return any(getattr(k, "key", None) == "towers" for k in path)
 
 
 def _step_count(opt_state) -> jax.Array:
