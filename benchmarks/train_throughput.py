@@ -82,6 +82,8 @@ def parse_args(argv=None):
                    "(S=64) beside 4 pooled tables, 1024 examples per host")
     p.add_argument("--row-dedup", default="host", choices=("host", "device"),
                    help="row-wise and flexshard tables' requests: per host (two hops) or per device")
+    p.add_argument("--dense-allreduce", default="hierarchical", choices=("hierarchical", "xla"),
+                   help="the dense gradients' all-reduce (train.py --dense-allreduce)")
     p.add_argument("--memory-budget", type=float, default=1.25,
                    help="flexshard: per-device table memory, times row-wise's footprint")
     p.add_argument("--tuned-malloc", action="store_true",
@@ -223,6 +225,7 @@ def child(args) -> int:
         tower_module=args.tower_module if args.towers else "identity",
         tower_dim=None if args.tower_module == "identity" or not args.towers else args.tower_dim,
         kernel=args.kernel, row_dedup=args.row_dedup, memory_budget=args.memory_budget,
+        dense_allreduce=args.dense_allreduce,
         profile_dir=(os.path.join(os.path.dirname(args.result), f"trace{args.process_id}")
                      if args.profile else None),
     )
@@ -392,6 +395,7 @@ def _launch(args, prefixes: list[list[str]], address: str) -> tuple[dict, float,
                "--tower-module", args.tower_module, "--tower-dim", str(args.tower_dim),
                "--kernel", args.kernel, "--local", str(args.local), "--shape", args.shape,
                "--row-dedup", args.row_dedup, "--memory-budget", str(args.memory_budget),
+               "--dense-allreduce", args.dense_allreduce,
                *(["--profile"] if args.profile else []),
                *(["--quick"] if args.quick else [])]
         load_before = os.getloadavg()[0]
@@ -483,6 +487,7 @@ def report(args, runs: list, peer_runs: list[dict], peer: dict) -> dict:
         "link": link_name(args.link),
         "sharding": s["sharding"],
         "row_dedup": args.row_dedup,
+        "dense_allreduce": args.dense_allreduce,
         "row_tiers": s.get("row_tiers"),
         "kernel": s.get("kernel"),
         "towers": s.get("towers"),
