@@ -600,7 +600,7 @@ class ShardedEmbeddings:
 
         Returns:
           (embs, ctx, stats): the `Embeddings` (with `towers`: the bags pooled
-          at the entry devices, f32[N * H, J, B, D], sums); what `update`
+          at the entry devices, f32[N * H, B, J, D], sums); what `update`
           needs (per-device arrays); the step's figures (global scalars):
           `overflow`, `out_of_range`, `need` (what each exchange needed),
           payload bytes across and inside hosts, `ids_requested` and
