@@ -24,6 +24,7 @@ from jdmt.mesh import MeshError, initialize_distributed, parse_mesh_spec, prepar
 from jdmt.models import MODELS, SEQUENCE_POOLING
 from jdmt.pallas_kernels import Kernel
 from jdmt.towers.modules import TOWER_MODULES
+from jdmt.train.allreduce import DENSE_ALLREDUCE
 from jdmt.train.supervisor import become_worker, is_worker, supervise
 from jdmt.train import DENSE_OPTIMIZERS, TrainConfig
 from jdmt.data.synthetic import TEACHERS
@@ -228,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="row-wise tables: de-duplicate requests per host before they cross hosts "
                    "(host: two hops, inside the host first; applies with more than one host of "
                    "more than one device) or per device (device: ask the owners directly)")
-    p.add_argument("--dense-allreduce", type=_one_of("dense all-reduce", ("hierarchical", "xla")),
+    p.add_argument("--dense-allreduce", type=_one_of("dense all-reduce", DENSE_ALLREDUCE),
                    default=d.dense_allreduce,
                    help="how the dense gradients are summed over the devices: hierarchical (a "
                    "reduce-scatter inside each host, an all-reduce of 1/L of them across hosts, an "

@@ -135,7 +135,7 @@ class HostPath:
         self.host_row = {}
         for w in self.widths:
             self._inside(layout, w)
-        self._maps = {}  # `_entry_map`'s static tables
+        self._maps = {}  # `_bag_items`' and `_entry_map`'s static tables, by (kind, width, batch)
         self.peer_host_host = np.arange(h, dtype=np.int32)  # peers over `host`
         self.peer_host_local = None  # peers over `local`: all on this host
 
@@ -322,7 +322,11 @@ class HostPath:
         """The entry's bags of table-wise pieces of width w, per host, as items
         sorted by (owner l, source host s, the owner's piece kd, sample b):
         i32[H, 6, n] (per host: slot j, s, b, owner, rank in the owner's
-        header, storage base), bool[H, n] (real item), i32[H, L] headers."""
+        header, storage base), bool[H, n] (real item), i32[H, L] headers.
+        Built once per (width, batch)."""
+        key = ("items", w, b)
+        if key in self._maps:
+            return self._maps[key]
         h, ln = self.hosts, self.local
         lb = self.local_bags[w]
         nmax = max(1, max(len(v) for v in lb["tw"])) * h * b
@@ -346,7 +350,8 @@ class HostPath:
                         q[5, hh, sl] = off
                         ok[hh, sl] = True
                         i += b
-        return q.transpose(1, 0, 2), ok, (lb["cnt"] * h * b).astype(np.int32)
+        self._maps[key] = q.transpose(1, 0, 2), ok, (lb["cnt"] * h * b).astype(np.int32)
+        return self._maps[key]
 
     def _entry_map(self, kind: str, w: int, b: int) -> np.ndarray:
         """Where each of the entry's pooled bags f32[H(source), B, J, D] of
@@ -369,6 +374,7 @@ class HostPath:
                 ok = t_ok[hh][t_]
                 at = (s_ * b + b_) * jm + t_j[hh][t_]
                 out[hh, at[ok]] = ((s_ * tmax + t_) * b + b_)[ok]
+            self._maps[key] = out
         else:
             q, ok, header_all = self._bag_items(w, b)
             imax = int(header_all.max())
@@ -380,9 +386,7 @@ class HostPath:
             grads = routing.inverse_index(bags, ln * imax)
             self._maps[("bags", w, b)] = bags
             self._maps[("grads", w, b)] = np.where(grads < bags.shape[1], grads, -1).astype(np.int32)
-            out = self._maps[key]
-        self._maps[key] = out
-        return out
+        return self._maps[key]
 
     def _row_pieces(self, w: int):
         """Per host its row-spread pieces of width w: i32[H, T] slot j, bool[H, T]

@@ -265,6 +265,10 @@ class SPTT:
                     idx[x, j, i] = slot
         self.slot_index = idx
         self.slot_inverse = routing.inverse_index(idx.reshape(h, -1), host.jmax)  # the gradient's gather
+        # every host's towers take all its slots in order (e.g. one tower per host): a reshape
+        tf = self.t_max * self.f_max
+        self.slots_in_order = tf == host.jmax and np.array_equal(
+            idx.reshape(h, -1), np.broadcast_to(np.arange(tf), (h, tf)))
         self.slot_tower = slot_tower
         # After the return all-to-all a device holds [H * T_max] tower slots; the
         # global tower order picks them.
@@ -323,15 +327,10 @@ class SPTT:
         h = self.hosts
         module = self.module if module is None else module
 
-        # Every host's towers take all its slots in order (e.g. one tower per host): a reshape
-        tf = self.t_max * self.f_max
-        in_order = tf == self.emb.host.jmax and np.array_equal(
-            self.slot_index.reshape(h, -1), np.broadcast_to(np.arange(tf), (h, tf)))
-
         def body(params, x):
             me = lax.axis_index(HOST)
             b, d = x.shape[1], x.shape[3]
-            if in_order:
+            if self.slots_in_order:
                 x = x.reshape(h, b, self.t_max, self.f_max, d)
             else:  # [H, B, T_max, F_max, D]; no slot feeds two towers, so the gradient is a gather
                 # too (autodiff's own: a scatter-add into a zero buffer of x's size)

@@ -41,13 +41,13 @@ def hierarchical_psum(tree, hosts: int, local: int, *, over_hosts: bool = True):
     if flat.size == 0:
         return tree
     n = flat.shape[0]
-    across = over_hosts and hosts > 1
-    if local == 1 or not across:  # one level: one all-reduce
-        return unravel(lax.psum(flat, HOST if local == 1 else LOCAL)) if (across or local > 1) else tree
+    if not (over_hosts and hosts > 1):  # inside the host only
+        return unravel(lax.psum(flat, LOCAL)) if local > 1 else tree
+    if local == 1:  # one device per host: one all-reduce across hosts
+        return unravel(lax.psum(flat, HOST))
     pad = (-n) % local
     v = jnp.pad(flat, (0, pad)) if pad else flat
     v = lax.psum_scatter(v, LOCAL, scatter_dimension=0, tiled=True)  # this device's 1/L, summed in the host
-    if across:
-        v = lax.psum(v, HOST)
+    v = lax.psum(v, HOST)
     v = lax.all_gather(v, LOCAL, axis=0, tiled=True)
     return unravel(v[:n] if pad else v)

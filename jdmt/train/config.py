@@ -19,6 +19,7 @@ from jdmt.embeddings import (
 )
 from jdmt.data.synthetic import TEACHERS
 from jdmt.mesh import parse_mesh_spec
+from jdmt.train.allreduce import DENSE_ALLREDUCE
 from jdmt.train.schedule import DENSE_OPTIMIZERS, LR_SCHEDULES, schedule_steps
 from jdmt.pallas_kernels.common import Kernel
 from jdmt.precision import TABLE_DTYPES
@@ -298,8 +299,9 @@ class TrainConfig:
                              "kernels take f32 tables (kernel='xla' or 'auto')")
         if self.row_dedup not in ("host", "device"):
             raise ValueError(f"row_dedup must be 'host' or 'device', got {self.row_dedup!r}")
-        if self.dense_allreduce not in ("hierarchical", "xla"):
-            raise ValueError(f"dense_allreduce must be 'hierarchical' or 'xla', got {self.dense_allreduce!r}")
+        if self.dense_allreduce not in DENSE_ALLREDUCE:
+            raise ValueError(f"dense_allreduce must be one of {', '.join(DENSE_ALLREDUCE)}, "
+                             f"got {self.dense_allreduce!r}")
         if self.row_tiers not in ("auto", "none"):
             raise ValueError(f"row_tiers must be 'auto' or 'none', got {self.row_tiers!r}")
         if not self.memory_budget >= 1.0:
