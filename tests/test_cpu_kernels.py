@@ -407,6 +407,38 @@ def test_pooled_lookup_matches_xla_bit_for_bit(pooling, dim):
     np.testing.assert_array_equal(one, np.asarray(jax.jit(routing.pool_rows)(table, big)))
 
 
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_weighted_pooled_lookup_matches_xla_and_numpy(dtype):
+    """Per-sample weights: each row times its weight, summed in position
+    order; the C++ kernel equals numpy's float32 sum exactly (multiply, then
+    add) and XLA's within rounding; threads and visit order change nothing."""
+    from jdmt import precision
+    from jdmt.embeddings import routing
+
+    rng = np.random.default_rng(11)
+    table = rng.normal(size=(900, 24)).astype(np.float32)
+    ids = rng.integers(-1, 900, (30_000, 6)).astype(np.int32)
+    w = np.where(ids >= 0, rng.normal(size=ids.shape), 0).astype(np.float32)
+    stored = table
+    if dtype == "bf16":
+        stored = precision.encode_host(table, "bf16")
+        table = precision.decode_host(stored)
+    rows = np.where(ids[..., None] >= 0, table[np.maximum(ids, 0)], 0)
+    want = np.zeros((ids.shape[0], 24), np.float32)
+    for p in range(ids.shape[1]):  # in order, each product rounded to f32
+        want = want + (rows[:, p] * w[:, p, None]).astype(np.float32)
+    got = np.asarray(jax.jit(lambda t, i, w: cpu_kernels.pooled_lookup(t, i, weights=w, threads=3))(
+        stored, ids, w))
+    np.testing.assert_array_equal(got, want)
+    seen = np.asarray(jax.jit(lambda t, i, w: cpu_kernels.pooled_lookup(t, i, weights=w, visit=5))(
+        stored, ids, w))
+    np.testing.assert_array_equal(seen, got)
+    xla = np.asarray(jax.jit(lambda t, i, w: routing.pool_rows(t, i, weights=w))(jnp.asarray(table), ids, w))
+    np.testing.assert_allclose(xla, got, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="shape"):
+        cpu_kernels.pooled_lookup(jnp.asarray(stored), ids, weights=w[:, :3])
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_pooled_lookup_visits_table_by_table(threads):
     """visit=K: bags of N samples x K tables (bag j * K + k) visited table by

@@ -1,3 +1,4 @@
+import dataclasses
 import functools
 import gzip
 import json
@@ -682,3 +683,63 @@ def test_teacher_logits_from_its_slot_latents(teacher):
     assert not lat[:3][pad.T].any() and lat[:3][~pad.T].std() > 0.5
     np.testing.assert_allclose(data.logits_of_latents(b, lat), data.logits(b), rtol=1e-5, atol=1e-5)
     assert np.abs(data.logits_of_latents(b, 0.5 * lat) - data.logits(b)).max() > 1e-2
+
+
+# -------------------------------------------------------------- weighted features
+
+
+def _weighted(features, names):
+    return dataclasses.replace(features, sparse=tuple(
+        dataclasses.replace(f, weighted=True, combiner="sum") if f.name in names else f for f in features.sparse))
+
+
+def test_weighted_features_get_weights_and_nothing_else_changes(small_features):
+    fs = _weighted(small_features, {"item", "ctx"})
+    assert fs.weighted_idx == (1, 3) and fs.weight_slots == 12
+    assert fs.weight_columns("ctx") == slice(8, 12)
+    wmap = fs.weight_map()
+    assert list(wmap[fs.columns("item")]) == list(range(8)) and (wmap[fs.columns("hist")] == 12).all()
+    plain, data = SyntheticData(small_features, seed=3), SyntheticData(fs, seed=3)
+    a, b = plain.batch(5, 512), data.batch(5, 512)
+    assert a.weights is None and b.weights.shape == (512, 12) and b.weights.dtype == np.float32
+    for name in ("dense", "ids", "lengths"):  # the weights are a stream of their own
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    check_batch(fs, b)
+    for f in ("item", "ctx"):
+        w = b.weights[:, fs.weight_columns(f)]
+        n = b.lengths[:, fs.index(f)]
+        valid = np.arange(w.shape[1])[None, :] < n[:, None]
+        assert not w[~valid].any()  # padding: 0
+        scaled = (w * np.maximum(n, 1)[:, None])[valid]
+        assert scaled.min() >= 0.5 and scaled.max() < 1.5 and scaled.std() > 0.2
+    # deterministic per (seed, step), and process slices are the global batch's rows
+    np.testing.assert_array_equal(data.batch(5, 512).weights, b.weights)
+    np.testing.assert_array_equal(data.batch(5, 512, process_index=1, num_processes=2).weights, b.weights[256:])
+    assert not np.array_equal(data.batch(6, 512).weights, b.weights)
+    # the teacher reads the weights: other weights, other logits; its latents rebuild them
+    c = dataclasses.replace(b, weights=b.weights[::-1].copy())
+    assert np.abs(data.logits(c) - data.logits(b)).max() > 1e-2
+    np.testing.assert_allclose(data.logits_of_latents(b, data.slot_latents(b)), data.logits(b), rtol=1e-5, atol=1e-5)
+
+
+def test_check_batch_weight_errors(small_features):
+    fs = _weighted(small_features, {"item"})
+    b = SyntheticData(fs).batch(0, 64)
+    with pytest.raises(BadBatchError, match="needs weights"):
+        check_batch(fs, dataclasses.replace(b, weights=None))
+    with pytest.raises(BadBatchError, match=r"batch.weights has shape \(64, 3\)"):
+        check_batch(fs, dataclasses.replace(b, weights=b.weights[:, :3]))
+    with pytest.raises(BadBatchError, match="no feature is weighted"):
+        check_batch(small_features, b)
+    w = b.weights.copy()
+    n = b.lengths[:, fs.index("item")]
+    row = int(np.argmax(n > 0))
+    w[row, 0] = np.nan
+    with pytest.raises(BadBatchError, match=f"'item': weight nan at example {row} position 0"):
+        check_batch(fs, dataclasses.replace(b, weights=w))
+    w = b.weights.copy()
+    short = int(np.argmax(n < 8))
+    w[short, 7] = np.inf  # past the bag's length: ignored
+    check_batch(fs, dataclasses.replace(b, weights=w))
+    with pytest.raises(ValueError, match="combiner sum"):
+        SparseFeature("x", 10, 4, 2, combiner="mean", weighted=True)

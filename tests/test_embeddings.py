@@ -55,7 +55,7 @@ def make_batch(features, seed=0, id_range=6, batch=B):
     return ids, lengths
 
 
-def ref_lookup(features, tables, ids, lengths):
+def ref_lookup(features, tables, ids, lengths, weights=None):
     out = {}
     for i, f in enumerate(features.sparse):
         c = ids[:, features.columns(f.name)]
@@ -63,6 +63,8 @@ def ref_lookup(features, tables, ids, lengths):
             c = np.mod(c, f.rows)
         m = np.arange(f.max_len)[None, :] < lengths[:, i : i + 1]
         rows = tables[f.name][np.where(m, c, 0)] * m[..., None]
+        if f.weighted:
+            rows = rows * np.where(m, weights[:, features.weight_columns(f.name)], 0)[..., None]
         if f.pooled:
             rows = rows.sum(1)
             if f.combiner.value == "mean":
@@ -71,7 +73,7 @@ def ref_lookup(features, tables, ids, lengths):
     return out
 
 
-def ref_step(features, tables, accs, ids, lengths, grads, opt):
+def ref_step(features, tables, accs, ids, lengths, grads, opt, weights=None):
     """One sparse step on full tables: FBGEMM's row-wise Adagrad (or SGD / Adagrad)."""
     new_t, new_a, touched_all = {}, {}, {}
     for i, f in enumerate(features.sparse):
@@ -83,10 +85,12 @@ def ref_step(features, tables, accs, ids, lengths, grads, opt):
         if f.pooled and f.combiner.value == "mean":
             g_out = g_out / np.maximum(lengths[:, i : i + 1], 1)
         g = np.zeros((f.rows, f.dim), np.float64)
+        w_of = weights[:, features.weight_columns(f.name)] if f.weighted else None
         for b in range(ids.shape[0]):
             for p in range(f.max_len):
                 if m[b, p]:
-                    g[c[b, p]] += g_out[b] if f.pooled else g_out[b, p]
+                    g[c[b, p]] += (g_out[b] * (1.0 if w_of is None else w_of[b, p]) if f.pooled
+                                   else g_out[b, p])
         touched = np.zeros(f.rows, bool)
         touched[c[m]] = True
         w = tables[f.name].astype(np.float64)
@@ -109,39 +113,41 @@ def random_grads(features, out_shapes, seed=1):
     return {f.name: rng.standard_normal(out_shapes[f.name]).astype(np.float32) for f in features.sparse}
 
 
-def run_step(emb, state, ids, lengths, grads, embeddings=False):
+def run_step(emb, state, ids, lengths, grads, embeddings=False, weights=None):
     """A jitted sparse step whose loss is sum(emb * grads): d loss / d emb = grads.
     Returns (new state, stats) and, with `embeddings`, the step's lookups."""
     pooled_names = [f.name for f in emb.features.sparse if f.pooled]
     wp = jnp.concatenate([grads[n] for n in pooled_names], axis=1)
     seq = {n: grads[n] for n in grads if n not in pooled_names}
 
-    def step(state, ids, lengths):
-        embs, ctx, stats = emb.forward(state, ids, lengths)
+    def step(state, ids, lengths, weights):
+        embs, ctx, stats = emb.forward(state, ids, lengths, weights)
         g = jax.grad(lambda e: jnp.sum(e.pooled * wp) + sum(jnp.sum(e.sequence[k] * seq[k]) for k in seq))(embs)
-        new, ust = emb.update(state, ctx, g, ids, lengths, skip=emb.must_skip(stats))
+        new, ust = emb.update(state, ctx, g, ids, lengths, weights, skip=emb.must_skip(stats))
         return embs, new, {**stats, **{f"update_{k}": v for k, v in ust.items()}}
 
-    embs, new, stats = jax.jit(step, donate_argnums=0)(state, ids, lengths)
+    embs, new, stats = jax.jit(step, donate_argnums=0)(state, ids, lengths, weights)
     stats = jax.device_get(stats)
     return (new, stats, embs) if embeddings else (new, stats)
 
 
 def check_step(emb, batch, seed=3, grad_seed=1):
     """Forward and one sparse step of `emb` vs the numpy reference; untouched
-    rows bit-identical. Returns the step's stats."""
-    ids, lengths = batch
+    rows bit-identical. Returns the step's stats. `batch`: (ids, lengths) or
+    (ids, lengths, weights)."""
+    ids, lengths, weights = (*batch, None)[:3]
     state = emb.init(seed=seed)
     tables, accs = emb.to_dense(state)
-    ref = ref_lookup(emb.features, tables, np.asarray(ids), np.asarray(lengths))
+    w_np = None if weights is None else np.asarray(weights)
+    ref = ref_lookup(emb.features, tables, np.asarray(ids), np.asarray(lengths), w_np)
     grads = random_grads(emb.features, {k: v.shape for k, v in ref.items()}, seed=grad_seed)
-    new, stats, embs = run_step(emb, state, ids, lengths, grads, embeddings=True)
+    new, stats, embs = run_step(emb, state, ids, lengths, grads, embeddings=True, weights=weights)
     assert int(stats["overflow"]) == 0 and int(stats["out_of_range"]) == 0
     for f in emb.features.sparse:
         np.testing.assert_allclose(np.asarray(embs[f.name]), ref[f.name], rtol=1e-6, atol=1e-6)
     got_t, got_a = emb.to_dense(new)
     want_t, want_a, touched = ref_step(emb.features, tables, accs or {}, ids, lengths, grads,
-                                       emb.optimizer)
+                                       emb.optimizer, w_np)
     for f in emb.features.sparse:
         np.testing.assert_allclose(got_t[f.name], want_t[f.name], rtol=2e-5, atol=2e-6)
         assert np.array_equal(got_t[f.name][~touched[f.name]], tables[f.name][~touched[f.name]])
@@ -604,3 +610,74 @@ def test_bags_or_rows_give_the_same_model(mesh24, batch):
         emb = ShardedEmbeddings(FEATURES, mesh24, "table_wise", opt, bag_features=bags)
         outs.append(check_step(emb, batch))
     assert outs[0]["ids_requested"] > outs[1]["ids_requested"]  # only rows ask for rows
+
+
+# ---- per-sample weights (weighted features) ----------------------------------------------------
+
+WEIGHTED = FeatureSet(
+    (
+        SparseFeature("u", 50, 8, 4, weighted=True),  # a weighted bag
+        SparseFeature("v", 37, 8, 4, combiner="mean"),
+        SparseFeature("o", 19, 8, 1, weighted=True),  # one weighted id
+        SparseFeature("h", 11, 8, 3, hashed=True, weighted=True),
+        SparseFeature("x", 23, 8, 2),
+        SparseFeature("s", 30, 8, 5, kind="sequence"),
+    ),
+    num_dense=1,
+)
+
+
+def weighted_batch(mesh, features=WEIGHTED, seed=0):
+    """A batch with per-sample weights: normal values (negative ones too), and
+    NaN at padding positions, which must be ignored."""
+    ids, lengths = make_batch(features, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    w = rng.standard_normal((ids.shape[0], features.weight_slots)).astype(np.float32)
+    for i in features.weighted_idx:
+        f = features.sparse[i]
+        pad = np.arange(f.max_len)[None, :] >= lengths[:, i : i + 1]
+        w[:, features.weight_columns(f.name)] = np.where(pad, np.nan, w[:, features.weight_columns(f.name)])
+    sh = NamedSharding(mesh, P(DEVICES))
+    return jax.device_put(ids, sh), jax.device_put(lengths, sh), jax.device_put(w, sh)
+
+
+@pytest.mark.parametrize("sharding", ["data_parallel", "table_wise", "row_wise", "row_wise:device", "column_wise",
+                                      "host_replicated"])
+@pytest.mark.parametrize("kernel", ["xla", "cpu"])
+def test_weighted_features_match_the_reference(mesh24, sharding, kernel):
+    """Each bag is the sum of weight x row, and each row's gradient is its
+    weight x the bag's, in every sharding type that takes the flat routes;
+    padding weights (NaN here) are never read."""
+    if kernel == "cpu" and not cpu_kernels.available():
+        pytest.skip(f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
+    sharding, _, dedup = sharding.partition(":")
+    emb = ShardedEmbeddings(WEIGHTED, mesh24, sharding, SparseOptimizer(lr=0.1), cpu_kernels=kernel == "cpu",
+                            kernel="xla", row_dedup=dedup or "host")
+    assert "u" not in {emb.tables.sparse[i].name for r in emb.routes.values() for i in
+                       [emb.layout.pieces[j].feature for j in r.bag_pieces]}  # weighted bags ask for rows
+    check_step(emb, weighted_batch(mesh24))
+
+
+def test_weighted_features_on_one_device():
+    mesh = make_mesh("1x1", devices=jax.devices()[:1])
+    for kernel in ("xla", "cpu"):
+        if kernel == "cpu" and not cpu_kernels.available():
+            continue
+        emb = ShardedEmbeddings(WEIGHTED, mesh, "table_wise", SparseOptimizer(lr=0.1), cpu_kernels=kernel == "cpu",
+                                kernel="xla")
+        check_step(emb, weighted_batch(mesh))
+
+
+def test_weights_are_required_and_paths_that_cannot_pool_them_refuse(mesh24):
+    emb = ShardedEmbeddings(WEIGHTED, mesh24, "table_wise", kernel="xla")
+    ids, lengths, w = weighted_batch(mesh24)
+    with pytest.raises(ValueError, match="weighted: pass their per-sample weights"):
+        emb.forward(emb.init(), ids, lengths)
+    with pytest.raises(ValueError, match="expected"):
+        emb.forward(emb.init(), ids, lengths, w[:, :3])
+    with pytest.raises(ValueError, match="cannot take the host path"):
+        ShardedEmbeddings(WEIGHTED, mesh24, "table_row_wise", kernel="xla")
+    with pytest.raises(ValueError, match="combiner sum"):
+        SparseFeature("m", 10, 8, 3, combiner="mean", weighted=True)
+    with pytest.raises(ValueError, match="combiner sum"):
+        SparseFeature("q", 10, 8, 3, kind="sequence", weighted=True)

@@ -279,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="combiner of every pooled feature (default: the data preset's own: "
                    "mean for synthetic data, whose teacher averages its ids; sum for mlperf); "
                    f"one of: {', '.join(COMBINERS)}")
+    p.add_argument("--weighted-features", type=int, default=d.weighted_features, metavar="N",
+                   help="synthetic or mlperf data: the first N pooled features carry per-sample weights "
+                   "(each bag is the sum of weight x row, combiner sum; TorchRec's weighted features); "
+                   "flat path only (default 0)")
     p.add_argument("--bottom-mlp", type=_widths, default=",".join(map(str, d.bottom_mlp)),
                    help="hidden widths of the bottom MLP, comma-separated "
                    "(the embedding dim is appended)")
@@ -460,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             embedding_lr=args.embedding_lr,
             embedding_initial_accumulator=args.embedding_initial_accumulator,
             combiner=args.combiner,
+            weighted_features=args.weighted_features,
             optimizer=args.optimizer,
             lr=args.lr,
             bottom_mlp=args.bottom_mlp,

@@ -39,6 +39,11 @@ class SparseFeature:
       kind: pooled or sequence.
       combiner: sum or mean, for pooled features.
       hashed: ids are arbitrary integers, reduced modulo `rows`.
+      weighted: a pooled feature with per-sample weights (TorchRec's
+        weighted features, FBGEMM's `per_sample_weights`): each id comes
+        with a float weight (`Batch.weights`) and the bag is the sum of
+        weight x row (combiner sum only). The weights are data: no gradient
+        flows to them; each row's gradient is its weight x the bag's.
     """
 
     name: str
@@ -48,12 +53,17 @@ class SparseFeature:
     kind: Kind = Kind.POOLED
     combiner: Combiner = Combiner.SUM
     hashed: bool = False
+    weighted: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "kind", Kind(self.kind))
         object.__setattr__(self, "combiner", Combiner(self.combiner))
+        object.__setattr__(self, "weighted", bool(self.weighted))
         if not self.name:
             raise ValueError("a sparse feature needs a name")
+        if self.weighted and (self.kind is not Kind.POOLED or self.combiner is not Combiner.SUM):
+            raise ValueError(f"feature {self.name!r}: per-sample weights apply to pooled features with "
+                             f"combiner sum (got {self.kind.value}, {self.combiner.value})")
         if self.rows < 1 or self.dim < 1 or self.max_len < 1:
             raise ValueError(
                 f"feature {self.name!r}: rows, dim and max_len must be >= 1 "
@@ -94,6 +104,34 @@ class FeatureSet:
     def total_slots(self) -> int:
         return int(sum(f.max_len for f in self.sparse))
 
+    @property
+    def weighted_idx(self) -> tuple[int, ...]:
+        """The weighted features' indices, in order."""
+        return tuple(i for i, f in enumerate(self.sparse) if f.weighted)
+
+    @property
+    def weight_slots(self) -> int:
+        """Columns of `Batch.weights`: the weighted features' slots, in order."""
+        return int(sum(self.sparse[i].max_len for i in self.weighted_idx))
+
+    def weight_columns(self, name: str) -> slice:
+        """A weighted feature's columns of `Batch.weights`."""
+        i = self.index(name)
+        if not self.sparse[i].weighted:
+            raise ValueError(f"feature {name!r} is not weighted")
+        off = sum(self.sparse[j].max_len for j in self.weighted_idx if j < i)
+        return slice(off, off + self.sparse[i].max_len)
+
+    def weight_map(self) -> np.ndarray:
+        """i32[total_slots]: each id column's column of `Batch.weights`, or
+        `weight_slots` (one past the end) for the columns of unweighted features."""
+        out = np.full(self.total_slots, self.weight_slots, np.int32)
+        for i in self.weighted_idx:
+            f = self.sparse[i]
+            out[self.columns(f.name)] = np.arange(self.weight_columns(f.name).start,
+                                                  self.weight_columns(f.name).stop)
+        return out
+
     def index(self, name: str) -> int:
         try:
             return self.names.index(name)
@@ -119,12 +157,16 @@ class Batch:
       ids: i32[B, total_slots] packed sparse ids (see `FeatureSet.offsets`).
       lengths: i32[B, F] number of valid ids per feature, in `[0, max_len]`.
       labels: f32[B] click labels in {0, 1}.
+      weights: f32[B, weight_slots] the weighted features' per-id weights
+        (`FeatureSet.weight_columns`; positions at or past the length are
+        ignored), or None when no feature is weighted.
     """
 
     dense: jax.Array | np.ndarray
     ids: jax.Array | np.ndarray
     lengths: jax.Array | np.ndarray
     labels: jax.Array | np.ndarray
+    weights: jax.Array | np.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -142,8 +184,9 @@ class BadBatchError(ValueError):
 def check_batch(features: FeatureSet, batch: Batch) -> None:
     """Validate a host (numpy) batch against the specs; raise a clear error.
 
-    Checks shapes, lengths in `[0, max_len]`, finite dense features and labels,
-    and ids of non-hashed features in `[0, rows)` (within each length).
+    Checks shapes, lengths in `[0, max_len]`, finite dense features, labels
+    and weights, and ids of non-hashed features in `[0, rows)` (within each
+    length).
     """
     ids = np.asarray(batch.ids)
     lengths = np.asarray(batch.lengths)
@@ -166,6 +209,23 @@ def check_batch(features: FeatureSet, batch: Batch) -> None:
         )
     if not np.all(np.isfinite(labels)):
         raise BadBatchError("labels contain NaN or infinite values")
+    if features.weighted_idx or batch.weights is not None:
+        if batch.weights is None:
+            raise BadBatchError(f"features {[features.sparse[i].name for i in features.weighted_idx]} are "
+                                "weighted: the batch needs weights")
+        weights = np.asarray(batch.weights)
+        if weights.shape != (b, features.weight_slots):
+            raise BadBatchError(f"batch.weights has shape {weights.shape}, expected {(b, features.weight_slots)}"
+                                + ("" if features.weighted_idx else " (no feature is weighted: pass None)"))
+        for i in features.weighted_idx:
+            f = features.sparse[i]
+            w = weights[:, features.weight_columns(f.name)]
+            valid = np.arange(f.max_len)[None, :] < lengths[:, i][:, None]
+            bad = valid & ~np.isfinite(w)
+            if bad.any():
+                ex, pos = (int(v) for v in np.argwhere(bad)[0])
+                raise BadBatchError(f"feature {f.name!r}: weight {w[ex, pos]} at example {ex} position {pos} "
+                                    "(NaN or infinite weights are not allowed)")
     for i, f in enumerate(features.sparse):
         ln = lengths[:, i]
         if ln.min(initial=0) < 0 or ln.max(initial=0) > f.max_len:

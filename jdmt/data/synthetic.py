@@ -52,7 +52,7 @@ _GOLDEN = 0x9E3779B97F4A7C15
 _U53 = 1.0 / (1 << 53)
 
 # Stream constants: independent random streams of one seed.
-_TRAIN, _EVAL, _CALIBRATION, _TABLES, _TEACHER = 1, 2, 3, 4, 5
+_TRAIN, _EVAL, _CALIBRATION, _TABLES, _TEACHER, _WEIGHTS = 1, 2, 3, 4, 5, 6
 _CALIBRATION_EXAMPLES = 8192
 _MAX_ROWS = (1 << 31) - 1  # ids are int32
 _QUANTILE_BITS = 18  # 1 MiB quantile table per feature
@@ -264,10 +264,15 @@ class SyntheticData:
         all features nonlinearly, across groups; `groups` is then one group
         of every feature. The Bayes figures are exact for either.
 
+    Weighted features (`SparseFeature.weighted`) get a per-sample weight per
+    id, `(0.5 + u) / n` with u uniform in [0, 1) and n the bag's length (0 at
+    padding positions), so a bag's weights sum to about 1 but vary threefold.
+
     Teacher: each (table, id) has a latent `f32[LATENT_DIM]` vector, derived
     by hashing (seed, table, id), so no table-sized arrays exist. A feature's
     vector `v_f` for one example is the mean of its valid ids' latents (zero
-    when it has none), and
+    when it has none; for a weighted feature the weighted sum, which is what
+    its weighted sum pooling can represent), and
 
         logit = bias + dense @ dense_weights
                 + interaction_scale * sum_groups sum_{i<j in group} <v_i, v_j>
@@ -380,6 +385,10 @@ class SyntheticData:
         self._col_table_key = np.repeat(table_keys, [f.max_len for f in fs.sparse])
         self._pos = np.concatenate([np.arange(f.max_len) for f in fs.sparse])
         self._col_feature = np.repeat(np.arange(nf), [f.max_len for f in fs.sparse])
+        # weighted features: a salt per column of the weights (their own stream,
+        # so that adding weights changes nothing else of the data)
+        self._salt_w = (np.arange(fs.weight_slots, dtype=np.uint64) + np.uint64(1)) * np.uint64(_GOLDEN) \
+            ^ np.uint64(_key(self.seed, _WEIGHTS))
 
     def _make_dense(self) -> None:
         """Dense column j is log(1 + exp(mu_j + sigma_j * z)), z ~ N(0, 1)."""
@@ -415,8 +424,8 @@ class SyntheticData:
 
     def _calibrate(self, interaction_std: float, dense_std: float) -> None:
         rows = np.arange(_CALIBRATION_EXAMPLES, dtype=np.int64)
-        dense_t, ids_t, lengths_t, _ = self._inputs(_CALIBRATION, 0, rows)
-        inter = self._signal(ids_t, lengths_t)
+        dense_t, ids_t, lengths_t, _, weights_t = self._inputs(_CALIBRATION, 0, rows)
+        inter = self._signal(ids_t, lengths_t, weights_t)
         s_i = float(inter.std())
         self.interaction_scale = interaction_std / s_i if s_i > 0 else 0.0
         raw = self._dense_raw_w @ dense_t
@@ -440,7 +449,8 @@ class SyntheticData:
         """Inputs of the examples `rows` (indices in the global batch) of one step.
 
         Returns (transposed) dense f64[D, B], ids i32[slots, B], lengths
-        i32[F, B], and the label uniforms f64[B].
+        i32[F, B], the label uniforms f64[B] and the weights f32[W, B] (None
+        without weighted features).
         """
         fs = self.features
         base = np.uint64(_key(self.seed, stream, step))
@@ -464,13 +474,23 @@ class SyntheticData:
         u1 = 1.0 - _uniform(hd[:d])  # (0, 1]
         z = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * _uniform(hd[d:]))
         dense = np.logaddexp(0.0, self._dense_mu + self._dense_sigma * z)
-        return dense, ids, lengths, _uniform(splitmix64(ex + self._salt_label))
+        weights = None
+        if fs.weighted_idx:
+            weights = np.zeros((fs.weight_slots, rows.size), np.float32)
+            for t in fs.weighted_idx:
+                f = fs.sparse[t]
+                wc = fs.weight_columns(f.name)
+                valid = np.arange(f.max_len)[:, None] < lengths[t][None, :]
+                u = _uniform(splitmix64(self._salt_w[wc, None] + ex[None, :]))
+                w = (0.5 + u) / np.maximum(lengths[t], 1)[None, :]
+                weights[wc] = np.where(valid, w, 0.0)
+        return dense, ids, lengths, _uniform(splitmix64(ex + self._salt_label)), weights
 
-    def _signal(self, ids_t: np.ndarray, lengths_t: np.ndarray) -> np.ndarray:
+    def _signal(self, ids_t: np.ndarray, lengths_t: np.ndarray, weights_t=None) -> np.ndarray:
         """The teacher's interaction term before scaling, f64[B]."""
         if self.teacher == "deep":
-            return self._deep_term(ids_t, lengths_t)
-        return self._interactions(ids_t, lengths_t)
+            return self._deep_term(ids_t, lengths_t, weights_t)
+        return self._interactions(ids_t, lengths_t, weights_t)
 
     def _slot_hashes(self, ids_t: np.ndarray, lengths_t: np.ndarray):
         """u64[slots, B] latent hashes of the id slots (four int16 latent codes
@@ -478,10 +498,12 @@ class SyntheticData:
         h = splitmix64(ids_t.astype(np.uint64) ^ self._col_table_key[:, None])
         return h, self._pos[:, None] < lengths_t[self._col_feature]
 
-    def _latent_sums(self, ids_t: np.ndarray, lengths_t: np.ndarray) -> np.ndarray:
+    def _latent_sums(self, ids_t: np.ndarray, lengths_t: np.ndarray, weights_t=None) -> np.ndarray:
         """f32[F, B, k]: each feature's sum of its valid ids' latent codes plus
         half their count; times `_LATENT_SCALE` that is the sum of the latents
-        (each of mean 0 and variance about 1)."""
+        (each of mean 0 and variance about 1). A weighted feature's is n times
+        the weighted sum (n: its length), which the mean of the dlrm teacher
+        turns into the weighted sum."""
         fs = self.features
         b = ids_t.shape[1]
         h, valid = self._slot_hashes(ids_t, lengths_t)
@@ -493,11 +515,17 @@ class SyntheticData:
                 for f, off in zip(fs.sparse, fs.offsets, strict=True)
             ]
         ).astype(np.float32)  # [F, B, k]
-        return sums + 0.5 * lengths_t.astype(np.float32)[..., None]
+        sums = sums + 0.5 * lengths_t.astype(np.float32)[..., None]
+        for t in fs.weighted_idx:
+            f = fs.sparse[t]
+            c = codes[fs.columns(f.name)].astype(np.float32) + 0.5  # [P, B, k] (padding: weight 0)
+            m = weights_t[fs.weight_columns(f.name)] * lengths_t[t].astype(np.float32)[None, :]
+            sums[t] = (c * m[..., None]).sum(0)
+        return sums
 
-    def _deep_term(self, ids_t: np.ndarray, lengths_t: np.ndarray) -> np.ndarray:
+    def _deep_term(self, ids_t: np.ndarray, lengths_t: np.ndarray, weights_t=None) -> np.ndarray:
         """The `deep` teacher: w3 . tanh(W2 tanh(W1 x)), x = sum-pooled latents of all features."""
-        return self._deep_net(self._latent_sums(ids_t, lengths_t) * _LATENT_SCALE)
+        return self._deep_net(self._latent_sums(ids_t, lengths_t, weights_t) * _LATENT_SCALE)
 
     def _deep_net(self, v: np.ndarray) -> np.ndarray:
         """The `deep` teacher's network on sum-pooled latents v [F, B, k]: f64[B]."""
@@ -505,7 +533,7 @@ class SyntheticData:
         w1, w2, w3 = self._deep
         return (w3 @ np.tanh(w2 @ np.tanh(w1 @ x)))[0].astype(np.float64)
 
-    def _interactions(self, ids_t: np.ndarray, lengths_t: np.ndarray) -> np.ndarray:
+    def _interactions(self, ids_t: np.ndarray, lengths_t: np.ndarray, weights_t=None) -> np.ndarray:
         """The `dlrm` teacher's interaction term before scaling.
 
         Args:
@@ -516,7 +544,7 @@ class SyntheticData:
         """
         # Each hash is 4 int16 codes c; the latent is (c + 0.5) * scale: mean 0, var ~1.
         n = lengths_t.astype(np.float32)[..., None]
-        v = self._latent_sums(ids_t, lengths_t) * (_LATENT_SCALE / np.maximum(n, 1.0))
+        v = self._latent_sums(ids_t, lengths_t, weights_t) * (_LATENT_SCALE / np.maximum(n, 1.0))
         return self._group_pairs(v)
 
     def _group_pairs(self, v: np.ndarray) -> np.ndarray:
@@ -526,9 +554,9 @@ class SyntheticData:
         sq = np.square(s).sum((0, 2), dtype=np.float64) - np.square(v).sum((0, 2), dtype=np.float64)
         return 0.5 * sq
 
-    def _logits(self, dense_t, ids_t, lengths_t) -> np.ndarray:
-        """Teacher logits f64[B] from transposed inputs ([D, B], [slots, B], [F, B])."""
-        z = self.bias + self.interaction_scale * self._signal(ids_t, lengths_t)
+    def _logits(self, dense_t, ids_t, lengths_t, weights_t=None) -> np.ndarray:
+        """Teacher logits f64[B] from transposed inputs ([D, B], [slots, B], [F, B], [W, B])."""
+        z = self.bias + self.interaction_scale * self._signal(ids_t, lengths_t, weights_t)
         return z + self.dense_weights @ dense_t
 
     @staticmethod
@@ -552,14 +580,15 @@ class SyntheticData:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         rows = self._local_rows(global_batch, process_index, num_processes)
-        dense_t, ids_t, lengths_t, u_label = self._inputs(stream, int(step), rows)
+        dense_t, ids_t, lengths_t, u_label, weights_t = self._inputs(stream, int(step), rows)
         dense_t = dense_t.astype(np.float32)
-        probs = _sigmoid(self._logits(dense_t, ids_t, lengths_t))
+        probs = _sigmoid(self._logits(dense_t, ids_t, lengths_t, weights_t))
         return Batch(
             dense=np.ascontiguousarray(dense_t.T),
             ids=np.ascontiguousarray(ids_t.T),
             lengths=np.ascontiguousarray(lengths_t.T),
             labels=(u_label < probs).astype(np.float32),
+            weights=None if weights_t is None else np.ascontiguousarray(weights_t.T),
         )
 
     # ----------------------------------------------------------------- public
@@ -588,6 +617,7 @@ class SyntheticData:
             np.ascontiguousarray(np.asarray(batch.dense, np.float32).T),
             np.ascontiguousarray(np.asarray(batch.ids, np.int32).T),
             np.ascontiguousarray(np.asarray(batch.lengths, np.int32).T),
+            None if batch.weights is None else np.ascontiguousarray(np.asarray(batch.weights, np.float32).T),
         )
 
     def slot_latents(self, batch: Batch) -> np.ndarray:
@@ -610,6 +640,13 @@ class SyntheticData:
         """
         fs = self.features
         lengths_t = np.asarray(batch.lengths, np.int32).T
+        if fs.weighted_idx:  # a weighted slot counts n x its weight (`_latent_sums`)
+            latents = np.array(latents, np.float64)
+            weights_t = np.asarray(batch.weights, np.float32).T
+            for t in fs.weighted_idx:
+                f = fs.sparse[t]
+                m = weights_t[fs.weight_columns(f.name)] * lengths_t[t][None, :]
+                latents[fs.columns(f.name)] *= m[..., None]
         sums = np.stack([latents[off : off + f.max_len].sum(0, dtype=np.float64)
                          for f, off in zip(fs.sparse, fs.offsets, strict=True)])  # [F, B, k]
         if self.teacher == "deep":

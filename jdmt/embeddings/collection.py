@@ -37,7 +37,7 @@ from jdmt import precision
 from jdmt.data.specs import Combiner, FeatureSet
 from jdmt.embeddings import optimizers, routing
 from jdmt.embeddings.exchange import MODES, broadcast
-from jdmt.embeddings.flat import Caps, Stats, WidthRoute, _read_token, owner_rows, pool_received
+from jdmt.embeddings.flat import Caps, Stats, WidthRoute, _read_token, owner_rows, piece_weights, pool_received
 from jdmt.embeddings.host_replicated import LocalRows, replica_sum
 from jdmt.embeddings.hosted import HostCaps, HostPath
 from jdmt.embeddings.layout import Layout, Memory, storage_name
@@ -236,6 +236,11 @@ class ShardedEmbeddings:
         features = self.tables = self.layout.features
         if self.layout.row_tiers and towers:
             raise ValueError("flexshard tables take the flat path, not towers")
+        weighted = [f.name for f in features.sparse if f.weighted]
+        if weighted and towers:
+            raise ValueError(f"weighted features {weighted} take the flat path, not towers")
+        if any(self.layout.tier_of[i] is not None for i in self.tables.weighted_idx):
+            raise ValueError("weighted features cannot be flexshard tables")
         if bag_features is None:
             bag = frozenset(i for i, f in enumerate(features.sparse) if f.pooled and f.max_len > 1)
         else:
@@ -244,6 +249,11 @@ class ShardedEmbeddings:
         hosted = {i for i, f in enumerate(features.sparse)
                   if self.layout.plan[f.name].type is ShardingType.TABLE_ROW_WISE}
         hosted |= {features.index(n) for n in (host_features or ()) if n in features.names}
+        on_host = sorted(features.sparse[i].name for i in hosted if features.sparse[i].weighted)
+        if on_host:
+            raise ValueError(f"weighted features {on_host} cannot take the host path (table_row_wise or "
+                             "host_features): their bags are pooled where the weights are, on the flat "
+                             "routes (table_wise, column_wise, row_wise, data_parallel, host_replicated)")
         self.towers = bool(towers)
         if self.towers and len(hosted) != len(features.sparse):
             raise ValueError("towers=True needs every feature on the host path (host_features)")
@@ -293,6 +303,8 @@ class ShardedEmbeddings:
                                for i in v]).astype(np.int64)
             for w, v in self._dp.items()
         }
+        self._dp_weighted = {w: [feats[self.layout.pieces[i].feature].weighted for i in v]
+                             for w, v in self._dp.items()}
         self._dp_pos = {}
         for w, v in self._dp.items():
             start, pos = 0, []
@@ -313,6 +325,17 @@ class ShardedEmbeddings:
         self._mean = [i for i in self.pooled_idx if feats[i].combiner is Combiner.MEAN]
         del slots
         self.tier_fold = TierFold(self.features, self.layout)
+        # each canon column's column of the batch's weights (a zero column past them
+        # for unweighted features, tier tables and the last, all -1, column)
+        umap = self.features.weight_map()
+        none = self.features.weight_slots
+        if self.tier_fold.active:
+            uoff = self.features.offsets
+            umap = np.concatenate([
+                umap[uoff[u] : uoff[u] + feats[v].max_len] if self.layout.tier_of[v] is None
+                else np.full(feats[v].max_len, none, np.int32)
+                for v, u in enumerate(self.layout.source)])
+        self._wmap = np.concatenate([umap, [none]]).astype(np.int32)
 
     # ---- capacities ---------------------------------------------------------------------------
 
@@ -583,6 +606,23 @@ class ShardedEmbeddings:
         canon = jnp.concatenate([canon, jnp.full((canon.shape[0], 1), -1, jnp.int32)], axis=1)
         return self.tier_fold.to_tiers(canon), bad
 
+    def _weights(self, weights, canon):
+        """f32[B, slots + 1] the per-sample weights at canon's columns (0 where
+        there is no id), or None when no feature is weighted."""
+        if weights is None:
+            return None
+        w = jnp.concatenate([weights.astype(jnp.float32), jnp.zeros((weights.shape[0], 1), jnp.float32)], 1)
+        return jnp.where(canon >= 0, routing.take_columns(w, self._wmap), 0.0)
+
+    def _check_weights(self, weights, ids):
+        names = [f.name for f in self.features.sparse if f.weighted]
+        if names and weights is None:
+            raise ValueError(f"features {names} are weighted: pass their per-sample weights")
+        if weights is not None and (not names or weights.shape != (ids.shape[0], self.features.weight_slots)):
+            raise ValueError(f"weights {list(weights.shape)}: expected "
+                             + (f"f32[{ids.shape[0]}, {self.features.weight_slots}]" if names
+                                else "None (no feature is weighted)"))
+
     def _mean_scale(self, lengths):
         """f32[B, F_pooled] the factor of each pooled feature (1 / count for mean)."""
         feats = self.tables.sparse
@@ -590,13 +630,16 @@ class ShardedEmbeddings:
         mean = np.array([feats[i].combiner is Combiner.MEAN for i in self.pooled_idx])
         return jnp.where(jnp.asarray(mean)[None, :], 1.0 / n, 1.0)
 
-    def forward(self, state: Mapping[str, TableState], ids: jax.Array, lengths: jax.Array):
+    def forward(self, state: Mapping[str, TableState], ids: jax.Array, lengths: jax.Array,
+                weights: jax.Array | None = None):
         """Look up the batch's embeddings (not differentiable: see `update`).
 
         Args:
           state: the tables (`init`).
           ids: i32[B_global, slots] packed ids, sharded over the devices.
           lengths: i32[B_global, F] valid ids per feature.
+          weights: f32[B_global, weight_slots] the weighted features'
+            per-sample weights (`Batch.weights`), or None if none is weighted.
 
         Returns:
           (embs, ctx, stats): the `Embeddings` (with `towers`: the bags pooled
@@ -611,14 +654,17 @@ class ShardedEmbeddings:
         caps = self.caps(b)
         mode = self.exchange_mode
         impl = self.impl
+        sample_weights = weights  # (`weights` in the body are the tables')
+        self._check_weights(sample_weights, ids)
 
-        def body(weights, ids, lengths):
+        def body(weights, ids, lengths, sample_weights):
             canon, bad = self._canonical(ids, lengths)
+            wc = self._weights(sample_weights, canon)
             outs, st = {}, []
             stacked = {}  # piece -> (its route's bag block f32[K, B, D], k)
             ctx = {"flat": {}}
             for w, route in self.routes.items():
-                bag, rows, c, s = route.forward(weights[storage_name(w)], canon, caps["flat"][w], mode, impl)
+                bag, rows, c, s = route.forward(weights[storage_name(w)], canon, caps["flat"][w], mode, impl, wc)
                 ctx["flat"][w] = {**c, "read": c["read"][None]}
                 st.append(s)
                 for k, i in enumerate(route.bag_pieces):
@@ -628,14 +674,14 @@ class ShardedEmbeddings:
                     outs[i] = rows[k]
             ctx["hop"] = {}
             for w, route in self.hops.items():
-                rows, c, s = route.forward(weights[storage_name(w)], canon, caps["hop"][w], mode, impl)
+                rows, c, s = route.forward(weights[storage_name(w)], canon, caps["hop"][w], mode, impl, wc)
                 ctx["hop"][w] = {**c, "read": c["read"][None]}
                 st.append(s)
                 for k, i in enumerate(route.pieces):
                     outs[i] = rows[k]
             ctx["hr"] = {}
             for w, route in self.hr_routes.items():
-                res, c, s = route.forward(weights[storage_name(w, "host")], canon, caps["hr"][w], mode, impl)
+                res, c, s = route.forward(weights[storage_name(w, "host")], canon, caps["hr"][w], mode, impl, wc)
                 ctx["hr"][w] = {**c, "read": c["read"][None]}
                 st.append(s)
                 for k, i in enumerate(route.pieces):
@@ -654,11 +700,12 @@ class ShardedEmbeddings:
             for w, pieces in self._dp.items():
                 table = weights[storage_name(w, True)]
                 at = routing.take_columns(canon, self._dp_cols[w])
+                wts = piece_weights(wc, self._dp_cols[w], self._dp_pos[w], self._dp_weighted[w])
                 for k, i in enumerate(pieces):
                     base = self.layout.pieces[i].offsets[0]
                     rows = jnp.where(at[:, self._dp_pos[w][k]] >= 0, at[:, self._dp_pos[w][k]] + base, -1)
-                    outs[i] = (pool_received(table, rows, impl) if feats[self.layout.pieces[i].feature].pooled
-                               else owner_rows(table, rows, impl))
+                    outs[i] = (pool_received(table, rows, impl, wts.get(k))
+                               if feats[self.layout.pieces[i].feature].pooled else owner_rows(table, rows, impl))
                 ctx.setdefault("dp", {})[w] = _read_token([outs[i] for i in pieces])[None]
             stats = _reduce(st, bad)
             if self.towers:
@@ -671,8 +718,9 @@ class ShardedEmbeddings:
         pooled_spec = P(DEVICES) if (self.pooled_idx or self.towers) else None
         seq_specs = {} if self.towers else {ufeats[i].name: P(DEVICES) for i in self.user_seq_idx}
         pooled, seqs, ctx, stats = self._shard_map(
-            body, (self._weight_specs(), P(DEVICES), P(DEVICES)), (pooled_spec, seq_specs, P(DEVICES), P()),
-        )({k: v.weights for k, v in state.items()}, ids, lengths)
+            body, (self._weight_specs(), P(DEVICES), P(DEVICES), None if sample_weights is None else P(DEVICES)),
+            (pooled_spec, seq_specs, P(DEVICES), P()),
+        )({k: v.weights for k, v in state.items()}, ids, lengths, sample_weights)
         if self.towers:
             return pooled, ctx, stats
         embs = Embeddings(pooled, seqs, tuple(ufeats[i].name for i in self.user_pooled_idx),
@@ -764,6 +812,7 @@ class ShardedEmbeddings:
         grads,
         ids: jax.Array,
         lengths: jax.Array,
+        weights: jax.Array | None = None,
         *,
         lr: jax.Array | float | None = None,
         skip: jax.Array | bool = False,
@@ -775,7 +824,7 @@ class ShardedEmbeddings:
           ctx: `forward`'s context for the same batch and state.
           grads: the loss's gradient with respect to `forward`'s embeddings
             (an `Embeddings`; with `towers`, of the entry's pooled bags).
-          ids, lengths: the batch given to `forward`.
+          ids, lengths, weights: the batch given to `forward`.
           lr: learning rate override (e.g. a schedule); default the optimizer's.
           skip: write nothing (e.g. `must_skip(forward's stats)`).
           seed: u32 seed of the stochastic rounding of 16-bit tables, a new
@@ -798,9 +847,14 @@ class ShardedEmbeddings:
             raise TypeError(f"updating {precision.dtype_name(self.table_dtype)} tables needs `seed` "
                             "(a new one every step: the stochastic rounding's bits)")
 
-        def body(state, ctx, g_pooled, g_seqs, ids, lengths, lr, skip, seed):
+        self._check_weights(weights, ids)
+
+        def body(state, ctx, g_pooled, g_seqs, ids, lengths, sample_weights, lr, skip, seed):
             streams: dict[str, list] = {}
             st = []
+            wc = None
+            if sample_weights is not None:
+                wc = self._weights(sample_weights, self._canonical(ids, lengths)[0])
             if not self.towers:
                 g_pooled, g_seqs = self.tier_fold.unfold(g_pooled, g_seqs, lengths)
                 gp, g_scaled = self._piece_grads(g_pooled, g_seqs, self.tier_fold.lengths(lengths))
@@ -808,12 +862,12 @@ class ShardedEmbeddings:
                 c = {**ctx["flat"][w], "read": ctx["flat"][w]["read"][0]}
                 g_bag = self._bag_grads(route.bag_pieces, route.width, gp, g_scaled)
                 g_rows = {k: gp[i] for k, i in enumerate(route.row_pieces)}
-                rows, src, g, s = route.backward(c, g_bag, g_rows, caps["flat"][w], mode, self.impl)
+                rows, src, g, s = route.backward(c, g_bag, g_rows, caps["flat"][w], mode, self.impl, wc)
                 st.append(s)
                 streams.setdefault(storage_name(w), []).append((rows, src, g))
             for w, route in self.hops.items():
                 c = {**ctx["hop"][w], "read": ctx["hop"][w]["read"][0]}
-                rows, src, g, s = route.backward(c, {k: gp[i] for k, i in enumerate(route.pieces)}, mode)
+                rows, src, g, s = route.backward(c, {k: gp[i] for k, i in enumerate(route.pieces)}, mode, wc)
                 st.append(s)
                 streams.setdefault(storage_name(w), []).append((rows, src, g))
             if self.host is not None:
@@ -836,7 +890,7 @@ class ShardedEmbeddings:
             for w, route in self.hr_routes.items():
                 name = storage_name(w, "host")
                 c = {**ctx["hr"][w], "read": ctx["hr"][w]["read"][0]}
-                rows, g, s = route.backward(c, {k: gp[i] for k, i in enumerate(route.pieces)}, mode)
+                rows, g, s = route.backward(c, {k: gp[i] for k, i in enumerate(route.pieces)}, mode, wc)
                 st.append(s)
                 r_all = state[name].weights.shape[0]
                 rows, g, s = replica_sum(rows, g, r_all, self.hosts, self.local, False, c["read"])
@@ -848,13 +902,16 @@ class ShardedEmbeddings:
                 name = storage_name(w, True)
                 canon, _ = self._canonical(ids, lengths)
                 at = routing.take_columns(canon, self._dp_cols[w])
+                wts = piece_weights(wc, self._dp_cols[w], self._dp_pos[w], self._dp_weighted[w])
                 rows, gpos = [], []
                 for k, i in enumerate(pieces):
                     base = self.layout.pieces[i].offsets[0]
                     r = at[:, self._dp_pos[w][k]]
                     rows.append(jnp.where(r >= 0, r + base, -1))
                     g = gp[i]
-                    if feats[self.layout.pieces[i].feature].pooled:
+                    if k in wts:
+                        g = g[:, None, :] * wts[k][:, :, None]
+                    elif feats[self.layout.pieces[i].feature].pooled:
                         g = jnp.broadcast_to(g[:, None, :], r.shape + (w,))
                     gpos.append(g)
                 rows = jnp.concatenate(rows, axis=1).reshape(-1)
@@ -904,9 +961,9 @@ class ShardedEmbeddings:
         new, stats = self._shard_map(
             body,
             (self.state_specs(), P(DEVICES), P(DEVICES) if g_pooled is not None else None, seq_specs,
-             P(DEVICES), P(DEVICES), P(), P(), P()),
+             P(DEVICES), P(DEVICES), None if weights is None else P(DEVICES), P(), P(), P()),
             (self.state_specs(), P()),
-        )(dict(state), ctx, g_pooled, g_seqs, ids, lengths, jnp.asarray(lr, jnp.float32),
+        )(dict(state), ctx, g_pooled, g_seqs, ids, lengths, weights, jnp.asarray(lr, jnp.float32),
           jnp.asarray(skip, bool), jnp.asarray(0 if seed is None else seed).astype(jnp.uint32))
         return new, stats
 
@@ -1032,15 +1089,16 @@ class ShardedEmbeddings:
 
     # ---- conveniences -------------------------------------------------------------------------------
 
-    def step(self, state, ids, lengths, loss_fn: Callable, *args, lr=None, seed=None):
+    def step(self, state, ids, lengths, loss_fn: Callable, *args, lr=None, seed=None, weights=None):
         """One sparse training step of the embeddings alone (dense parts are the
         caller's): `loss_fn(embs, *args) -> scalar`. Returns (loss, new state,
         gradients of `args`, stats); the state is unchanged when
-        `must_skip(stats)` (an overflow: `grow` and repeat; or bad ids)."""
-        embs, ctx, stats = self.forward(state, ids, lengths)
+        `must_skip(stats)` (an overflow: `grow` and repeat; or bad ids).
+        `weights`: the batch's per-sample weights (weighted features)."""
+        embs, ctx, stats = self.forward(state, ids, lengths, weights)
         loss, grads = jax.value_and_grad(loss_fn, argnums=tuple(range(1 + len(args))))(embs, *args)
-        new, ustats = self.update(state, ctx, grads[0], ids, lengths, lr=lr, skip=self.must_skip(stats),
-                                  seed=seed)
+        new, ustats = self.update(state, ctx, grads[0], ids, lengths, weights, lr=lr,
+                                  skip=self.must_skip(stats), seed=seed)
         return loss, new, grads[1:], {**stats, **{f"update_{k}": v for k, v in ustats.items()}}
 
     def describe(self) -> list[dict]:

@@ -42,7 +42,7 @@ from jdmt.pallas_kernels.pooled_lookup import pooled_gather
 from jdmt.pallas_kernels.sequence_lookup import sequence_gather
 
 __all__ = ["AXIS", "FLAT_TYPES", "Caps", "Stats", "WidthRoute", "owner_pool", "owner_rows", "peer_of",
-           "pool_received", "take_rows", "unique_row_grads"]
+           "piece_weights", "pool_received", "take_rows", "unique_row_grads"]
 
 AXIS = (LOCAL, HOST)
 FLAT_TYPES = (ShardingType.TABLE_WISE, ShardingType.COLUMN_WISE, ShardingType.ROW_WISE)
@@ -74,15 +74,17 @@ def owner_pool(table, ids, count, impl: Impl):
     return routing.pool_rows(table, ids, count)
 
 
-def pool_received(rows, at, impl: Impl):
+def pool_received(rows, at, impl: Impl, weights=None):
     """Bags f32[..., D] summed from rows f32[M, D] (a table, or rows received
-    from their owners) at i32[..., P] (-1: none), in position order: in C++
-    where the CPU kernels run (`impl.cpu_threads`), else XLA ops."""
+    from their owners) at i32[..., P] (-1: none), in position order, each
+    row times its weight where `weights` f32[..., P] are given (per-sample
+    weights): in C++ where the CPU kernels run (`impl.cpu_threads`), else
+    XLA ops."""
     if impl.cpu_threads:
         from jdmt.embeddings import cpu_kernels
 
-        return cpu_kernels.pooled_lookup(rows, at, threads=impl.cpu_threads)
-    return routing.pool_rows(rows, at)
+        return cpu_kernels.pooled_lookup(rows, at, threads=impl.cpu_threads, weights=weights)
+    return routing.pool_rows(rows, at, weights=weights)
 
 
 def take_rows(rows, at, impl: Impl):
@@ -112,7 +114,9 @@ class WidthRoute:
       layout: the layout.
       width: the pieces' width.
       bag_features: pooled features whose whole-table pieces travel as bags
-        (the others' ids ask for unique rows).
+        (the others' ids ask for unique rows). Weighted features always ask
+        for rows: the requester pools them with its weights, which never
+        travel.
       exclude: pieces that take another path (the host path).
     """
 
@@ -132,7 +136,8 @@ class WidthRoute:
         self.pieces = [i for i, _ in mine]
 
         bags = [(i, p) for i, p in mine
-                if p.stride == 1 and feats[p.feature].pooled and p.feature in bag_features]
+                if p.stride == 1 and feats[p.feature].pooled and p.feature in bag_features
+                and not feats[p.feature].weighted]
         bags.sort(key=lambda ip: (peer_of(ip[1].devices[0], h, ln), ip[1].feature, ip[1].col0))
         self.bag_pieces = [i for i, _ in bags]
         count = np.zeros(n, np.int64)
@@ -178,6 +183,7 @@ class WidthRoute:
         self.row_cols = np.array(col_list, np.int64)  # [M] batch columns of the row pieces' ids
         self.row_piece_of_col = np.array(piece_of_col, np.int32)
         self.row_pooled = [feats[p.feature].pooled for _, p in rows]
+        self.row_weighted = [feats[p.feature].weighted for _, p in rows]
 
     # ---- sizes ---------------------------------------------------------------------------
 
@@ -245,7 +251,7 @@ class WidthRoute:
 
     # ---- one step, inside shard_map --------------------------------------------------------
 
-    def forward(self, table, canon, caps: Caps, mode: str, impl: Impl):
+    def forward(self, table, canon, caps: Caps, mode: str, impl: Impl, wcanon=None):
         """Look up this width's pieces for the local batch.
 
         Args:
@@ -253,6 +259,8 @@ class WidthRoute:
           canon: i32[B, slots + 1] the batch's table rows (-1: none; the last
             column is all -1).
           caps: block capacities.
+          wcanon: f32[B, slots + 1] per-sample weights at canon's columns (0
+            where there is no id), or None; read for weighted features only.
 
         Returns:
           (bag_out f32[K_bag, B, D], row_out {row piece k: f32[B, D] pooled
@@ -359,20 +367,23 @@ class WidthRoute:
         if self.row_pieces:
             rows_back = back[:, back_parts[0] if k else 0 :].reshape(-1, self.width)
             inv = ctx["row_inv"]
+            wts = piece_weights(wcanon, self.row_cols, self.row_pos, self.row_weighted)
             row_out = {}
             for j, pos in enumerate(self.row_pos):
                 at = inv[:, pos]
-                row_out[j] = (pool_received(rows_back, at, impl) if self.row_pooled[j]
+                row_out[j] = (pool_received(rows_back, at, impl, wts.get(j)) if self.row_pooled[j]
                               else take_rows(rows_back, at, impl))
         ctx["read"] = _read_token(outs)
         return bag_out, row_out, ctx, stats
 
-    def backward(self, ctx, g_bag, g_rows, caps: Caps, mode: str, impl: Impl):
+    def backward(self, ctx, g_bag, g_rows, caps: Caps, mode: str, impl: Impl, wcanon=None):
         """The gradients of `forward`'s outputs, back at the owners.
 
         Args:
           g_bag: f32[K_bag, B, D]; g_rows: {row piece k: f32[B, D] or f32[B, S, D]}.
           impl: the forward's kernels (they decide the bags' order).
+          wcanon: the forward's weights (a weighted row's gradient is its
+            weight times its bag's).
 
         Returns:
           (rows i32[n] storage rows, src i32[n], grads f32[M, D], stats): what
@@ -414,7 +425,8 @@ class WidthRoute:
             srcs.append(None)  # set below, once the block layout is known
         if self.row_pieces:
             cap = ctx["row_ids"].shape[1]
-            send = unique_row_grads(ctx["row_inv"], g_rows, self.row_pos, self.row_pooled, g * cap, self.width)
+            send = unique_row_grads(ctx["row_inv"], g_rows, self.row_pos, self.row_pooled, g * cap, self.width,
+                                    piece_weights(wcanon, self.row_cols, self.row_pos, self.row_weighted))
             sends.append(send.reshape(g, cap, self.width))
             sizes.append(jnp.minimum(ctx["row_sizes"], cap))
             recv_sizes.append(ctx["row_recv"])
@@ -449,16 +461,29 @@ class WidthRoute:
         return rows, jnp.concatenate(srcs), got.reshape(-1, self.width), stats
 
 
-def unique_row_grads(inv, g_rows, pos, pooled, slots: int, width: int) -> jax.Array:
+def piece_weights(wcanon, cols, pos, weighted) -> dict:
+    """{piece k: f32[B, P] its ids' per-sample weights} for the weighted
+    pieces of a route whose ids are the batch columns `cols` (`pos`: each
+    piece's positions among them); {} without weights."""
+    if wcanon is None or not any(weighted):
+        return {}
+    return {k: routing.take_columns(wcanon, cols[p]) for k, p in enumerate(pos) if weighted[k]}
+
+
+def unique_row_grads(inv, g_rows, pos, pooled, slots: int, width: int, weights=None) -> jax.Array:
     """f32[slots, D]: each asked-for unique row's summed gradient, at its
     slot of the rows that came back (`inv` i32[B, M], -1: none); `g_rows`
-    {piece k: f32[B, D] pooled (every position of the bag gets it) or
+    {piece k: f32[B, D] pooled (every position of the bag gets it, times
+    its weight where `weights` {piece k: f32[B, P]} has the piece) or
     f32[B, S, D]} and `pos` each piece's columns of `inv`."""
     b = inv.shape[0]
+    weights = weights or {}
     parts = []
     for k, p in enumerate(pos):
         gk = g_rows[k]
-        if pooled[k]:
+        if pooled[k] and k in weights:
+            gk = gk[:, None, :] * weights[k][:, :, None]
+        elif pooled[k]:
             gk = jnp.broadcast_to(gk[:, None, :], (b, len(p), width))
         parts.append(gk)
     gpos = jnp.concatenate(parts, axis=1).reshape(-1, width)  # [B * M, D]

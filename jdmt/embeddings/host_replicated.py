@@ -22,7 +22,8 @@ from jax import lax
 
 from jdmt.embeddings import routing
 from jdmt.embeddings.exchange import exchange, overflow
-from jdmt.embeddings.flat import Stats, _read_token, owner_rows, pool_received, take_rows, unique_row_grads
+from jdmt.embeddings.flat import (Stats, _read_token, owner_rows, piece_weights, pool_received, take_rows,
+                                 unique_row_grads)
 from jdmt.embeddings.layout import Layout
 from jdmt.mesh import HOST, LOCAL
 from jdmt.pallas_kernels.common import Impl
@@ -56,6 +57,7 @@ class LocalRows:
             self.pooled.append(feats[p.feature].pooled)
         self.cols = np.array(cols, np.int64)
         self.piece_of_col = np.array(piece_of_col, np.int32)
+        self.weighted = [feats[p.feature].weighted for _, p in mine]
 
     def bound(self, b: int) -> int:
         """The most unique rows one owner can be asked for by one device."""
@@ -84,9 +86,10 @@ class LocalRows:
 
     # ---- one step, inside shard_map ----------------------------------------------------------
 
-    def forward(self, table, canon, cap: int, mode: str, impl: Impl):
+    def forward(self, table, canon, cap: int, mode: str, impl: Impl, wcanon=None):
         """The pieces' rows for the local batch: ({piece k: f32[B, D] pooled
-        or f32[B, S, D]}, ctx, stats). `table`: this device's `hr_w{D}`."""
+        or f32[B, S, D]}, ctx, stats). `table`: this device's `hr_w{D}`;
+        `wcanon`: per-sample weights at canon's columns, or None."""
         b = canon.shape[0]
         g = self.peers
         me = lax.axis_index(LOCAL)
@@ -108,23 +111,26 @@ class LocalRows:
         rows_back = back.reshape(-1, self.width)
         inv = inv.reshape(b, -1)
         res = {}
+        wts = piece_weights(wcanon, self.cols, self.pos, self.weighted)
         for j, pos in enumerate(self.pos):
             at = inv[:, pos]
-            res[j] = (pool_received(rows_back, at, impl) if self.pooled[j]
+            res[j] = (pool_received(rows_back, at, impl, wts.get(j)) if self.pooled[j]
                       else take_rows(rows_back, at, impl))
         ctx = {"row_ids": recv, "row_recv": rsz, "row_sizes": jnp.minimum(sizes, cap), "row_inv": inv,
                "read": _read_token([out])}
         return res, ctx, stats
 
-    def backward(self, ctx, g_rows, mode: str):
-        """Each owner's rows and this host's gradient sums for them.
+    def backward(self, ctx, g_rows, mode: str, wcanon=None):
+        """Each owner's rows and this host's gradient sums for them (`wcanon`:
+        the forward's weights).
 
         Returns (rows i32[L * cap] storage rows, -1: none; grads f32[L * cap, D]; stats)."""
         g = self.peers
         me = lax.axis_index(LOCAL)
         stats = Stats()
         cap = ctx["row_ids"].shape[1]
-        send = unique_row_grads(ctx["row_inv"], g_rows, self.pos, self.pooled, g * cap, self.width)
+        send = unique_row_grads(ctx["row_inv"], g_rows, self.pos, self.pooled, g * cap, self.width,
+                                piece_weights(wcanon, self.cols, self.pos, self.weighted))
         got, _ = exchange(send.reshape(g, cap, self.width), ctx["row_sizes"], (LOCAL,),
                           recv_sizes=ctx["row_recv"], mode=mode)
         stats.payload(ctx["row_sizes"], 4 * self.width, np.zeros(g, np.int32), 0, me)

@@ -238,11 +238,14 @@ def gather_rows(table: jax.Array, idx: jax.Array) -> jax.Array:
 _UNROLL = 16  # positions unrolled in Python (bags longer than this loop in blocks of it)
 
 
-def pool_rows(table: jax.Array, idx: jax.Array, count: jax.Array | int | None = None) -> jax.Array:
+def pool_rows(table: jax.Array, idx: jax.Array, count: jax.Array | int | None = None,
+              weights: jax.Array | None = None) -> jax.Array:
     """Sum of `table[idx[..., p]]` over the last axis, skipping idx < 0, one
     position after another, in order, starting from the first position's
     row (nothing of size [ids, D] is formed). `count`: a bound on the
     positions to visit (a traced value runs a loop of that many positions).
+    `weights`: f32[..., P] per-sample weights (each row is multiplied by
+    its weight before it is added; zero where idx < 0).
 
     Bags of up to `_UNROLL` positions are unrolled (XLA fuses the gathers
     into one sum); longer ones loop over blocks of `_UNROLL` positions, so
@@ -253,17 +256,31 @@ def pool_rows(table: jax.Array, idx: jax.Array, count: jax.Array | int | None = 
     n = min(count, pmax) if static and count is not None else pmax
     if n == 0:
         return jnp.zeros(idx.shape[:-1] + table.shape[1:], jnp.float32)
+
+    def row(c, w):  # one position's rows f32[..., D], weighted
+        r = gather_rows(table, c)
+        return r if w is None else r * w[..., None]
+
+    w_at = (lambda p: None) if weights is None else (lambda p: weights[..., p])  # noqa: E731
     if static:
         if n <= _UNROLL:
-            out = gather_rows(table, idx[..., 0])
+            out = row(idx[..., 0], w_at(0))
             for p in range(1, n):
-                out = out + gather_rows(table, idx[..., p])
+                out = out + row(idx[..., p], w_at(p))
             return out
         cols = jnp.moveaxis(idx[..., :n], -1, 0)  # [n, ...]: one position per loop step
-        return lax.scan(lambda o, c: (o + gather_rows(table, c), None),
-                        gather_rows(table, cols[0]), cols[1:], unroll=_UNROLL)[0]
-    first = gather_rows(table, jnp.where(count > 0, idx[..., 0], -1))
-    body = lambda p, o: o + gather_rows(table, lax.dynamic_index_in_dim(idx, p, idx.ndim - 1, False))  # noqa: E731
+        if weights is None:
+            return lax.scan(lambda o, c: (o + row(c, None), None), row(cols[0], None), cols[1:],
+                            unroll=_UNROLL)[0]
+        ws = jnp.moveaxis(weights[..., :n], -1, 0)
+        return lax.scan(lambda o, cw: (o + row(*cw), None), row(cols[0], ws[0]), (cols[1:], ws[1:]),
+                        unroll=_UNROLL)[0]
+    first = row(jnp.where(count > 0, idx[..., 0], -1), w_at(0))
+
+    def body(p, o):
+        w = None if weights is None else lax.dynamic_index_in_dim(weights, p, weights.ndim - 1, False)
+        return o + row(lax.dynamic_index_in_dim(idx, p, idx.ndim - 1, False), w)
+
     return lax.fori_loop(1, jnp.minimum(count, pmax), body, first)
 
 

@@ -36,7 +36,8 @@ from jax import lax
 
 from jdmt.embeddings import routing
 from jdmt.embeddings.exchange import exchange, overflow
-from jdmt.embeddings.flat import Stats, _read_token, owner_rows, pool_received, take_rows
+from jdmt.embeddings.flat import (Stats, _read_token, owner_rows, piece_weights, pool_received, take_rows,
+                                 unique_row_grads)
 from jdmt.embeddings.layout import Layout
 from jdmt.mesh import HOST, LOCAL
 from jdmt.pallas_kernels.common import Impl
@@ -98,6 +99,7 @@ class TwoHopRows:
         self.cols = np.array(cols, np.int64)  # [M] batch columns of the pieces' ids
         self.piece_of_col = np.array(piece_of_col, np.int32)
         self.pooled = [feats[p.feature].pooled for p in ps]
+        self.weighted = [feats[p.feature].weighted for p in ps]
 
     # ---- sizes ---------------------------------------------------------------------------
 
@@ -153,12 +155,13 @@ class TwoHopRows:
 
     # ---- one step, inside shard_map --------------------------------------------------------
 
-    def forward(self, table, canon, caps: HopCaps, mode: str, impl: Impl):
+    def forward(self, table, canon, caps: HopCaps, mode: str, impl: Impl, wcanon=None):
         """Look up the pieces for the local batch.
 
         Args:
           table: f32[R, D] this device's storage of the width.
           canon: i32[B, slots + 1] the batch's table rows (-1: none).
+          wcanon: f32[B, slots + 1] per-sample weights at canon's columns, or None.
 
         Returns:
           ({piece k: f32[B, D] pooled or f32[B, S, D]}, ctx, stats).
@@ -199,18 +202,20 @@ class TwoHopRows:
         flat = back1.reshape(-1, w)
         inv1 = inv1.reshape(b, -1)
         out = {}
+        wts = piece_weights(wcanon, self.cols, self.pos, self.weighted)
         for k, pos in enumerate(self.pos):
             at = inv1[:, pos]
-            out[k] = pool_received(flat, at, impl) if self.pooled[k] else take_rows(flat, at, impl)
+            out[k] = pool_received(flat, at, impl, wts.get(k)) if self.pooled[k] else take_rows(flat, at, impl)
         ctx = dict(inv1=inv1, sz1=sz1, rsz1=rsz1, inv2=inv2, sz2=sz2, rsz2=rsz2, ids=ids,
                    read=_read_token([got]))
         return out, ctx, stats
 
-    def backward(self, ctx, g_rows, mode: str):
+    def backward(self, ctx, g_rows, mode: str, wcanon=None):
         """The gradients of `forward`'s outputs, summed per host, at the owners.
 
         Args:
           g_rows: {piece k: f32[B, D] or f32[B, S, D]}.
+          wcanon: the forward's weights.
 
         Returns:
           (rows i32[n] storage rows, src i32[n], grads f32[n, D], stats): what
@@ -221,19 +226,9 @@ class TwoHopRows:
         inside = (np.zeros(ln, np.int32), jnp.int32(0), me_l)
         across = (np.arange(h, dtype=np.int32), me_h, me_h)
         stats = Stats()
-        inv1 = ctx["inv1"]  # [B, M]
-        b = inv1.shape[0]
         cap1 = ctx["inv2"].shape[0] // ln
         cap2 = ctx["ids"].shape[1]
-        parts = []
-        for k, pos in enumerate(self.pos):
-            gk = g_rows[k]
-            if self.pooled[k]:
-                gk = jnp.broadcast_to(gk[:, None, :], (b, len(pos), w))
-            parts.append(gk)
-        gpos = jnp.concatenate(parts, axis=1).reshape(-1, w)
-        at = jnp.where(inv1 >= 0, inv1, ln * cap1).reshape(-1)
-        send1 = jnp.zeros((ln * cap1, w), gpos.dtype).at[at].add(gpos, mode="drop")
+        send1 = unique_row_grads(ctx["inv1"], g_rows, self.pos, self.pooled, ln * cap1, w, piece_weights(wcanon, self.cols, self.pos, self.weighted))
         g1, _ = exchange(send1.reshape(ln, cap1, w), ctx["sz1"], (LOCAL,), recv_sizes=ctx["rsz1"], mode=mode)
         stats.payload(ctx["sz1"], 4 * w, *inside)
         at2 = jnp.where(ctx["inv2"] >= 0, ctx["inv2"], h * cap2)

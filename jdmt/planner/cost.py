@@ -535,7 +535,7 @@ class _Costing:
         for f in placed:
             pl = placements[f.name]
             p = pr.mean_ids(f)
-            bag = f.pooled and f.max_len > 1  # `ShardedEmbeddings`' default bag features
+            bag = f.pooled and f.max_len > 1 and not f.weighted  # `ShardedEmbeddings`' default bags
             t = pl.type
             if t is ShardingType.DATA_PARALLEL:
                 self.dp_rows[f.dim] = self.dp_rows.get(f.dim, 0) + f.rows

@@ -363,11 +363,16 @@ def tables_of(features, pooling: Mapping[str, float] | None = None, alpha: float
     the ids' Zipf exponent.
 
     Raises:
-      ValueError: a sequence feature (its routes are not modelled here yet).
+      ValueError: a sequence or weighted feature (their routes are not
+        modelled here yet).
     """
     seq = [f.name for f in features.sparse if not f.pooled]
     if seq:
         raise ValueError(f"the learned planner does not model sequence features yet ({', '.join(seq)}); "
+                         "plan them with the analytic planner")
+    weighted = [f.name for f in features.sparse if f.weighted]
+    if weighted:
+        raise ValueError(f"the learned planner does not model weighted features yet ({', '.join(weighted)}); "
                          "plan them with the analytic planner")
     pooling = pooling or {}
     return [TableSpec(f.name, f.rows, f.dim, float(pooling.get(f.name, f.max_len)), alpha)

@@ -298,14 +298,16 @@ class SPTT:
 
     # ---- the step ------------------------------------------------------------------------
 
-    def forward(self, state, ids, lengths):
+    def forward(self, state, ids, lengths, weights=None):
         """`emb.forward`: the identity module's `Embeddings` at the requesters,
-        or a compressing module's inputs, the bags pooled at the entries."""
-        return self.emb.forward(state, ids, lengths)
+        or a compressing module's inputs, the bags pooled at the entries.
+        (`weights`: None; weighted features take the flat path, and `emb`
+        refuses them.)"""
+        return self.emb.forward(state, ids, lengths, weights)
 
-    def update(self, state, ctx, grads, ids, lengths, *, lr=None, skip=False, seed=None):
+    def update(self, state, ctx, grads, ids, lengths, weights=None, *, lr=None, skip=False, seed=None):
         """`emb.update` with the gradients of `forward`'s outputs."""
-        return self.emb.update(state, ctx, grads, ids, lengths, lr=lr, skip=skip, seed=seed)
+        return self.emb.update(state, ctx, grads, ids, lengths, weights, lr=lr, skip=skip, seed=seed)
 
     def tower_outputs(self, params: Any, entry: jax.Array, module: TowerModule | None = None, *,
                       inside: bool = False) -> jax.Array:

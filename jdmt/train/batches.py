@@ -44,6 +44,7 @@ def checked_batch(features: FeatureSet, batch: Batch, where: str) -> Batch:
         ids=np.asarray(batch.ids, np.int32),
         lengths=np.asarray(batch.lengths, np.int32),
         labels=np.asarray(batch.labels, np.float32),
+        weights=None if batch.weights is None else np.asarray(batch.weights, np.float32),
     )
 
 

@@ -107,6 +107,11 @@ class TrainConfig:
         averages its ids' latent vectors, so mean pooling matches it and
         learns much faster), sum for `mlperf` (as MLPerf's DLRM-DCNv2).
         Ignored when `features` is given.
+      weighted_features: synthetic or mlperf data: the first N pooled
+        features carry per-sample weights (`SparseFeature.weighted`: each bag
+        is the sum of weight x row, so their combiner is sum whatever
+        `combiner` says). They take the flat routes: not with towers or
+        table_row_wise.
       progress: show a tqdm progress bar (stderr).
       metrics_dir: write TensorBoard scalars (train loss and examples/s per
         step, eval AUC/logloss at each evaluation) and `metrics.jsonl` (one
@@ -219,6 +224,7 @@ class TrainConfig:
     sequence_len: int = 20
     sequence_pooling: str = "mean"
     combiner: str | None = None
+    weighted_features: int = 0
     progress: bool = True
     metrics_dir: str | None = None
     profile_dir: str | None = None
@@ -310,6 +316,20 @@ class TrainConfig:
             raise ValueError(f"row_tier_batches must be >= 1, got {self.row_tier_batches}")
         if self.combiner is not None:
             _choice("combiner", self.combiner, Combiner)
+        if self.weighted_features < 0:
+            raise ValueError(f"weighted_features must be >= 0, got {self.weighted_features}")
+        if self.weighted_features and self.criteo_path is not None:
+            raise ValueError("Criteo data has no per-sample weights (weighted_features applies to "
+                             "synthetic and mlperf data)")
+        if self.weighted_features and self.features is not None:
+            raise ValueError("weighted_features marks features of the data's preset; with `features` "
+                             "given, set SparseFeature.weighted there")
+        if self.weighted_features and self.uses_towers:
+            raise ValueError("weighted features take the flat path: towers=0 (their bags are pooled "
+                             "where their weights are)")
+        if self.weighted_features and self.sharding == "table_row_wise":
+            raise ValueError("weighted features take the flat routes, not table_row_wise's host path "
+                             "(table_wise, row_wise, column_wise, data_parallel, host_replicated, auto)")
         for name in ("steps", "global_batch", "embedding_dim", "eval_batches", "num_tables",
                      "rows_per_table", "pooling", "sync_every"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
@@ -424,15 +444,19 @@ class TrainConfig:
                 dim=self.embedding_dim, num_sequence=self.sequence_features,
                 sequence_len=self.sequence_len,
             )
-        if self.combiner is None:
-            return fs
-        return dataclasses.replace(
-            fs,
-            sparse=tuple(
-                dataclasses.replace(f, combiner=self.combiner) if f.pooled else f
-                for f in fs.sparse
-            ),
-        )
+        if self.combiner is not None:
+            fs = dataclasses.replace(fs, sparse=tuple(
+                dataclasses.replace(f, combiner=self.combiner) if f.pooled else f for f in fs.sparse))
+        if self.weighted_features:
+            pooled = [i for i, f in enumerate(fs.sparse) if f.pooled]
+            if self.weighted_features > len(pooled):
+                raise ValueError(f"weighted_features={self.weighted_features}, but the feature set has "
+                                 f"{len(pooled)} pooled features")
+            chosen = set(pooled[: self.weighted_features])
+            fs = dataclasses.replace(fs, sparse=tuple(
+                dataclasses.replace(f, combiner="sum", weighted=True) if i in chosen else f
+                for i, f in enumerate(fs.sparse)))
+        return fs
 
 
 def _choice(name: str, value: str, enum_cls) -> None:

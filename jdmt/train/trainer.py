@@ -247,6 +247,9 @@ class Trainer:
             exchange += ", row-wise requests de-duplicated per host (two hops)"
         gp = "" if self.gp is None else f", growth-prune {cfg.growth_prune} ({len(self.gp.phases)} phases)"
         tables = "f32" if cfg.table_dtype == "f32" else f"{cfg.table_dtype} (f32 math, stochastic rounding)"
+        weighted = [f.name for f in self.features.sparse if f.weighted]
+        if weighted:
+            tables += f", {len(weighted)} weighted features (per-sample weights, pooled at the requester)"
         isa = self._cpu_isa()
         kernels = self._kernel_name() + (f" ({isa} build)" if isa else "")
         return (f"mesh {self.hosts}x{self.local}, {cfg.model}, {path}, kernels {kernels}, "
@@ -448,7 +451,7 @@ class Trainer:
 
     def loss_and_grads(self, params, tables, batch: Batch):
         """Loss, dense gradients, the embeddings' gradients and what the update needs."""
-        acts, ctx, stats = self.emb_path.forward(tables, batch.ids, batch.lengths)
+        acts, ctx, stats = self.emb_path.forward(tables, batch.ids, batch.lengths, batch.weights)
         if self.config.dense_allreduce == "hierarchical":
             loss, g_params, g_acts = self._grads_by_level(params, acts, batch)
             return loss, g_params, g_acts, ctx, stats
@@ -515,7 +518,7 @@ class Trainer:
             seed = (_step_count(state.opt_state).astype(jnp.uint32)
                     + jnp.uint32(self.config.seed) * jnp.uint32(0x9E3779B9))
         tables, ustats = self.emb_path.update(state.tables, ctx, g_acts, batch.ids, batch.lengths,
-                                              lr=lr, skip=skip, seed=seed)
+                                              batch.weights, lr=lr, skip=skip, seed=seed)
         return TrainState(params, opt_state, tables), {
             "loss": loss,
             "halted": skip,
@@ -550,7 +553,7 @@ class Trainer:
     def logits_fn(self, state: TrainState, batch: Batch):
         """The model's logits f32[B] of a device batch (sharded like the batch),
         and the lookup's overflow (when > 0 the logits are not exact)."""
-        acts, _, stats = self.emb_path.forward(state.tables, batch.ids, batch.lengths)
+        acts, _, stats = self.emb_path.forward(state.tables, batch.ids, batch.lengths, batch.weights)
         return self._logits(state.params, acts, batch), {"overflow": stats["overflow"], "need": stats["need"]}
 
     def predict_fn(self, state: TrainState, batch: Batch):
@@ -834,6 +837,7 @@ class Trainer:
             "kernel": self._kernel_name(),
             "cpu_kernels_isa": self._cpu_isa(),
             "table_dtype": self.config.table_dtype,
+            "weighted_features": [f.name for f in self.features.sparse if f.weighted],
             "path": self.path_line(),
             "row_tiers": None if self.tier_report is None else [r.to_json() for r in self.tier_report],
             "dense_allreduce": self.config.dense_allreduce,

@@ -36,9 +36,10 @@ from jdmt.embeddings.types import OptimizerKind
 _TARGET = "jdmt_sparse_update"
 _TARGET_SGD = "jdmt_sparse_update_sgd"
 _TARGET_POOL = "jdmt_pooled_lookup"
+_TARGET_POOL_W = "jdmt_weighted_pooled_lookup"
 _TARGET_DOT = "jdmt_dot_interaction"
 _TARGET_DOT_GRAD = "jdmt_dot_interaction_grad"
-_ABI = 7
+_ABI = 8
 _KIND = {
     OptimizerKind.ROWWISE_ADAGRAD: 0,
     OptimizerKind.ADAGRAD: 1,
@@ -72,6 +73,8 @@ def _load() -> None:
         jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.JdmtSparseUpdate), platform="cpu")
         jax.ffi.register_ffi_target(_TARGET_SGD, jax.ffi.pycapsule(lib.JdmtSparseUpdateSgd), platform="cpu")
         jax.ffi.register_ffi_target(_TARGET_POOL, jax.ffi.pycapsule(lib.JdmtPooledLookup), platform="cpu")
+        jax.ffi.register_ffi_target(_TARGET_POOL_W, jax.ffi.pycapsule(lib.JdmtWeightedPooledLookup),
+                                    platform="cpu")
         jax.ffi.register_ffi_target(_TARGET_DOT, jax.ffi.pycapsule(lib.JdmtDotInteraction), platform="cpu")
         jax.ffi.register_ffi_target(_TARGET_DOT_GRAD, jax.ffi.pycapsule(lib.JdmtDotInteractionGrad),
                                     platform="cpu")
@@ -216,10 +219,13 @@ def host_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def pooled_lookup(table: jax.Array, ids: jax.Array, *, threads: int = 1, visit: int = 1) -> jax.Array:
+def pooled_lookup(table: jax.Array, ids: jax.Array, *, threads: int = 1, visit: int = 1,
+                  weights: jax.Array | None = None) -> jax.Array:
     """Pooled rows f32[..., D]: the sum of `table[ids[..., p]]` over the last
     axis in position order, ids outside [0, R) skipped (CPU); a 16-bit
-    table's rows are widened to f32 as they are added.
+    table's rows are widened to f32 as they are added. With `weights`
+    (f32[..., P], the ids' shape) each row is multiplied by its weight
+    before it is added, as `routing.pool_rows` with weights.
 
     Args:
       table: f32, bf16 or f16 [R, D] (or bf16 / f16 stored as uint16 /
@@ -243,9 +249,15 @@ def pooled_lookup(table: jax.Array, ids: jax.Array, *, threads: int = 1, visit: 
     flat = ids.reshape(-1, p)
     if visit < 1 or flat.shape[0] % visit:
         raise ValueError(f"visit {visit} must divide the {flat.shape[0]} bags")
-    (out,) = jax.ffi.ffi_call(
-        _TARGET_POOL, (jax.ShapeDtypeStruct((flat.shape[0], table.shape[1]), jnp.float32),),
-    )(table, flat, threads=np.int64(max(1, int(threads))), visit=np.int64(visit))
+    out_t = (jax.ShapeDtypeStruct((flat.shape[0], table.shape[1]), jnp.float32),)
+    attrs = dict(threads=np.int64(max(1, int(threads))), visit=np.int64(visit))
+    if weights is None:
+        (out,) = jax.ffi.ffi_call(_TARGET_POOL, out_t)(table, flat, **attrs)
+    else:
+        if weights.shape != ids.shape:
+            raise ValueError(f"weights {list(weights.shape)} must have the ids' shape {list(ids.shape)}")
+        (out,) = jax.ffi.ffi_call(_TARGET_POOL_W, out_t)(table, flat, jnp.asarray(weights, jnp.float32)
+                                                         .reshape(-1, p), **attrs)
     return out.reshape(*lead, table.shape[1])
 
 

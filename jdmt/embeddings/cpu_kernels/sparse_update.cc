@@ -702,9 +702,21 @@ inline int64_t BagOf(int64_t v, const Visit& t) {
   return t.K == 1 ? v : (v % t.per) * t.K + v / t.per;
 }
 
+// Weighted (per-sample weights): the first valid row times its weight, then
+// each later row times its weight added (multiply, then add: no fused
+// multiply-add, as XLA's `pool_rows` with weights).
 template <typename W>
-void PoolBags(const W* table, const int32_t* ids, float* out, int64_t R, int64_t D,
-              int64_t P, int64_t b0, int64_t b1, Visit v) {
+inline void FirstRowW(float* o, const W* row, float w, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) o[d] = Widen(row[d]) * w;
+}
+template <typename W>
+inline void AddRowW(float* o, const W* row, float w, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) o[d] += Widen(row[d]) * w;
+}
+
+template <typename W>
+void PoolBags(const W* table, const int32_t* ids, const float* wts, float* out, int64_t R,
+              int64_t D, int64_t P, int64_t b0, int64_t b1, Visit v) {
 
   constexpr int64_t kStep = 64 / sizeof(W);  // elements per cache line
   constexpr int64_t kAhead = 2;  // bags prefetched ahead
@@ -721,18 +733,22 @@ void PoolBags(const W* table, const int32_t* ids, float* out, int64_t R, int64_t
     }
     const int64_t n = BagOf(b, v);
     const int32_t* bag = ids + n * P;
+    const float* bw = wts == nullptr ? nullptr : wts + n * P;
     float* o = out + n * D;
     bool first = true;
     for (int64_t p = 0; p < P; ++p) {
       const int32_t r = bag[p];
       if (r < 0 || r >= R) continue;
       const W* row = table + static_cast<int64_t>(r) * D;
-      if (first) {
+      if (bw != nullptr) {
+        if (first) FirstRowW(o, row, bw[p], D);
+        else AddRowW(o, row, bw[p], D);
+      } else if (first) {
         FirstRow(o, row, D);
-        first = false;
       } else {
         AddRow(o, row, D);
       }
+      first = false;
     }
     if (first) std::memset(o, 0, sizeof(float) * D);
   }
@@ -757,16 +773,15 @@ void SplitRange(int64_t B, int64_t n, F f) {
 }
 
 template <typename W>
-void Pool(const W* t, const int32_t* i, float* o, int64_t R, int64_t D, int64_t B, int64_t P,
-          int64_t threads, Visit v) {
+void Pool(const W* t, const int32_t* i, const float* w, float* o, int64_t R, int64_t D, int64_t B,
+          int64_t P, int64_t threads, Visit v) {
   // at least ~16k ids per thread: below that a thread costs more than it saves
   const int64_t n = std::max<int64_t>(1, std::min<int64_t>(threads, B * P / 16384));
-  SplitRange(B, n, [=](int64_t b0, int64_t b1) { PoolBags<W>(t, i, o, R, D, P, b0, b1, v); });
+  SplitRange(B, n, [=](int64_t b0, int64_t b1) { PoolBags<W>(t, i, w, o, R, D, P, b0, b1, v); });
 }
 
-ffi::Error PooledLookupImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids,
-                            ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t threads,
-                            int64_t visit) {
+ffi::Error PooledLookup(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids, const float* w,
+                        ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t threads, int64_t visit) {
   auto td = table.dimensions(), idd = ids.dimensions(), od = out->dimensions();
   const Store store = StoreOf(table.element_type());
   if (store == Store::kBad)
@@ -790,10 +805,28 @@ ffi::Error PooledLookupImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids,
   }
   const void* t = table.untyped_data();
   const int32_t* i = ids.typed_data();
-  if (store == Store::kF32) Pool(static_cast<const float*>(t), i, o, R, D, B, P, threads, v);
-  else if (store == Store::kBf16) Pool(static_cast<const Bf16*>(t), i, o, R, D, B, P, threads, v);
-  else Pool(static_cast<const F16*>(t), i, o, R, D, B, P, threads, v);
+  if (store == Store::kF32) Pool(static_cast<const float*>(t), i, w, o, R, D, B, P, threads, v);
+  else if (store == Store::kBf16) Pool(static_cast<const Bf16*>(t), i, w, o, R, D, B, P, threads, v);
+  else Pool(static_cast<const F16*>(t), i, w, o, R, D, B, P, threads, v);
   return ffi::Error::Success();
+}
+
+ffi::Error PooledLookupImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids,
+                            ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t threads,
+                            int64_t visit) {
+  return PooledLookup(table, ids, nullptr, out, threads, visit);
+}
+
+// The same with per-sample weights f32[B, P] (one per id position).
+ffi::Error WeightedPooledLookupImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids,
+                                    ffi::Buffer<ffi::F32> weights,
+                                    ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t threads,
+                                    int64_t visit) {
+  auto idd = ids.dimensions(), wd = weights.dimensions();
+  if (wd.size() != idd.size() || (wd.size() == 2 && (wd[0] != idd[0] || wd[1] != idd[1])))
+    return ffi::Error::InvalidArgument("weights must have the ids' shape " + Dims(idd) + ", got " +
+                                       Dims(wd));
+  return PooledLookup(table, ids, weights.typed_data(), out, threads, visit);
 }
 
 // ---- DLRM dot interaction ---------------------------------------------------
@@ -929,6 +962,7 @@ ffi::Error InteractionGradImpl(ffi::Buffer<ffi::F32> t, ffi::Buffer<ffi::F32> g,
 extern "C" JDMT_EXPORT XLA_FFI_Error* JdmtSparseUpdate(XLA_FFI_CallFrame* call_frame);
 extern "C" JDMT_EXPORT XLA_FFI_Error* JdmtSparseUpdateSgd(XLA_FFI_CallFrame* call_frame);
 extern "C" JDMT_EXPORT XLA_FFI_Error* JdmtPooledLookup(XLA_FFI_CallFrame* call_frame);
+extern "C" JDMT_EXPORT XLA_FFI_Error* JdmtWeightedPooledLookup(XLA_FFI_CallFrame* call_frame);
 extern "C" JDMT_EXPORT XLA_FFI_Error* JdmtDotInteraction(XLA_FFI_CallFrame* call_frame);
 extern "C" JDMT_EXPORT XLA_FFI_Error* JdmtDotInteractionGrad(XLA_FFI_CallFrame* call_frame);
 
@@ -967,6 +1001,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdmtPooledLookup, PooledLookupImpl,
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("visit"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdmtWeightedPooledLookup, WeightedPooledLookupImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()         // table: f32, bf16, f16
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // ids [B, P]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // weights [B, P]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out [B, D]
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("visit"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JdmtDotInteraction, InteractionImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // t [B, N, D]
@@ -981,4 +1024,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdmtDotInteractionGrad, InteractionGradImpl,
                                   .Attr<int64_t>("threads"));
 
 // Lets the loader check the library matches the Python side.
-extern "C" JDMT_EXPORT int jdmt_cpu_kernels_abi_version() { return 7; }
+extern "C" JDMT_EXPORT int jdmt_cpu_kernels_abi_version() { return 8; }
