@@ -407,6 +407,41 @@ def test_pooled_lookup_matches_xla_bit_for_bit(pooling, dim):
     np.testing.assert_array_equal(one, np.asarray(jax.jit(routing.pool_rows)(table, big)))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sparse_update_with_per_id_scales(kind, threads):
+    """Weighted bags: each id's gradient is its bag's row times its own scale.
+    The C++ update equals the XLA path (and numpy); scales of 1 give the
+    unscaled update bit for bit."""
+    rng = np.random.default_rng(5)
+    opt = _opt(kind)
+    table, acc = _state(rng, opt, 400, 8)
+    ids = _ids(rng, 1, 20_000, 4, 400, [0])  # [1, M, L]: enough ids to split over threads
+    grads = rng.normal(size=(1, 20_000, 8)).astype(np.float32)
+    rows, src, g = _flat(ids, grads)
+    scale = rng.normal(size=rows.shape).astype(np.float32)
+    xla = jax.jit(lambda t, a, c: optimizers.sparse_step(opt, t, a, jnp.asarray(rows), jnp.asarray(src),
+                                                         jnp.asarray(g), lr=0.05, scale=c)[:2])
+    cpu = jax.jit(lambda t, a, c: cpu_kernels.sparse_update(opt.kind, t, a, rows, src, g, 0.05, eps=opt.eps,
+                                                            threads=threads, scale=c))
+    _compare(xla(table, acc, scale), cpu(table, acc, scale), table, acc)
+    # against numpy's sum of scaled gradients (SGD: the update is the sum)
+    if kind == "sgd":
+        want = table.astype(np.float64).copy()
+        ok = rows >= 0
+        np.add.at(want, rows[ok], -0.05 * g[src[ok]] * scale[ok, None])
+        np.testing.assert_allclose(np.asarray(cpu(table, acc, scale)[0]), want, rtol=1e-5, atol=1e-5)
+    ones = jnp.ones(rows.shape, jnp.float32)
+    plain = jax.jit(lambda t, a: cpu_kernels.sparse_update(opt.kind, t, a, rows, src, g, 0.05, eps=opt.eps,
+                                                           threads=threads))
+    for x, y in zip(cpu(table, acc, ones), plain(table, acc)):
+        if x is not None:
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    with pytest.raises(TypeError, match="scale"):
+        cpu_kernels.sparse_update(opt.kind, jnp.asarray(table), None if acc is None else jnp.asarray(acc),
+                                  rows, src, g, 0.05, scale=ones[:5])
+
+
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
 def test_weighted_pooled_lookup_matches_xla_and_numpy(dtype):
     """Per-sample weights: each row times its weight, summed in position

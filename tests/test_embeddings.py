@@ -642,19 +642,23 @@ def weighted_batch(mesh, features=WEIGHTED, seed=0):
 
 
 @pytest.mark.parametrize("sharding", ["data_parallel", "table_wise", "row_wise", "row_wise:device", "column_wise",
-                                      "host_replicated"])
+                                      "host_replicated", "table_wise:rows"])
 @pytest.mark.parametrize("kernel", ["xla", "cpu"])
 def test_weighted_features_match_the_reference(mesh24, sharding, kernel):
     """Each bag is the sum of weight x row, and each row's gradient is its
-    weight x the bag's, in every sharding type that takes the flat routes;
-    padding weights (NaN here) are never read."""
+    weight x the bag's, in every sharding type that takes the flat routes,
+    whether the bag travels to its owner with its weights (table_wise,
+    column_wise) or asks for rows and is pooled by the requester
+    (`:rows`, row_wise); padding weights (NaN here) are never read."""
     if kernel == "cpu" and not cpu_kernels.available():
         pytest.skip(f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
-    sharding, _, dedup = sharding.partition(":")
+    sharding, _, how = sharding.partition(":")
     emb = ShardedEmbeddings(WEIGHTED, mesh24, sharding, SparseOptimizer(lr=0.1), cpu_kernels=kernel == "cpu",
-                            kernel="xla", row_dedup=dedup or "host")
-    assert "u" not in {emb.tables.sparse[i].name for r in emb.routes.values() for i in
-                       [emb.layout.pieces[j].feature for j in r.bag_pieces]}  # weighted bags ask for rows
+                            kernel="xla", row_dedup="device" if how == "device" else "host",
+                            bag_features=() if how == "rows" else None)
+    bagged = {emb.tables.sparse[emb.layout.pieces[j].feature].name for r in emb.routes.values()
+              for j in r.bag_pieces}
+    assert ("u" in bagged) == (sharding in ("table_wise", "column_wise") and how != "rows")
     check_step(emb, weighted_batch(mesh24))
 
 
@@ -663,9 +667,10 @@ def test_weighted_features_on_one_device():
     for kernel in ("xla", "cpu"):
         if kernel == "cpu" and not cpu_kernels.available():
             continue
-        emb = ShardedEmbeddings(WEIGHTED, mesh, "table_wise", SparseOptimizer(lr=0.1), cpu_kernels=kernel == "cpu",
-                                kernel="xla")
-        check_step(emb, weighted_batch(mesh))
+        for bags in (None, ()):
+            emb = ShardedEmbeddings(WEIGHTED, mesh, "table_wise", SparseOptimizer(lr=0.1),
+                                    cpu_kernels=kernel == "cpu", kernel="xla", bag_features=bags)
+            check_step(emb, weighted_batch(mesh))
 
 
 def test_weights_are_required_and_paths_that_cannot_pool_them_refuse(mesh24):
@@ -681,3 +686,11 @@ def test_weights_are_required_and_paths_that_cannot_pool_them_refuse(mesh24):
         SparseFeature("m", 10, 8, 3, combiner="mean", weighted=True)
     with pytest.raises(ValueError, match="combiner sum"):
         SparseFeature("q", 10, 8, 3, kind="sequence", weighted=True)
+
+
+def test_weighted_bags_with_the_pallas_kernels(mesh24):
+    """The TPU Pallas kernels (interpreted): the owner's weighted pooled gather
+    and the update's per-id scales give the reference."""
+    emb = ShardedEmbeddings(WEIGHTED, mesh24, "table_wise", SparseOptimizer(lr=0.1), kernel="pallas")
+    assert emb.impl.pallas and any(r.bag_weighted.any() for r in emb.routes.values())
+    check_step(emb, weighted_batch(mesh24))

@@ -862,29 +862,32 @@ class ShardedEmbeddings:
                 c = {**ctx["flat"][w], "read": ctx["flat"][w]["read"][0]}
                 g_bag = self._bag_grads(route.bag_pieces, route.width, gp, g_scaled)
                 g_rows = {k: gp[i] for k, i in enumerate(route.row_pieces)}
-                rows, src, g, s = route.backward(c, g_bag, g_rows, caps["flat"][w], mode, self.impl, wc)
+                rows, src, g, scale, s = route.backward(c, g_bag, g_rows, caps["flat"][w], mode, self.impl, wc)
                 st.append(s)
-                streams.setdefault(storage_name(w), []).append((rows, src, g))
+                streams.setdefault(storage_name(w), []).append((rows, src, g, scale))
             for w, route in self.hops.items():
                 c = {**ctx["hop"][w], "read": ctx["hop"][w]["read"][0]}
                 rows, src, g, s = route.backward(c, {k: gp[i] for k, i in enumerate(route.pieces)}, mode, wc)
                 st.append(s)
-                streams.setdefault(storage_name(w), []).append((rows, src, g))
+                streams.setdefault(storage_name(w), []).append((rows, src, g, None))
             if self.host is not None:
                 hg = g_pooled if self.towers else {f: gp[i] for f, i in self.host.piece.items()}
                 per_w, s = self.host.backward(ctx["host"], hg, b, mode, self.impl)
                 st.append(s)
                 for w, x in per_w.items():
-                    streams.setdefault(storage_name(w), []).append(x)
+                    streams.setdefault(storage_name(w), []).append((*x, None))
             new = {}
             chunked = jnp.zeros((), jnp.int32)
             for name, parts in streams.items():
-                rows, src, g = parts[0]
-                for r2, s2, g2 in parts[1:]:
+                rows, src, g, scale = parts[0]
+                for r2, s2, g2, c2 in parts[1:]:
+                    if scale is not None or c2 is not None:  # per-id scales (weighted bags), 1 elsewhere
+                        scale = jnp.concatenate([jnp.ones(rows.shape, jnp.float32) if scale is None else scale,
+                                                 jnp.ones(r2.shape, jnp.float32) if c2 is None else c2])
                     src = jnp.concatenate([src, s2 + g.shape[0]])
                     rows = jnp.concatenate([rows, r2])
                     g = jnp.concatenate([g, g2])
-                new[name], o = self._apply(name, state[name], rows, src, g, lr, skip, seed, b)
+                new[name], o = self._apply(name, state[name], rows, src, g, lr, skip, seed, b, scale=scale)
                 chunked = chunked + o
                 st.append(self._split_payload(name, rows))
             for w, route in self.hr_routes.items():
@@ -967,9 +970,11 @@ class ShardedEmbeddings:
           jnp.asarray(skip, bool), jnp.asarray(0 if seed is None else seed).astype(jnp.uint32))
         return new, stats
 
-    def _apply(self, name, st: TableState, rows, src, grads, lr, skip, seed, batch: int, chunk: bool = True):
+    def _apply(self, name, st: TableState, rows, src, grads, lr, skip, seed, batch: int, chunk: bool = True,
+               scale=None):
         """sparse_step on one storage buffer (inside the body); `chunk=False`:
-        the rows are already unique (one chunk, whatever `unique_capacity`)."""
+        the rows are already unique (one chunk, whatever `unique_capacity`);
+        `scale`: each id's gradient multiplier (weighted bags), or None."""
         if precision.is_half(self.table_dtype):  # replicas of a row round alike
             _, _, rep = self.layout.storages()[name]
             device = (lax.axis_index(LOCAL) if name.startswith("hr_") else 0 if rep
@@ -988,7 +993,7 @@ class ShardedEmbeddings:
             cap = None if cap >= n else cap
         w, acc, o = optimizers.sparse_step(
             opt, st.weights, st.accum, rows, src, grads, lr=lr, row_mean_sq=row_mean_sq, capacity=cap,
-            cpu_kernel=self.cpu_kernels and row_mean_sq is None, impl=self.impl, seed=seed,
+            cpu_kernel=self.cpu_kernels and row_mean_sq is None, impl=self.impl, seed=seed, scale=scale,
         )
         return TableState(w, acc), o
 

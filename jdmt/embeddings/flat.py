@@ -62,16 +62,18 @@ class Caps:
     rows: int
 
 
-def owner_pool(table, ids, count, impl: Impl):
+def owner_pool(table, ids, count, impl: Impl, weights=None):
     """Pooled rows f32[..., D] of bags i32[..., P] of storage rows at their
-    owner (-1: none), visiting at most `count` positions."""
+    owner (-1: none), visiting at most `count` positions; each row times its
+    weight where `weights` f32[..., P] are given."""
     if impl.pallas:
         flat = ids.reshape(-1, ids.shape[-1])
         flat = jnp.where((flat >= 0) & (flat < table.shape[0]), flat, -1)
-        return pooled_gather(impl, table, flat, None).reshape(ids.shape[:-1] + table.shape[1:])
+        w = None if weights is None else weights.reshape(flat.shape)
+        return pooled_gather(impl, table, flat, w).reshape(ids.shape[:-1] + table.shape[1:])
     if impl.cpu_threads:  # C++ visits every position; those past `count` hold -1
-        return pool_received(table, ids, impl)
-    return routing.pool_rows(table, ids, count)
+        return pool_received(table, ids, impl, weights)
+    return routing.pool_rows(table, ids, count, weights)
 
 
 def pool_received(rows, at, impl: Impl, weights=None):
@@ -114,9 +116,10 @@ class WidthRoute:
       layout: the layout.
       width: the pieces' width.
       bag_features: pooled features whose whole-table pieces travel as bags
-        (the others' ids ask for unique rows). Weighted features always ask
-        for rows: the requester pools them with its weights, which never
-        travel.
+        (the others' ids ask for unique rows). A weighted bag's weights
+        travel with its ids (an f32 per id), and the owner pools weight x
+        row; a weighted feature that asks for rows is pooled with its
+        weights by the requester (the weights stay there).
       exclude: pieces that take another path (the host path).
     """
 
@@ -136,8 +139,7 @@ class WidthRoute:
         self.pieces = [i for i, _ in mine]
 
         bags = [(i, p) for i, p in mine
-                if p.stride == 1 and feats[p.feature].pooled and p.feature in bag_features
-                and not feats[p.feature].weighted]
+                if p.stride == 1 and feats[p.feature].pooled and p.feature in bag_features]
         bags.sort(key=lambda ip: (peer_of(ip[1].devices[0], h, ln), ip[1].feature, ip[1].col0))
         self.bag_pieces = [i for i, _ in bags]
         count = np.zeros(n, np.int64)
@@ -155,6 +157,9 @@ class WidthRoute:
             self.bag_slots[g] += f.max_len
             pool.append(f.max_len)
         self.bag_count = count  # per peer: pieces it pools
+        # weighted bags: their ids' weights travel beside them (unweighted bags of the
+        # same width send weights of 1), and the owner pools weight x row
+        self.bag_weighted = np.array([feats[p.feature].weighted for _, p in bags], bool)
         self.bag_dst = np.array(dst, np.int32)
         self.bag_kd = np.array(kd, np.int32)
         self.bag_base = np.array(base, np.int32)
@@ -283,6 +288,10 @@ class WidthRoute:
             imax = int(header.max())
             items = jnp.asarray(header)[me]
             rows = routing.take_columns(canon, self.bag_cols)  # [B, K, P]
+            wb = None  # the ids' weights, laid out as `rows`
+            if wcanon is not None and self.bag_weighted.any():
+                wb = jnp.where(jnp.asarray(self.bag_weighted)[None, :, None],
+                               routing.take_columns(wcanon, self.bag_cols), 1.0)
             kk = np.repeat(np.arange(len(self.bag_pieces)), b)
             rank = self.bag_kd[kk] * b + np.tile(np.arange(b), len(self.bag_pieces))
             in_order = alone and np.array_equal(rank, np.arange(len(kk)))  # item (k, j) at slot k * B + j
@@ -293,21 +302,34 @@ class WidthRoute:
             if samples:  # storage rows, [1, B * K, P] in (b, k) order
                 base = jnp.asarray(self.bag_base)[None, :, None]
                 local_ids = jnp.where(rows >= 0, rows + base, -1).reshape(1, -1, self.bag_pool)
+                if wb is not None:
+                    wb = wb.reshape(1, -1, self.bag_pool)
             else:
                 rows = jnp.transpose(rows, (1, 0, 2)).reshape(-1, self.bag_pool)  # items (k, b)
+                if wb is not None:
+                    wb = jnp.transpose(wb, (1, 0, 2)).reshape(-1, self.bag_pool)
             if alone:
                 if not samples:  # items in (k, b) order are the owner's order (rank); storage rows
                     base = jnp.asarray(self.bag_base[kk])[:, None]
                     local_ids = jnp.where(rows >= 0, rows + base, -1)[None]  # [1, I, P]
+                    if wb is not None:
+                        wb = wb[None]
                 stats.need(f"w{self.width}/bag_ids", jnp.sum(rows >= 0, dtype=jnp.int32))
             else:
                 cap = imax + caps.bag_ids
-                send, bsz, _ = routing.bag_send(rows, jnp.asarray(self.bag_dst[kk]), jnp.asarray(rank),
-                                                jnp.asarray(self.bag_base[kk]), jnp.asarray(header), cap)
+                send, bsz, _, wsend = routing.bag_send(
+                    rows, jnp.asarray(self.bag_dst[kk]), jnp.asarray(rank), jnp.asarray(self.bag_base[kk]),
+                    jnp.asarray(header), cap, wb, caps.bag_ids)
                 stats.need(f"w{self.width}/bag_ids", jnp.max(bsz) - imax)
                 stats.over(overflow(bsz, cap))
                 stats.payload(jnp.minimum(bsz, cap), 4, self.peer_host, my_host, me)
                 sends.append(send), sizes.append(bsz), parts.append(cap)
+                if wsend is not None:  # the weights: a part of their own, as the ids' bits
+                    wsz = jnp.minimum(bsz, cap) - jnp.asarray(header)
+                    stats.payload(wsz, 4, self.peer_host, my_host, me)
+                    sends.append(lax.bitcast_convert_type(wsend, jnp.int32)), sizes.append(wsz)
+                    parts.append(caps.bag_ids)
+        row_part, row_off = len(parts), sum(parts)  # the rows' part of the blocks
         if self.row_pieces:
             rows = routing.take_columns(canon, self.row_cols).reshape(-1)  # [B * M]
             piece = jnp.asarray(np.tile(self.row_piece_of_col, b))
@@ -328,22 +350,31 @@ class WidthRoute:
         outs, back_sizes, back_recv = [], [], []
         k = 0
         if self.bag_pieces:
-            ids = (local_ids if alone else
-                   routing.bag_ids_at_owner(recv[:, : parts[0]], items, imax, self.bag_pool))
+            bw = wb
+            if alone:
+                ids = local_ids
+            elif wb is None:
+                ids = routing.bag_ids_at_owner(recv[:, : parts[0]], items, imax, self.bag_pool)
+            else:
+                wrecv = lax.bitcast_convert_type(recv[:, parts[0] : parts[0] + parts[1]], jnp.float32)
+                ids, bw = routing.bag_ids_at_owner(recv[:, : parts[0]], items, imax, self.bag_pool, wrecv)
             if samples:
                 from jdmt.embeddings import cpu_kernels
 
                 outs.append(cpu_kernels.pooled_lookup(table, ids[0], threads=impl.cpu_threads,
-                                                      visit=len(self.bag_pieces))[None])
+                                                      visit=len(self.bag_pieces),
+                                                      weights=None if bw is None else bw[0])[None])
             else:
-                outs.append(owner_pool(table, ids, jnp.asarray(self.bag_maxlen)[me], impl))  # [G, I, D]
+                outs.append(owner_pool(table, ids, jnp.asarray(self.bag_maxlen)[me], impl, bw))  # [G, I, D]
             back_sizes.append(jnp.full((g,), items, jnp.int32))
             back_recv.append(jnp.asarray(header))
             ctx["bag_ids"] = ids
+            if bw is not None:
+                ctx["bag_w"] = bw
             k = 1
         if self.row_pieces:
-            c = 0 if alone else k  # the rows' column of the sizes (bags went nowhere)
-            row_ids = recv[:, parts[0] if c else 0 :]
+            c = row_part  # the rows' column of the sizes (alone: bags went nowhere)
+            row_ids = recv[:, row_off:]
             outs.append(owner_rows(table, row_ids, impl))  # [G, cap, D]
             back_sizes.append(rsz[:, c])
             back_recv.append(rsz_sent)
@@ -386,7 +417,8 @@ class WidthRoute:
             weight times its bag's).
 
         Returns:
-          (rows i32[n] storage rows, src i32[n], grads f32[M, D], stats): what
+          (rows i32[n] storage rows, src i32[n], grads f32[M, D], scale f32[n]
+          or None (weighted bags: each id's weight), stats): what
           `sparse_step` takes for this device's storage.
         """
         g = self.peers
@@ -457,8 +489,13 @@ class WidthRoute:
             srcs[-1] = jnp.asarray((np.arange(g)[:, None] * total + off + np.arange(cap)[None, :])
                                    .reshape(-1).astype(np.int32))
         token = ctx["read"]
+        scale = None
+        if "bag_w" in ctx:  # each bag id's weight; the row requests' gradients are already weighted
+            scale = ctx["bag_w"].reshape(-1)
+            if self.row_pieces:
+                scale = jnp.concatenate([scale, jnp.ones(rows[-1].shape, jnp.float32)])
         rows = jnp.concatenate(rows) + token  # the write waits for this step's reads
-        return rows, jnp.concatenate(srcs), got.reshape(-1, self.width), stats
+        return rows, jnp.concatenate(srcs), got.reshape(-1, self.width), scale, stats
 
 
 def piece_weights(wcanon, cols, pos, weighted) -> dict:

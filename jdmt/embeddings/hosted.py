@@ -444,7 +444,7 @@ class HostPath:
             keep = rank < header[hh]
             rows = jnp.where(jnp.asarray(keep)[:, None], rows, -1)
             cap = hmax + caps.bag_ids
-            send, sz, _ = routing.bag_send(rows, jnp.asarray(hh.astype(np.int32)),
+            send, sz, _, _ = routing.bag_send(rows, jnp.asarray(hh.astype(np.int32)),
                                            jnp.asarray(np.where(keep, rank, 1 << 30).astype(np.int32)),
                                            jnp.zeros((hh.size,), jnp.int32), jnp.asarray(header), cap)
             stats.need("host/bag_ids", jnp.max(sz) - hmax)
@@ -487,7 +487,7 @@ class HostPath:
                 rows = jnp.where(ok[:, None], raw[q[1], q[0], q[2]], -1)  # [n, P]
                 imax = int(header_all.max())
                 cap = imax + caps.local_bag_ids[w]
-                send, sz, _ = routing.bag_send(rows, q[3], q[4], q[5], pick(header_all), cap)
+                send, sz, _, _ = routing.bag_send(rows, q[3], q[4], q[5], pick(header_all), cap)
                 stats.need(f"host/local_bag_ids_{w}", jnp.max(sz) - imax)
                 stats.over(overflow(sz, cap))
                 stats.payload(jnp.minimum(sz, cap), 4, local_peers, zero, me_l)

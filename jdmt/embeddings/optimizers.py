@@ -30,6 +30,7 @@ def segment_rows(
     sentinel: int,
     capacity: int | None = None,
     first: jax.Array | int = 0,
+    scale: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Sum the gradients of each unique row of a sorted stream.
 
@@ -40,6 +41,7 @@ def segment_rows(
       sentinel: the "no id" row.
       capacity: unique rows returned (default n: all of them).
       first: return the unique rows `[first, first + capacity)`.
+      scale: f32[n] each sorted position's gradient multiplier, or None.
 
     Returns:
       uniq: i32[U] unique rows ascending, then `sentinel`.
@@ -50,8 +52,9 @@ def segment_rows(
     seg = run_index(rows[None])[0] - first
     seg = jnp.where((seg >= 0) & (seg < cap) & (rows != sentinel), seg, cap)  # cap: dropped
     uniq = jnp.full((cap,), sentinel, jnp.int32).at[seg].set(rows, indices_are_sorted=True, mode="drop")
+    g = grads[src] if scale is None else grads[src] * scale[:, None]
     summed = jnp.zeros((cap, grads.shape[-1]), grads.dtype).at[seg].add(
-        grads[src], indices_are_sorted=True, mode="drop")
+        g, indices_are_sorted=True, mode="drop")
     return uniq, summed
 
 
@@ -85,6 +88,7 @@ def sparse_step(
     cpu_kernel: bool = False,
     impl: Impl = XLA,
     seed: jax.Array | int | None = None,
+    scale: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
     """De-duplicate and apply: the whole fused update of one device's storage.
 
@@ -118,6 +122,9 @@ def sparse_step(
         in XLA. Ignored when `cpu_kernel` is set.
       seed: u32, the stochastic rounding's seed of a 16-bit table (a new one
         every step; `precision.update_seed`); not used for f32 tables.
+      scale: f32[n] or None: each id's gradient is `grads[src]` times its
+        scale (per-sample weights: the ids of a weighted bag share the bag's
+        gradient row, each times its weight).
 
     Returns:
       (table, accum, overflowed): overflowed is 1 if more than one chunk ran.
@@ -133,19 +140,21 @@ def sparse_step(
 
         threads = max(1, getattr(impl, "cpu_threads", 1))
         table, accum = cpu_kernels.sparse_update(opt.kind, table, accum, rows, src, grads, lr,
-                                                 eps=opt.eps, threads=threads, seed=seed)
+                                                 eps=opt.eps, threads=threads, seed=seed, scale=scale)
         return table, accum, jnp.zeros((), jnp.int32)
     d = grads.shape[-1]
     sentinel = r
     srows, spos = sort_by_row(rows[None], jnp.zeros((1,), jnp.int32), r, sentinel)
     srows, ssrc = srows[0], src[spos[0]]
+    sscale = None if scale is None else scale[spos[0]]
 
     def update(cap, first, table, accum):
         if impl.pallas:
-            uniq, g = summed_runs(impl, srows[None], ssrc[None], grads[None], sentinel, cap, first, per=1)
+            uniq, g = summed_runs(impl, srows[None], ssrc[None], grads[None], sentinel, cap, first,
+                                  scale=None if sscale is None else sscale[None], per=1)
             uniq, g = uniq[0], g[0]
         else:
-            uniq, g = segment_rows(srows, ssrc, grads, sentinel, cap, first)
+            uniq, g = segment_rows(srows, ssrc, grads, sentinel, cap, first, sscale)
         msq = None
         if row_mean_sq is not None and opt.kind is OptimizerKind.ROWWISE_ADAGRAD:
             msq = row_mean_sq(uniq, g)

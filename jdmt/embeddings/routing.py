@@ -93,7 +93,8 @@ def take_columns(x: jax.Array, cols, max_runs: int = 64) -> jax.Array:
 
 
 def bag_send(rows: jax.Array, dst: jax.Array, rank: jax.Array, base: jax.Array,
-             header: jax.Array, cap: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+             header: jax.Array, cap: int, weights: jax.Array | None = None,
+             wcap: int = 0) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
     """Pack bags for their owners.
 
     Args:
@@ -103,11 +104,15 @@ def bag_send(rows: jax.Array, dst: jax.Array, rank: jax.Array, base: jax.Array,
         header; base: i32[n] the storage row of its piece at the peer.
       header: i32[G] items each peer gets (its header's length).
       cap: a block's capacity (header plus ids).
+      weights: f32[n, P] per-sample weights of the ids, or None.
+      wcap: the weights' block capacity (ids only: `cap` less the longest header).
 
     Returns:
       send: i32[G, cap] blocks `[lengths | ids (storage rows)]`, -1 after.
       sizes: i32[G] each block's length (header + ids), possibly > cap.
       lens: i32[n] ids per item.
+      wsend: f32[G, wcap] the ids' weights, in the ids' order (a block's
+        weight j is that of its id j, after the header), 0 after; or None.
     """
     g = header.shape[0]
     ok = rows >= 0
@@ -119,12 +124,18 @@ def bag_send(rows: jax.Array, dst: jax.Array, rank: jax.Array, base: jax.Array,
     pos = jnp.where(ok, pos, cap)  # dropped
     send = jnp.full((g, cap), -1, jnp.int32)
     send = send.at[dst, rank].set(lens, mode="drop")
-    send = send.at[jnp.broadcast_to(dst[:, None], pos.shape), pos].set(rows + base[:, None], mode="drop")
+    to = jnp.broadcast_to(dst[:, None], pos.shape)
+    send = send.at[to, pos].set(rows + base[:, None], mode="drop")
     sizes = header + jax.ops.segment_sum(lens, dst, num_segments=g)
-    return send, sizes.astype(jnp.int32), lens
+    wsend = None
+    if weights is not None:
+        wpos = jnp.where(ok, pos - header[dst][:, None], wcap)
+        wsend = jnp.zeros((g, wcap), jnp.float32).at[to, wpos].set(weights, mode="drop")
+    return send, sizes.astype(jnp.int32), lens, wsend
 
 
-def bag_ids_at_owner(recv: jax.Array, items: jax.Array, max_items: int, pooling: int) -> jax.Array:
+def bag_ids_at_owner(recv: jax.Array, items: jax.Array, max_items: int, pooling: int,
+                     wrecv: jax.Array | None = None):
     """The bags a peer sent, as i32[G, max_items, pooling] storage rows (-1: none).
 
     Args:
@@ -132,6 +143,11 @@ def bag_ids_at_owner(recv: jax.Array, items: jax.Array, max_items: int, pooling:
       items: i32[] this device's header length (items per peer).
       max_items: static bound on `items` over the devices.
       pooling: static bound on any item's length.
+      wrecv: f32[G, wcap] the ids' weights (`bag_send`'s `wsend`), or None.
+
+    Returns:
+      the ids; with `wrecv`, (ids, weights f32[G, max_items, pooling], 0
+      where there is no id).
     """
     j = jnp.arange(max_items, dtype=jnp.int32)
     lens = jnp.where(j[None, :] < items, recv[:, :max_items], 0)
@@ -142,7 +158,13 @@ def bag_ids_at_owner(recv: jax.Array, items: jax.Array, max_items: int, pooling:
     cap = recv.shape[1]
     got = jnp.take_along_axis(recv, jnp.minimum(idx, cap - 1).reshape(recv.shape[0], -1), axis=1)
     got = got.reshape(idx.shape)
-    return jnp.where((p < lens[..., None]) & (idx < cap), got, -1)
+    ok = (p < lens[..., None]) & (idx < cap)
+    ids = jnp.where(ok, got, -1)
+    if wrecv is None:
+        return ids
+    widx = jnp.clip(idx - items, 0, wrecv.shape[1] - 1).reshape(recv.shape[0], -1)
+    w = jnp.take_along_axis(wrecv, widx, axis=1).reshape(idx.shape)
+    return ids, jnp.where(ok & (idx - items < wrecv.shape[1]), w, 0.0)
 
 
 def row_send(rows: jax.Array, piece: jax.Array, stride: jax.Array, devices: jax.Array,

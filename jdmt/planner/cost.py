@@ -37,9 +37,10 @@ Routes, per table (`jdmt.embeddings.flat`, `.hosted`, `.collection`):
 
 - *bags* (pooled features with P > 1 whose piece is whole on one device:
   table-wise, each column shard): every device sends the owner, per bag, a
-  4-byte length and its real ids (4 B (1 + p) per piece); the owner pools
-  and returns one row per bag (4 w B); backward, one gradient row per bag
-  goes back (4 w B).
+  4-byte length and its real ids (4 B (1 + p) per piece; a weighted bag's
+  ids carry a 4-byte weight each: 4 B (1 + 2 p)); the owner pools and
+  returns one row per bag (4 w B); backward, one gradient row per bag goes
+  back (4 w B).
 - *unique rows* (row-wise pieces, sequence features, one-id bags): a device
   asks each owner once per distinct row, U = u B p requests of 4 B per
   table, spread evenly over the S row shards that hold rows (S = 1 for a
@@ -440,10 +441,11 @@ class _Costing:
 
     # ---- routes ---------------------------------------------------------------------------
 
-    def bags(self, owner: int, w: int, p: float) -> None:
-        """Every device's bags of one piece to its owner, one row per bag back."""
+    def bags(self, owner: int, w: int, p: float, weighted: bool = False) -> None:
+        """Every device's bags of one piece to its owner, one row per bag back
+        (`weighted`: a weight beside each id)."""
         b = self.b
-        self.to_dev[0, owner] += _F32 * b * (1 + p)  # lengths and ids
+        self.to_dev[0, owner] += _F32 * b * (1 + (2 if weighted else 1) * p)  # lengths, ids (and weights)
         self.from_dev[0, owner] += _F32 * w * b  # pooled rows
         self.to_dev[1, owner] += _F32 * w * b  # gradient rows
         ids = self.n * b * p
@@ -535,7 +537,7 @@ class _Costing:
         for f in placed:
             pl = placements[f.name]
             p = pr.mean_ids(f)
-            bag = f.pooled and f.max_len > 1 and not f.weighted  # `ShardedEmbeddings`' default bags
+            bag = f.pooled and f.max_len > 1  # `ShardedEmbeddings`' default bag features
             t = pl.type
             if t is ShardingType.DATA_PARALLEL:
                 self.dp_rows[f.dim] = self.dp_rows.get(f.dim, 0) + f.rows
@@ -546,7 +548,7 @@ class _Costing:
                 for d in pl.devices:
                     self.own(d, w, f.rows)
                     if bag:
-                        self.bags(d, w, p)
+                        self.bags(d, w, p, f.weighted)
                     else:
                         self.rows([d], w, p)
                 if len(pl.devices) > 1 and pr.optimizer.kind is OptimizerKind.ROWWISE_ADAGRAD:

@@ -39,7 +39,7 @@ _TARGET_POOL = "jdmt_pooled_lookup"
 _TARGET_POOL_W = "jdmt_weighted_pooled_lookup"
 _TARGET_DOT = "jdmt_dot_interaction"
 _TARGET_DOT_GRAD = "jdmt_dot_interaction_grad"
-_ABI = 8
+_ABI = 9
 _KIND = {
     OptimizerKind.ROWWISE_ADAGRAD: 0,
     OptimizerKind.ADAGRAD: 1,
@@ -135,6 +135,7 @@ def sparse_update(
     dim: int | None = None,
     threads: int = 1,
     seed=None,
+    scale: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """The fused sparse optimizer step of one storage buffer, in place (CPU).
 
@@ -160,6 +161,9 @@ def sparse_update(
       seed: u32 scalar (may be traced) of the stochastic rounding; required
         for a 16-bit table (pass a new one every step, e.g.
         `precision.update_seed`), ignored for an f32 table.
+      scale: f32 like `ids`, or None: each id's gradient is its `src` row
+        times its scale (per-sample weights: a weighted bag's ids share the
+        bag's gradient row, each scaled by its weight).
 
     Returns:
       (table, accum) with the touched rows updated (accum None for SGD).
@@ -175,6 +179,12 @@ def sparse_update(
     if src.size != ids.size:
         raise TypeError(f"src must have one entry per id: ids {ids.shape}, src {src.shape}")
     src = src.reshape(ids.shape)
+    if scale is None:
+        scale = jnp.zeros((0,), jnp.float32)
+    elif scale.size != ids.size:
+        raise TypeError(f"scale must have one entry per id: ids {ids.shape}, scale {scale.shape}")
+    else:
+        scale = jnp.asarray(scale, jnp.float32).reshape(ids.shape)
     grads = jnp.asarray(grads, jnp.float32).reshape(k, -1, d)
     if table.dtype not in _TABLE_DTYPES or table.ndim != 2:
         raise TypeError(f"table must be f32, bf16 or f16 [R, D] (or u16 / i16 bits of bf16 / f16), "
@@ -188,7 +198,7 @@ def sparse_update(
         (table,) = jax.ffi.ffi_call(
             _TARGET_SGD, (jax.ShapeDtypeStruct(table.shape, table.dtype),),
             input_output_aliases={0: 0},
-        )(table, ids, src, grads, lr, seed, threads=threads)
+        )(table, ids, src, grads, scale, lr, seed, threads=threads)
         return table, accum
     want = (table.shape[0],) if kind is OptimizerKind.ROWWISE_ADAGRAD else tuple(table.shape)
     if accum is None or tuple(accum.shape) != want or accum.dtype != jnp.float32:
@@ -198,7 +208,7 @@ def sparse_update(
         _TARGET,
         (jax.ShapeDtypeStruct(table.shape, table.dtype), jax.ShapeDtypeStruct(accum.shape, accum.dtype)),
         input_output_aliases={0: 0, 1: 1},
-    )(table, accum, ids, src, grads, lr, seed, kind=np.int32(_KIND[kind]), eps=np.float32(eps),
+    )(table, accum, ids, src, grads, scale, lr, seed, kind=np.int32(_KIND[kind]), eps=np.float32(eps),
       dim=np.float32(d if dim is None else dim), threads=threads)
     return table, accum
 

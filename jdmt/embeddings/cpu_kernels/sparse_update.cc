@@ -4,8 +4,9 @@
 // Same meaning as `jdmt.embeddings.optimizers.sparse_step`: for each slot k
 // (a storage buffer's ids), every id of the slot is sorted by row (stable, so
 // the occurrences of a row stay in ascending position order), the gradients of
-// a row's occurrences (row src[j] of grads for id j) are summed in that order
-// into a D-float buffer, and the optimizer is applied to the row once:
+// a row's occurrences (row src[j] of grads for id j, times scale[j] where a
+// scale is given: per-sample weights) are summed in that order into a D-float
+// buffer, and the optimizer is applied to the row once:
 //
 //   row-wise Adagrad: m_r += sum(g_r^2) * (1/dim); w_r += -(lr g_r) * (1 / (sqrt(m_r) + eps))
 //   Adagrad:          m_r += g_r^2;  w_r += -(lr g_r) / (sqrt(m_r) + eps)
@@ -69,6 +70,7 @@ struct Problem {
   const int32_t* ids;  // [K, n]
   const int32_t* src;  // [K, n] gradient row of each id, in [0, G)
   const float* grads;  // [K, G, D]
+  const float* scale;  // [K, n] each id's gradient multiplier (per-sample weights), or null
   int64_t R, D, K, n, G;
   float lr, eps, inv_dim;
   int32_t kind;
@@ -415,7 +417,14 @@ void Walk(const Problem& p, int64_t k, const T* srt, int64_t m, int pbits, int64
   constexpr int64_t kAheadRow = 8, kAheadGrad = 8;
   const int64_t rbytes = D * 4, wbytes = D * static_cast<int64_t>(sizeof(W));
   auto row_of = [&](int64_t u) { return lo + static_cast<int64_t>(srt[start[u]] >> pbits); };
-  auto grad_of = [&](int64_t i) { return gk + static_cast<int64_t>(srt[i] & pmask) * D; };
+  // Items carry their gradient row; with per-id scales, their position (the
+  // row is src[position], and the scale scale[position]).
+  const int32_t* srck = p.src + k * p.n;
+  const float* sck = p.scale == nullptr ? nullptr : p.scale + k * p.n;
+  auto grad_of = [&](int64_t i) {
+    const int64_t x = static_cast<int64_t>(srt[i] & pmask);
+    return gk + static_cast<int64_t>(sck != nullptr ? srck[x] : x) * D;
+  };
   for (int64_t u = 0; u < std::min<int64_t>(U, kAheadRow); ++u) Prefetch(table + row_of(u) * D, wbytes);
   for (int64_t i = 0; i < std::min<int64_t>(m, kAheadGrad); ++i) Prefetch(grad_of(i), rbytes);
   for (int64_t u = 0; u < U; ++u) {
@@ -426,30 +435,44 @@ void Walk(const Problem& p, int64_t k, const T* srt, int64_t m, int pbits, int64
       else if (p.kind == kRowwiseAdagrad) __builtin_prefetch(p.accum + nr, 1, 3);
     }
     const int64_t b = start[u], e = start[u + 1];
-    {
-      if (b + kAheadGrad < m) Prefetch(grad_of(b + kAheadGrad), rbytes);
-      const float* g = grad_of(b);
-      for (int64_t d = 0; d < D; ++d) acc[d] = 0.0f + g[d];
-    }
-    for (int64_t i = b + 1; i < e; ++i) {
-      if (i + kAheadGrad < m) Prefetch(grad_of(i + kAheadGrad), rbytes);
-      const float* g = grad_of(i);
-      for (int64_t d = 0; d < D; ++d) acc[d] += g[d];
+    if (sck == nullptr) {
+      {
+        if (b + kAheadGrad < m) Prefetch(grad_of(b + kAheadGrad), rbytes);
+        const float* g = grad_of(b);
+        for (int64_t d = 0; d < D; ++d) acc[d] = 0.0f + g[d];
+      }
+      for (int64_t i = b + 1; i < e; ++i) {
+        if (i + kAheadGrad < m) Prefetch(grad_of(i + kAheadGrad), rbytes);
+        const float* g = grad_of(i);
+        for (int64_t d = 0; d < D; ++d) acc[d] += g[d];
+      }
+    } else {  // each gradient times its id's scale (multiply, then add)
+      for (int64_t i = b; i < e; ++i) {
+        if (i + kAheadGrad < m) Prefetch(grad_of(i + kAheadGrad), rbytes);
+        const float* g = grad_of(i);
+        const float c = sck[srt[i] & pmask];
+        if (i == b) {
+          for (int64_t d = 0; d < D; ++d) acc[d] = 0.0f + g[d] * c;
+        } else {
+          for (int64_t d = 0; d < D; ++d) acc[d] += g[d] * c;
+        }
+      }
     }
     UpdateRow<W>(p, row_of(u), acc, tmp);
   }
 }
 
-// Items (row - lo) << pbits | gradient row of the valid ids of a slot, in position order.
+// Items (row - lo) << pbits | gradient row (or, `by_pos`, position) of the
+// valid ids of a slot, in position order.
 template <typename T>
 void Pack(const int32_t* ids, const int32_t* src, int64_t n, int64_t R, int64_t G, int64_t lo,
-          int pbits, T* a) {
+          int pbits, bool by_pos, T* a) {
   int64_t c = 0;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t id = ids[i];
     const int64_t g = src[i];
     if (id >= 0 && id < R && g >= 0 && g < G)
-      a[c++] = (static_cast<T>(id - lo) << pbits) | static_cast<T>(g);
+      a[c++] = (static_cast<T>(id - lo) << pbits) | static_cast<T>(by_pos ? i : g);
   }
 }
 
@@ -515,7 +538,8 @@ void Slot(const Problem& p, int64_t k, Scratch& s, int64_t nt = 1) {
   // Low bits: the gradient row of the id. The items are packed in position
   // order and the sort is stable, so each row's occurrences stay in position
   // order.
-  const int pbits = BitsFor(static_cast<uint64_t>(p.G - 1));
+  const bool by_pos = p.scale != nullptr;
+  const int pbits = BitsFor(static_cast<uint64_t>(by_pos ? n - 1 : p.G - 1));
   const int rbits = BitsFor(static_cast<uint64_t>(hi - lo));
   if (static_cast<size_t>(n) > s.a.size()) {
     s.a.resize(n);
@@ -525,13 +549,13 @@ void Slot(const Problem& p, int64_t k, Scratch& s, int64_t nt = 1) {
   if (pbits + rbits <= 32) {
     uint32_t* a = reinterpret_cast<uint32_t*>(s.a.data());
     uint32_t* b = reinterpret_cast<uint32_t*>(s.b.data());
-    Pack<uint32_t>(ids, src, n, R, p.G, lo, pbits, a);
+    Pack<uint32_t>(ids, src, n, R, p.G, lo, pbits, by_pos, a);
     if (split) SortWalkThreaded<uint32_t, W>(p, k, a, b, m, pbits, rbits, lo, nt);
     else SortWalk<uint32_t, W>(p, k, a, b, m, pbits, rbits, lo, s);
   } else {
     uint64_t* a = s.a.data();
     uint64_t* b = s.b.data();
-    Pack<uint64_t>(ids, src, n, R, p.G, lo, pbits, a);
+    Pack<uint64_t>(ids, src, n, R, p.G, lo, pbits, by_pos, a);
     if (split) SortWalkThreaded<uint64_t, W>(p, k, a, b, m, pbits, rbits, lo, nt);
     else SortWalk<uint64_t, W>(p, k, a, b, m, pbits, rbits, lo, s);
   }
@@ -587,8 +611,9 @@ Store StoreOf(ffi::DataType t) {
 ffi::Error Impl(int32_t kind, ffi::AnyBuffer table, float* accum_in, float* accum_out,
                 ffi::Span<const int64_t> accum_dims, size_t accum_bytes,
                 ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::S32> src,
-                ffi::Buffer<ffi::F32> grads, ffi::Buffer<ffi::F32> lr, ffi::Buffer<ffi::U32> seed,
-                ffi::Result<ffi::AnyBuffer> table_out, float eps, float dim, int64_t threads) {
+                ffi::Buffer<ffi::F32> grads, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> lr,
+                ffi::Buffer<ffi::U32> seed, ffi::Result<ffi::AnyBuffer> table_out, float eps,
+                float dim, int64_t threads) {
   auto td = table.dimensions(), idd = ids.dimensions(), sd = src.dimensions(),
        gd = grads.dimensions();
   const Store store = StoreOf(table.element_type());
@@ -608,6 +633,9 @@ ffi::Error Impl(int32_t kind, ffi::AnyBuffer table, float* accum_in, float* accu
     return ffi::Error::InvalidArgument("grads must be f32[K, G, D], got " + Dims(gd) +
                                        " for ids " + Dims(idd) + ", table " + Dims(td));
   const int64_t G = gd[1];
+  if (scale.element_count() != 0 && scale.element_count() != static_cast<size_t>(K * n))
+    return ffi::Error::InvalidArgument("scale must be f32[K, n] like ids " + Dims(idd) +
+                                       " or empty, got " + Dims(scale.dimensions()));
   if (lr.element_count() != 1) return ffi::Error::InvalidArgument("lr must be a scalar");
   if (seed.element_count() != 1) return ffi::Error::InvalidArgument("seed must be a u32 scalar");
   if (kind == kRowwiseAdagrad) {
@@ -629,6 +657,7 @@ ffi::Error Impl(int32_t kind, ffi::AnyBuffer table, float* accum_in, float* accu
   p.ids = ids.typed_data();
   p.src = src.typed_data();
   p.grads = grads.typed_data();
+  p.scale = scale.element_count() == 0 ? nullptr : scale.typed_data();
   p.R = R; p.D = D; p.K = K; p.n = n; p.G = G;
   p.lr = lr.typed_data()[0];
   p.eps = eps;
@@ -643,7 +672,7 @@ ffi::Error Impl(int32_t kind, ffi::AnyBuffer table, float* accum_in, float* accu
 
 ffi::Error UpdateImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> accum,
                       ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::S32> src,
-                      ffi::Buffer<ffi::F32> grads, ffi::Buffer<ffi::F32> lr,
+                      ffi::Buffer<ffi::F32> grads, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> lr,
                       ffi::Buffer<ffi::U32> seed, ffi::Result<ffi::AnyBuffer> table_out,
                       ffi::Result<ffi::Buffer<ffi::F32>> accum_out, int32_t kind, float eps,
                       float dim, int64_t threads) {
@@ -651,14 +680,14 @@ ffi::Error UpdateImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> accum,
   if (accum_out->element_count() != accum.element_count())
     return ffi::Error::InvalidArgument("accum output shape differs from input");
   return Impl(kind, table, accum.typed_data(), accum_out->typed_data(), accum.dimensions(),
-              accum.size_bytes(), ids, src, grads, lr, seed, table_out, eps, dim, threads);
+              accum.size_bytes(), ids, src, grads, scale, lr, seed, table_out, eps, dim, threads);
 }
 
 ffi::Error SgdImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids,
                    ffi::Buffer<ffi::S32> src, ffi::Buffer<ffi::F32> grads,
-                   ffi::Buffer<ffi::F32> lr, ffi::Buffer<ffi::U32> seed,
+                   ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> lr, ffi::Buffer<ffi::U32> seed,
                    ffi::Result<ffi::AnyBuffer> table_out, int64_t threads) {
-  return Impl(kSgd, table, nullptr, nullptr, {}, 0, ids, src, grads, lr, seed, table_out, 0.0f,
+  return Impl(kSgd, table, nullptr, nullptr, {}, 0, ids, src, grads, scale, lr, seed, table_out, 0.0f,
               0.0f, threads);
 }
 
@@ -973,6 +1002,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdmtSparseUpdate, UpdateImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // ids
                                   .Arg<ffi::Buffer<ffi::S32>>()  // src
                                   .Arg<ffi::Buffer<ffi::F32>>()  // grads
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale [K, n] or empty
                                   .Arg<ffi::Buffer<ffi::F32>>()  // lr
                                   .Arg<ffi::Buffer<ffi::U32>>()  // seed (16-bit tables)
                                   .Ret<ffi::AnyBuffer>()         // table (aliased)
@@ -988,6 +1018,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdmtSparseUpdateSgd, SgdImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // ids
                                   .Arg<ffi::Buffer<ffi::S32>>()  // src
                                   .Arg<ffi::Buffer<ffi::F32>>()  // grads
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale [K, n] or empty
                                   .Arg<ffi::Buffer<ffi::F32>>()  // lr
                                   .Arg<ffi::Buffer<ffi::U32>>()  // seed (16-bit tables)
                                   .Ret<ffi::AnyBuffer>()         // table (aliased)
@@ -1024,4 +1055,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdmtDotInteractionGrad, InteractionGradImpl,
                                   .Attr<int64_t>("threads"));
 
 // Lets the loader check the library matches the Python side.
-extern "C" JDMT_EXPORT int jdmt_cpu_kernels_abi_version() { return 8; }
+extern "C" JDMT_EXPORT int jdmt_cpu_kernels_abi_version() { return 9; }
