@@ -642,23 +642,28 @@ def weighted_batch(mesh, features=WEIGHTED, seed=0):
 
 
 @pytest.mark.parametrize("sharding", ["data_parallel", "table_wise", "row_wise", "row_wise:device", "column_wise",
-                                      "host_replicated", "table_wise:rows"])
+                                      "host_replicated", "table_wise:rows", "table_row_wise",
+                                      "table_wise:host", "table_row_wise:rows"])
 @pytest.mark.parametrize("kernel", ["xla", "cpu"])
 def test_weighted_features_match_the_reference(mesh24, sharding, kernel):
     """Each bag is the sum of weight x row, and each row's gradient is its
-    weight x the bag's, in every sharding type that takes the flat routes,
-    whether the bag travels to its owner with its weights (table_wise,
-    column_wise) or asks for rows and is pooled by the requester
-    (`:rows`, row_wise); padding weights (NaN here) are never read."""
+    weight x the bag's, in every sharding type, whether the bag travels to
+    its owner with its weights (table_wise, column_wise; over the host path
+    to the entry and on to the owner: `:host`, table_row_wise) or asks for
+    rows and is pooled by the requester (`:rows`, row_wise) or the entry
+    (table_row_wise); padding weights (NaN here) are never read."""
     if kernel == "cpu" and not cpu_kernels.available():
         pytest.skip(f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
     sharding, _, how = sharding.partition(":")
     emb = ShardedEmbeddings(WEIGHTED, mesh24, sharding, SparseOptimizer(lr=0.1), cpu_kernels=kernel == "cpu",
                             kernel="xla", row_dedup="device" if how == "device" else "host",
-                            bag_features=() if how == "rows" else None)
+                            bag_features=() if how == "rows" else None,
+                            host_features=WEIGHTED.names if how == "host" else None)
     bagged = {emb.tables.sparse[emb.layout.pieces[j].feature].name for r in emb.routes.values()
               for j in r.bag_pieces}
-    assert ("u" in bagged) == (sharding in ("table_wise", "column_wise") and how != "rows")
+    assert ("u" in bagged) == (sharding in ("table_wise", "column_wise") and how not in ("rows", "host"))
+    if emb.host is not None:
+        assert emb.host.weighted == (how != "rows")
     check_step(emb, weighted_batch(mesh24))
 
 
@@ -680,8 +685,6 @@ def test_weights_are_required_and_paths_that_cannot_pool_them_refuse(mesh24):
         emb.forward(emb.init(), ids, lengths)
     with pytest.raises(ValueError, match="expected"):
         emb.forward(emb.init(), ids, lengths, w[:, :3])
-    with pytest.raises(ValueError, match="cannot take the host path"):
-        ShardedEmbeddings(WEIGHTED, mesh24, "table_row_wise", kernel="xla")
     with pytest.raises(ValueError, match="combiner sum"):
         SparseFeature("m", 10, 8, 3, combiner="mean", weighted=True)
     with pytest.raises(ValueError, match="combiner sum"):

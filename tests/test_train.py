@@ -151,27 +151,30 @@ def test_every_sharding_gives_the_same_losses(mesh24):
                                  if isinstance(b, dict))
 
 
-def test_weighted_features_train_alike_under_every_flat_sharding(mesh24):
+def test_weighted_features_train_alike_under_every_sharding_and_towers(mesh24):
     """Per-sample weights through the trainer: the same losses whichever
-    flat route pools them, and the weights matter (a run whose weights are
-    all 1 differs)."""
+    route pools them (flat, the host path, identity towers), compressing
+    towers train on them, and the weights matter (a run without differs)."""
     fs = dataclasses.replace(TINY, sparse=tuple(
         dataclasses.replace(f, weighted=True, combiner="sum") if i in (0, 2) else f
         for i, f in enumerate(TINY.sparse)))
     runs = {t: train_and_evaluate(tiny_config(features=fs, sharding=t), mesh24)
-            for t in ("table_wise", "row_wise", "data_parallel", "column_wise", "auto")}
+            for t in ("table_wise", "row_wise", "data_parallel", "column_wise", "table_row_wise", "auto")}
+    runs["towers"] = train_and_evaluate(tiny_config(features=fs, towers="auto"), mesh24)
     ref = runs["table_wise"]
     assert ref["weighted_features"] == [fs.sparse[0].name, fs.sparse[2].name]
     assert "2 weighted features" in ref["path"]
     for t, s in runs.items():
         np.testing.assert_allclose(s["train_loss"], ref["train_loss"], rtol=2e-5, err_msg=t)
+    assert runs["towers"]["train_loss"] == ref["train_loss"]  # SPTT preserves the model bit for bit
+    linear = train_and_evaluate(tiny_config(features=fs, towers="auto", tower_module="linear", tower_dim=5,
+                                steps=20), mesh24)
+    assert all(np.isfinite(linear["train_loss"])) and linear["train_loss"][-1] < linear["train_loss"][0]
     plain = dataclasses.replace(fs, sparse=tuple(dataclasses.replace(f, weighted=False) for f in fs.sparse))
     other = train_and_evaluate(tiny_config(features=plain), mesh24)
     assert abs(other["train_loss"][-1] - ref["train_loss"][-1]) > 1e-4
-    for bad, match in [(dict(sharding="table_row_wise"), "not table_row_wise"), (dict(towers=2), "flat path"),
-                       (dict(data="criteo:x.tsv"), "no per-sample weights")]:
-        with pytest.raises(ValueError, match=match):
-            TrainConfig(weighted_features=2, **bad)
+    with pytest.raises(ValueError, match="no per-sample weights"):
+        TrainConfig(weighted_features=2, data="criteo:x.tsv")
     with pytest.raises(ValueError, match="26 pooled features"):
         TrainConfig(weighted_features=27).feature_set()
     assert sum(f.weighted for f in TrainConfig(weighted_features=3).feature_set().sparse) == 3

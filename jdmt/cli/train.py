@@ -281,8 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"one of: {', '.join(COMBINERS)}")
     p.add_argument("--weighted-features", type=int, default=d.weighted_features, metavar="N",
                    help="synthetic or mlperf data: the first N pooled features carry per-sample weights "
-                   "(each bag is the sum of weight x row, combiner sum; TorchRec's weighted features); "
-                   "flat path only (default 0)")
+                   "(each bag is the sum of weight x row, combiner sum; TorchRec's weighted features; "
+                   "default 0)")
     p.add_argument("--bottom-mlp", type=_widths, default=",".join(map(str, d.bottom_mlp)),
                    help="hidden widths of the bottom MLP, comma-separated "
                    "(the embedding dim is appended)")

@@ -236,9 +236,6 @@ class ShardedEmbeddings:
         features = self.tables = self.layout.features
         if self.layout.row_tiers and towers:
             raise ValueError("flexshard tables take the flat path, not towers")
-        weighted = [f.name for f in features.sparse if f.weighted]
-        if weighted and towers:
-            raise ValueError(f"weighted features {weighted} take the flat path, not towers")
         if any(self.layout.tier_of[i] is not None for i in self.tables.weighted_idx):
             raise ValueError("weighted features cannot be flexshard tables")
         if bag_features is None:
@@ -249,11 +246,6 @@ class ShardedEmbeddings:
         hosted = {i for i, f in enumerate(features.sparse)
                   if self.layout.plan[f.name].type is ShardingType.TABLE_ROW_WISE}
         hosted |= {features.index(n) for n in (host_features or ()) if n in features.names}
-        on_host = sorted(features.sparse[i].name for i in hosted if features.sparse[i].weighted)
-        if on_host:
-            raise ValueError(f"weighted features {on_host} cannot take the host path (table_row_wise or "
-                             "host_features): their bags are pooled where the weights are, on the flat "
-                             "routes (table_wise, column_wise, row_wise, data_parallel, host_replicated)")
         self.towers = bool(towers)
         if self.towers and len(hosted) != len(features.sparse):
             raise ValueError("towers=True needs every feature on the host path (host_features)")
@@ -689,7 +681,7 @@ class ShardedEmbeddings:
             entry = None
             if self.host is not None:
                 tables = {w: weights[storage_name(w)] for w in self.host.widths}
-                o, c, s = self.host.forward(tables, canon, caps["host"], mode, impl)
+                o, c, s = self.host.forward(tables, canon, caps["host"], mode, impl, wc)
                 ctx["host"] = c
                 st.append(s)
                 if self.towers:
@@ -872,10 +864,10 @@ class ShardedEmbeddings:
                 streams.setdefault(storage_name(w), []).append((rows, src, g, None))
             if self.host is not None:
                 hg = g_pooled if self.towers else {f: gp[i] for f, i in self.host.piece.items()}
-                per_w, s = self.host.backward(ctx["host"], hg, b, mode, self.impl)
+                per_w, s = self.host.backward(ctx["host"], hg, b, mode, self.impl, wc)
                 st.append(s)
                 for w, x in per_w.items():
-                    streams.setdefault(storage_name(w), []).append((*x, None))
+                    streams.setdefault(storage_name(w), []).append(x)
             new = {}
             chunked = jnp.zeros((), jnp.int32)
             for name, parts in streams.items():

@@ -43,7 +43,7 @@ from jax import lax
 
 from jdmt.embeddings import routing
 from jdmt.embeddings.exchange import exchange, overflow
-from jdmt.embeddings.flat import Stats, owner_pool, owner_rows, pool_received, take_rows
+from jdmt.embeddings.flat import Stats, owner_pool, owner_rows, piece_weights, pool_received, take_rows
 from jdmt.embeddings.layout import Layout
 from jdmt.embeddings.types import ShardingType
 from jdmt.mesh import HOST, LOCAL
@@ -126,6 +126,13 @@ class HostPath:
         self.bag_count = np.array([len(v) for v in self.bags], np.int64)
         self.bag_slots = np.array([sum(feats[f].max_len for f in v) for v in self.bags], np.int64)
         self.slot_of = {f: (self.host_of[f], j) for hh, fs in enumerate(self.bags) for j, f in enumerate(fs)}
+        # weighted bags: their weights travel with their ids, to the entry and on to
+        # the owner (unweighted bags then carry weights of 1)
+        self.bag_weighted = np.zeros((h, self.jmax), bool)
+        for hh, fs in enumerate(self.bags):
+            for j, f in enumerate(fs):
+                self.bag_weighted[hh, j] = feats[f].weighted
+        self.weighted = bool(self.bag_weighted.any())
 
         # ---- inside the host, per width ------------------------------------------------------
         self.widths = sorted({layout.pieces[self.piece[f]].width for f in self.hosted})
@@ -195,7 +202,8 @@ class HostPath:
             piece_of_col += [k] * m
         self.host_row[w] = dict(features=rows, dev=dev, key=key, stride=stride, c=c,
                                 cols=np.array(col_list, np.int64), piece_of_col=np.array(piece_of_col, np.int32),
-                                pos=pos, pooled=[feats[f].pooled for f in rows])
+                                pos=pos, pooled=[feats[f].pooled for f in rows],
+                                weighted=[feats[f].weighted for f in rows])
 
     # ---- capacities -----------------------------------------------------------------------------
 
@@ -404,7 +412,7 @@ class HostPath:
 
     # ---- forward (inside shard_map) ---------------------------------------------------------------
 
-    def forward(self, tables: dict, canon, caps: HostCaps, mode: str, impl):
+    def forward(self, tables: dict, canon, caps: HostCaps, mode: str, impl, wcanon=None):
         """The hosted features' lookups, in four exchanges: requests over `host`
         (bags and host rows, every width at once), requests inside the host
         (every width at once), rows back inside the host and, for the
@@ -413,6 +421,9 @@ class HostPath:
         Args:
           tables: {width: this device's storage of the width}.
           canon: i32[B, slots + 1] table rows of the local batch (-1: none).
+          wcanon: f32[B, slots + 1] per-sample weights at canon's columns, or
+            None. Weighted bags take their weights along to the entry and the
+            owner (a part of each block of their own, the floats' bits).
 
         Returns:
           (out, ctx, stats): `out` is, with towers, the entry's pooled bags
@@ -431,26 +442,39 @@ class HostPath:
         zero = jnp.int32(0)
         hr_widths = [w for w in self.widths if self.host_row[w]["features"]]
 
-        # ---- A: requests over `host`: [bags | host rows of each width] -------------------------------
+        # ---- A: requests over `host`: [bags | their weights | host rows of each width] ----------------
         sends, sizes, parts = [], [], []
+        weighted = self.weighted and wcanon is not None
         if self.bag_set:
             header = (self.bag_count * b).astype(np.int32)
             hmax = int(header.max())
             rows = routing.take_columns(canon, self.bag_cols.reshape(h, -1))  # [B, H, J * P]
             rows = rows.reshape(b, h, self.jmax, self.bag_pool)
             rows = jnp.transpose(rows, (1, 2, 0, 3)).reshape(-1, self.bag_pool)  # items (h, j, b)
+            wts = None
+            if weighted:  # laid out as `rows`; 1 for unweighted bags
+                wts = routing.take_columns(wcanon, self.bag_cols.reshape(h, -1))
+                wts = jnp.where(jnp.asarray(self.bag_weighted)[None, :, :, None],
+                                wts.reshape(b, h, self.jmax, self.bag_pool), 1.0)
+                wts = jnp.transpose(wts, (1, 2, 0, 3)).reshape(-1, self.bag_pool)
             hh = np.repeat(np.arange(h), self.jmax * b)
             rank = np.tile(np.arange(self.jmax * b), h)
             keep = rank < header[hh]
             rows = jnp.where(jnp.asarray(keep)[:, None], rows, -1)
             cap = hmax + caps.bag_ids
-            send, sz, _, _ = routing.bag_send(rows, jnp.asarray(hh.astype(np.int32)),
-                                           jnp.asarray(np.where(keep, rank, 1 << 30).astype(np.int32)),
-                                           jnp.zeros((hh.size,), jnp.int32), jnp.asarray(header), cap)
+            send, sz, _, wsend = routing.bag_send(rows, jnp.asarray(hh.astype(np.int32)),
+                                                  jnp.asarray(np.where(keep, rank, 1 << 30).astype(np.int32)),
+                                                  jnp.zeros((hh.size,), jnp.int32), jnp.asarray(header), cap,
+                                                  wts, caps.bag_ids)
             stats.need("host/bag_ids", jnp.max(sz) - hmax)
             stats.over(overflow(sz, cap))
             stats.payload(jnp.minimum(sz, cap), 4, self.peer_host_host, me_h, me_h)
             sends.append(send), sizes.append(sz), parts.append(cap)
+            if weighted:
+                wsz = jnp.minimum(sz, cap) - jnp.asarray(header)
+                stats.payload(wsz, 4, self.peer_host_host, me_h, me_h)
+                sends.append(lax.bitcast_convert_type(wsend, jnp.int32)), sizes.append(wsz)
+                parts.append(caps.bag_ids)
         hrq = {}
         for w in hr_widths:
             hr = self.host_row[w]
@@ -474,10 +498,15 @@ class HostPath:
 
         # ---- B: requests inside the host, at the entry: per width [bags | row shards | forwarded] -----
         sends, sizes, parts, meta = [], [], [], []
-        raw = counts = None
+        raw = raw_w = counts = None
         if self.bag_set:
             items = jnp.asarray(header)[me_h]
-            raw = routing.bag_ids_at_owner(recv_a[:, : starts_a[1]], items, hmax, self.bag_pool)
+            if weighted:
+                wrecv = lax.bitcast_convert_type(recv_a[:, starts_a[1] : starts_a[2]], jnp.float32)
+                raw, raw_w = routing.bag_ids_at_owner(recv_a[:, : starts_a[1]], items, hmax, self.bag_pool, wrecv)
+                raw_w = raw_w.reshape(h, self.jmax, b, self.bag_pool)
+            else:
+                raw = routing.bag_ids_at_owner(recv_a[:, : starts_a[1]], items, hmax, self.bag_pool)
             raw = raw.reshape(h, self.jmax, b, self.bag_pool)  # [H(source), J, B, P] table rows
             counts = jnp.sum(raw >= 0, axis=-1, dtype=jnp.int32).transpose(0, 2, 1)  # [H, B, J]
         for w in self.widths:
@@ -487,12 +516,20 @@ class HostPath:
                 rows = jnp.where(ok[:, None], raw[q[1], q[0], q[2]], -1)  # [n, P]
                 imax = int(header_all.max())
                 cap = imax + caps.local_bag_ids[w]
-                send, sz, _, _ = routing.bag_send(rows, q[3], q[4], q[5], pick(header_all), cap)
+                wts = None if raw_w is None else raw_w[q[1], q[0], q[2]]
+                send, sz, _, wsend = routing.bag_send(rows, q[3], q[4], q[5], pick(header_all), cap, wts,
+                                                      caps.local_bag_ids[w])
                 stats.need(f"host/local_bag_ids_{w}", jnp.max(sz) - imax)
                 stats.over(overflow(sz, cap))
                 stats.payload(jnp.minimum(sz, cap), 4, local_peers, zero, me_l)
                 meta.append(("bags", w, dict(header=pick(header_all), imax=imax)))
                 sends.append(send), sizes.append(sz), parts.append(cap)
+                if self.weighted:  # the bags' weights: a slice of their own (`_kinds`)
+                    wsz = jnp.minimum(sz, cap) - pick(header_all)
+                    stats.payload(wsz, 4, local_peers, zero, me_l)
+                    meta.append(("bagw", w, {}))
+                    sends.append(lax.bitcast_convert_type(wsend, jnp.int32)), sizes.append(wsz)
+                    parts.append(caps.local_bag_ids[w])
             if self.bag_set and any(self.local_row[w]["trw"]):
                 t_j, t_ok, t_off = (pick(x) for x in self._row_pieces(w))
                 tmax = t_j.shape[0]
@@ -506,7 +543,10 @@ class HostPath:
                 stats.over(overflow(sz, caps.local_rows[w]))
                 stats.payload(jnp.minimum(sz, caps.local_rows[w]), 4, local_peers, zero, me_l)
                 stats.dedup(jnp.sum(rows >= 0, dtype=jnp.int32), unique)
-                meta.append(("rows", w, dict(inv=inv.reshape(rows.shape), sizes=sz)))
+                m = dict(inv=inv.reshape(rows.shape), sizes=sz)
+                if raw_w is not None:  # the entry pools these bags: their weights stay here
+                    m["wts"] = jnp.where(rows >= 0, raw_w[:, t_j], 0.0)
+                meta.append(("rows", w, m))
                 sends.append(send), sizes.append(sz), parts.append(caps.local_rows[w])
             if w in hrq:
                 c = self.host_row[w]["c"]
@@ -548,12 +588,20 @@ class HostPath:
             for k, (kind, ww, m) in enumerate(meta):
                 if ww != w:
                     continue
+                if kind == "bagw":  # read with its bags
+                    continue
                 got = recv_b[:, starts_b[k] : starts_b[k + 1]]
                 if kind == "bags":
                     items = m["header"][me_l]
-                    ids = routing.bag_ids_at_owner(got, items, m["imax"], self.bag_pool)
+                    bw = None
+                    if self.weighted:
+                        wrecv = lax.bitcast_convert_type(recv_b[:, starts_b[k + 1] : starts_b[k + 2]], jnp.float32)
+                        ids, bw = routing.bag_ids_at_owner(got, items, m["imax"], self.bag_pool, wrecv)
+                        m["w"] = bw
+                    else:
+                        ids = routing.bag_ids_at_owner(got, items, m["imax"], self.bag_pool)
                     m["ids"] = ids
-                    outs.append(owner_pool(tables[w], ids, pick(self.local_bags[w]["maxlen"])[me_l], impl))
+                    outs.append(owner_pool(tables[w], ids, pick(self.local_bags[w]["maxlen"])[me_l], impl, bw))
                     osz.append(jnp.full((ln,), items, jnp.int32))
                     orecv.append(m["header"])
                 else:
@@ -582,7 +630,7 @@ class HostPath:
             e = None
             hr_back = None
             for k, (kind, ww, m) in enumerate(meta):
-                if ww != w:
+                if ww != w or kind == "bagw":
                     continue
                 if kind == "fwd":  # forwarded host rows, back into the blocks they came in
                     hr_back = take_rows(back[k].reshape(-1, w), m["at"], impl)  # [H(src), cap_h, D]
@@ -590,7 +638,7 @@ class HostPath:
                 if kind == "bags":
                     src = back[k].reshape(-1, w)  # [L * imax, D] the owners' pooled bags
                 else:  # [H * T * B, D] bags pooled at the entry from the row shards' rows
-                    src = pool_received(back[k].reshape(-1, w), m["inv"], impl).reshape(-1, w)
+                    src = pool_received(back[k].reshape(-1, w), m["inv"], impl, m.get("wts")).reshape(-1, w)
                 at = pick(self._entry_map(kind, w, b))
                 got = routing.gather_rows(src, at)  # XLA fuses it with its sources' slices
                 e = got if e is None else jnp.where((at >= 0)[:, None], got, e)
@@ -634,12 +682,14 @@ class HostPath:
                     hr = self.host_row[w]
                     flat = part.reshape(-1, w)
                     inv = hrq[w]["inv"]
+                    hw = piece_weights(wcanon, hr["cols"], hr["pos"], hr["weighted"])
                     for kk, f in enumerate(hr["features"]):
                         a = inv[:, hr["pos"][kk]]
-                        out[f] = pool_received(flat, a, impl) if hr["pooled"][kk] else take_rows(flat, a, impl)
+                        out[f] = (pool_received(flat, a, impl, hw.get(kk)) if hr["pooled"][kk]
+                                  else take_rows(flat, a, impl))
         # what the backward needs
         assert [(kind, w) for kind, w, _ in meta] == self._kinds()
-        ctx["meta"] = [{kk: v for kk, v in m.items() if kk in ("ids", "inv", "sizes", "recv", "at")}
+        ctx["meta"] = [{kk: v for kk, v in m.items() if kk in ("ids", "inv", "sizes", "recv", "at", "w", "wts")}
                        for _, _, m in meta]
         ctx["hrq"] = {w: dict(sizes=v["sizes"], inv=v["inv"], recv=rsz_a[:, v["index"]]) for w, v in hrq.items()}
         ctx["read"] = _token(reads)
@@ -662,7 +712,7 @@ class HostPath:
 
     # ---- backward (inside shard_map) ---------------------------------------------------------------
 
-    def backward(self, ctx, grads, b: int, mode: str, impl):
+    def backward(self, ctx, grads, b: int, mode: str, impl, wcanon=None):
         """Gradients back to the owners: for the identity one exchange over
         `host` per width, then one inside the host per width.
 
@@ -671,9 +721,12 @@ class HostPath:
             bags); else {feature: f32[B, D] or f32[B, S, D]} at the requester.
           b: the local batch.
           impl: the forward's kernels (a gather of rows in C++ where they run).
+          wcanon: the forward's per-sample weights (or None).
 
         Returns:
-          ({width: (rows i32[n], src i32[n], grads f32[M, D])}, stats).
+          ({width: (rows i32[n], src i32[n], grads f32[M, D], scale f32[n] or
+          None: each id's weight where weighted bags were pooled at their
+          owner)}, stats).
         """
         h, ln = self.hosts, self.local
         me_h = lax.axis_index(HOST)
@@ -706,9 +759,12 @@ class HostPath:
                     q = ctx["hrq"][w]
                     hr = self.host_row[w]
                     parts_ = []
+                    hw = piece_weights(wcanon, hr["cols"], hr["pos"], hr["weighted"])
                     for kk, f in enumerate(hr["features"]):
                         gk = grads[f]
-                        if hr["pooled"][kk]:
+                        if hr["pooled"][kk] and kk in hw:
+                            gk = gk[:, None, :] * hw[kk][:, :, None]
+                        elif hr["pooled"][kk]:
                             gk = jnp.broadcast_to(gk[:, None, :], (b, len(hr["pos"][kk]), w))
                         parts_.append(gk)
                     gpos = jnp.concatenate(parts_, axis=1).reshape(-1, w)
@@ -738,7 +794,7 @@ class HostPath:
             # C': the entry's gradients to the owners, one exchange inside the host
             sends, osz, orecv, owners = [], [], [], []
             for (kind, ww), m in zip(self._kinds(), ctx["meta"]):
-                if ww != w:
+                if ww != w or kind == "bagw":
                     continue
                 if kind == "bags":  # each block row's gradient: a gather (no scatter into zeros)
                     _, _, header_all = self._bag_items(w, b)
@@ -748,19 +804,22 @@ class HostPath:
                     sends.append(take_rows(eg.reshape(-1, w), at, impl).reshape(ln, imax, w))
                     osz.append(header)
                     orecv.append(jnp.full((ln,), header[me_l], jnp.int32))
-                    owners.append(("bags", m["ids"]))
+                    owners.append(("bags", m["ids"], m.get("w")))
                 elif kind == "rows":
                     t_j, _, _ = (pick(x) for x in self._row_pieces(w))
                     inv = m["inv"]  # [H, T, B, P]
                     g = jnp.swapaxes(eg[:, :, t_j], 1, 2)  # [H, T, B, D]
-                    gpos = jnp.broadcast_to(g[:, :, :, None, :], inv.shape + (w,)).reshape(-1, w)
+                    if "wts" in m:  # bags pooled at the entry with their weights
+                        gpos = (g[:, :, :, None, :] * m["wts"][..., None]).reshape(-1, w)
+                    else:
+                        gpos = jnp.broadcast_to(g[:, :, :, None, :], inv.shape + (w,)).reshape(-1, w)
                     cap = m["ids"].shape[1]
                     at = jnp.where(inv >= 0, inv, ln * cap).reshape(-1)
                     sends.append(jnp.zeros((ln * cap, w), jnp.float32).at[at].add(gpos, mode="drop")
                                  .reshape(ln, cap, w))
                     osz.append(jnp.minimum(m["sizes"], cap))
                     orecv.append(m["recv"])
-                    owners.append(("rows", m["ids"]))
+                    owners.append(("rows", m["ids"], None))
                 else:
                     fcap = m["ids"].shape[1]
                     fsend = jnp.zeros((ln * fcap, w), jnp.float32)
@@ -769,22 +828,27 @@ class HostPath:
                     sends.append(fsend.reshape(ln, fcap, w))
                     osz.append(jnp.minimum(m["sizes"], fcap))
                     orecv.append(m["recv"])
-                    owners.append(("rows", m["ids"]))
+                    owners.append(("rows", m["ids"], None))
             if not sends:
                 continue
             got, st = _send_rows(sends, osz, orecv, (LOCAL,), mode, stats, 4 * w, (local_peers, zero, me_l))
             bp = list(np.diff(st))
             total = int(st[-1])
-            rows, srcs = [], []
-            for i, (kind, ids) in enumerate(owners):
+            rows, srcs, scales = [], [], []
+            for i, (kind, ids, wt) in enumerate(owners):
                 rows.append(ids.reshape(-1))
+                scales.append(wt)
                 if kind == "bags":
                     item = (np.arange(ln)[:, None, None] * total + st[i] + np.arange(bp[i])[None, :, None])
                     srcs.append(jnp.broadcast_to(jnp.asarray(item.astype(np.int32)), ids.shape).reshape(-1))
                 else:
                     srcs.append(jnp.asarray((np.arange(ln)[:, None] * total + st[i]
                                              + np.arange(bp[i])[None, :]).reshape(-1).astype(np.int32)))
-            out[w] = (jnp.concatenate(rows) + token, jnp.concatenate(srcs), got.reshape(-1, w))
+            scale = None
+            if any(x is not None for x in scales):  # weighted bags: each id's weight, 1 for the rest
+                scale = jnp.concatenate([x.reshape(-1) if x is not None else jnp.ones(r.shape, jnp.float32)
+                                         for x, r in zip(scales, rows)])
+            out[w] = (jnp.concatenate(rows) + token, jnp.concatenate(srcs), got.reshape(-1, w), scale)
         return out, stats
 
     def host_caps_of(self, w: int, ctx) -> int:
@@ -800,6 +864,8 @@ class HostPath:
         for w in self.widths:
             if self.bag_set and any(self.local_bags[w]["tw"]):
                 out.append(("bags", w))
+                if self.weighted:
+                    out.append(("bagw", w))
             if self.bag_set and any(self.local_row[w]["trw"]):
                 out.append(("rows", w))
             if self.host_row[w]["features"]:

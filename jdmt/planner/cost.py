@@ -492,11 +492,12 @@ class _Costing:
         self.work[d] += h * x * (2 * self.ib + self.read(w) + self.apply(w))
         self.hop_rows.add(w)
 
-    def hosted(self, host: int, shards: int, w: int, p: float, bag: bool) -> None:
-        """A table-row-wise table on `host`, rows on its first `shards` devices."""
+    def hosted(self, host: int, shards: int, w: int, p: float, bag: bool, weighted: bool = False) -> None:
+        """A table-row-wise table on `host`, rows on its first `shards` devices
+        (`weighted`: a bag's ids carry their weights to the entry)."""
         b, h, ln, u = self.b, self.hosts, self.local, self.u
         # the hop over `host`: entry (host, l) serves the requesters (h', l)
-        sent = b * (1 + p) if bag else u * b * p  # ids (and lengths) per requester
+        sent = b * (1 + (2 if weighted else 1) * p) if bag else u * b * p  # ids (lengths, weights)
         back = b if bag else u * b * p  # rows per requester
         self.to_entry[0, host] += _F32 * sent
         self.from_entry[0, host] += _F32 * w * back
@@ -563,7 +564,7 @@ class _Costing:
                 elif t is ShardingType.ROW_WISE:
                     self.rows(shards, f.dim, p)
                 else:
-                    self.hosted(devs[0] // ln, len(shards), f.dim, p, bag)
+                    self.hosted(devs[0] // ln, len(shards), f.dim, p, bag, f.weighted)
         for w, tables in self.split.items():
             # the row statistics' all-reduce, f32[tables, min(R, N B P)]
             x = _F32 * len(tables) * max(min(f.rows, n * self.b * f.max_len) for f in tables)

@@ -236,8 +236,7 @@ def candidates(problem: Problem, f: SparseFeature, current: PlanCost) -> list[Pl
     everyone = tuple(range(n))
     out = [Placement(ShardingType.DATA_PARALLEL, everyone), Placement(ShardingType.ROW_WISE, everyone)]
     out += [Placement(ShardingType.TABLE_WISE, (d,)) for d in range(n)]
-    if problem.local > 1 and not f.weighted:  # one device per host: table-wise; weighted
-        # features pool where their weights are, on the flat routes (not the host path)
+    if problem.local > 1:  # with one device per host it is table-wise
         out += [Placement(ShardingType.TABLE_ROW_WISE, host_devices(h, problem.local))
                 for h in range(problem.hosts)]
     busy = current.device_s

@@ -110,8 +110,7 @@ class TrainConfig:
       weighted_features: synthetic or mlperf data: the first N pooled
         features carry per-sample weights (`SparseFeature.weighted`: each bag
         is the sum of weight x row, so their combiner is sum whatever
-        `combiner` says). They take the flat routes: not with towers or
-        table_row_wise.
+        `combiner` says).
       progress: show a tqdm progress bar (stderr).
       metrics_dir: write TensorBoard scalars (train loss and examples/s per
         step, eval AUC/logloss at each evaluation) and `metrics.jsonl` (one
@@ -324,12 +323,7 @@ class TrainConfig:
         if self.weighted_features and self.features is not None:
             raise ValueError("weighted_features marks features of the data's preset; with `features` "
                              "given, set SparseFeature.weighted there")
-        if self.weighted_features and self.uses_towers:
-            raise ValueError("weighted features take the flat path: towers=0 (their bags are pooled "
-                             "where their weights are)")
-        if self.weighted_features and self.sharding == "table_row_wise":
-            raise ValueError("weighted features take the flat routes, not table_row_wise's host path "
-                             "(table_wise, row_wise, column_wise, data_parallel, host_replicated, auto)")
+
         for name in ("steps", "global_batch", "embedding_dim", "eval_batches", "num_tables",
                      "rows_per_table", "pooling", "sync_every"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:

@@ -249,7 +249,7 @@ class Trainer:
         tables = "f32" if cfg.table_dtype == "f32" else f"{cfg.table_dtype} (f32 math, stochastic rounding)"
         weighted = [f.name for f in self.features.sparse if f.weighted]
         if weighted:
-            tables += f", {len(weighted)} weighted features (per-sample weights, pooled at the requester)"
+            tables += f", {len(weighted)} weighted features (per-sample weights)"
         isa = self._cpu_isa()
         kernels = self._kernel_name() + (f" ({isa} build)" if isa else "")
         return (f"mesh {self.hosts}x{self.local}, {cfg.model}, {path}, kernels {kernels}, "
