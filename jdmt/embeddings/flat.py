@@ -319,16 +319,15 @@ class WidthRoute:
                 cap = imax + caps.bag_ids
                 send, bsz, _, wsend = routing.bag_send(
                     rows, jnp.asarray(self.bag_dst[kk]), jnp.asarray(rank), jnp.asarray(self.bag_base[kk]),
-                    jnp.asarray(header), cap, wb, caps.bag_ids)
+                    jnp.asarray(header), cap, wb)
                 stats.need(f"w{self.width}/bag_ids", jnp.max(bsz) - imax)
                 stats.over(overflow(bsz, cap))
                 stats.payload(jnp.minimum(bsz, cap), 4, self.peer_host, my_host, me)
                 sends.append(send), sizes.append(bsz), parts.append(cap)
-                if wsend is not None:  # the weights: a part of their own, as the ids' bits
-                    wsz = jnp.minimum(bsz, cap) - jnp.asarray(header)
-                    stats.payload(wsz, 4, self.peer_host, my_host, me)
-                    sends.append(lax.bitcast_convert_type(wsend, jnp.int32)), sizes.append(wsz)
-                    parts.append(caps.bag_ids)
+                if wsend is not None:  # the weights: a part of their own (as bits), laid out as the ids
+                    stats.payload(jnp.minimum(bsz, cap) - jnp.asarray(header), 4, self.peer_host, my_host, me)
+                    sends.append(lax.bitcast_convert_type(wsend, jnp.int32)), sizes.append(bsz)
+                    parts.append(cap)
         row_part, row_off = len(parts), sum(parts)  # the rows' part of the blocks
         if self.row_pieces:
             rows = routing.take_columns(canon, self.row_cols).reshape(-1)  # [B * M]

@@ -465,16 +465,15 @@ class HostPath:
             send, sz, _, wsend = routing.bag_send(rows, jnp.asarray(hh.astype(np.int32)),
                                                   jnp.asarray(np.where(keep, rank, 1 << 30).astype(np.int32)),
                                                   jnp.zeros((hh.size,), jnp.int32), jnp.asarray(header), cap,
-                                                  wts, caps.bag_ids)
+                                                  wts)
             stats.need("host/bag_ids", jnp.max(sz) - hmax)
             stats.over(overflow(sz, cap))
             stats.payload(jnp.minimum(sz, cap), 4, self.peer_host_host, me_h, me_h)
             sends.append(send), sizes.append(sz), parts.append(cap)
-            if weighted:
-                wsz = jnp.minimum(sz, cap) - jnp.asarray(header)
-                stats.payload(wsz, 4, self.peer_host_host, me_h, me_h)
-                sends.append(lax.bitcast_convert_type(wsend, jnp.int32)), sizes.append(wsz)
-                parts.append(caps.bag_ids)
+            if weighted:  # the weights, laid out as the ids (the header slots are not payload)
+                stats.payload(jnp.minimum(sz, cap) - jnp.asarray(header), 4, self.peer_host_host, me_h, me_h)
+                sends.append(lax.bitcast_convert_type(wsend, jnp.int32)), sizes.append(sz)
+                parts.append(cap)
         hrq = {}
         for w in hr_widths:
             hr = self.host_row[w]
@@ -517,19 +516,17 @@ class HostPath:
                 imax = int(header_all.max())
                 cap = imax + caps.local_bag_ids[w]
                 wts = None if raw_w is None else raw_w[q[1], q[0], q[2]]
-                send, sz, _, wsend = routing.bag_send(rows, q[3], q[4], q[5], pick(header_all), cap, wts,
-                                                      caps.local_bag_ids[w])
+                send, sz, _, wsend = routing.bag_send(rows, q[3], q[4], q[5], pick(header_all), cap, wts)
                 stats.need(f"host/local_bag_ids_{w}", jnp.max(sz) - imax)
                 stats.over(overflow(sz, cap))
                 stats.payload(jnp.minimum(sz, cap), 4, local_peers, zero, me_l)
                 meta.append(("bags", w, dict(header=pick(header_all), imax=imax)))
                 sends.append(send), sizes.append(sz), parts.append(cap)
-                if self.weighted:  # the bags' weights: a slice of their own (`_kinds`)
-                    wsz = jnp.minimum(sz, cap) - pick(header_all)
-                    stats.payload(wsz, 4, local_peers, zero, me_l)
+                if self.weighted:  # the bags' weights: a slice of their own (`_kinds`), laid out as the ids
+                    stats.payload(jnp.minimum(sz, cap) - pick(header_all), 4, local_peers, zero, me_l)
                     meta.append(("bagw", w, {}))
-                    sends.append(lax.bitcast_convert_type(wsend, jnp.int32)), sizes.append(wsz)
-                    parts.append(caps.local_bag_ids[w])
+                    sends.append(lax.bitcast_convert_type(wsend, jnp.int32)), sizes.append(sz)
+                    parts.append(cap)
             if self.bag_set and any(self.local_row[w]["trw"]):
                 t_j, t_ok, t_off = (pick(x) for x in self._row_pieces(w))
                 tmax = t_j.shape[0]

@@ -93,8 +93,8 @@ def take_columns(x: jax.Array, cols, max_runs: int = 64) -> jax.Array:
 
 
 def bag_send(rows: jax.Array, dst: jax.Array, rank: jax.Array, base: jax.Array,
-             header: jax.Array, cap: int, weights: jax.Array | None = None,
-             wcap: int = 0) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+             header: jax.Array, cap: int,
+             weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
     """Pack bags for their owners.
 
     Args:
@@ -105,14 +105,15 @@ def bag_send(rows: jax.Array, dst: jax.Array, rank: jax.Array, base: jax.Array,
       header: i32[G] items each peer gets (its header's length).
       cap: a block's capacity (header plus ids).
       weights: f32[n, P] per-sample weights of the ids, or None.
-      wcap: the weights' block capacity (ids only: `cap` less the longest header).
 
     Returns:
       send: i32[G, cap] blocks `[lengths | ids (storage rows)]`, -1 after.
       sizes: i32[G] each block's length (header + ids), possibly > cap.
       lens: i32[n] ids per item.
-      wsend: f32[G, wcap] the ids' weights, in the ids' order (a block's
-        weight j is that of its id j, after the header), 0 after; or None.
+      wsend: f32[G, cap] the ids' weights, each at its id's place in `send`
+        (0 in the header and after); or None. Laid out as the ids, so that
+        the owner takes both in one gather (`bag_ids_at_owner`); the header
+        slots are wire bytes, not payload.
     """
     g = header.shape[0]
     ok = rows >= 0
@@ -129,8 +130,7 @@ def bag_send(rows: jax.Array, dst: jax.Array, rank: jax.Array, base: jax.Array,
     sizes = header + jax.ops.segment_sum(lens, dst, num_segments=g)
     wsend = None
     if weights is not None:
-        wpos = jnp.where(ok, pos - header[dst][:, None], wcap)
-        wsend = jnp.zeros((g, wcap), jnp.float32).at[to, wpos].set(weights, mode="drop")
+        wsend = jnp.zeros((g, cap), jnp.float32).at[to, pos].set(weights, mode="drop")
     return send, sizes.astype(jnp.int32), lens, wsend
 
 
@@ -143,7 +143,7 @@ def bag_ids_at_owner(recv: jax.Array, items: jax.Array, max_items: int, pooling:
       items: i32[] this device's header length (items per peer).
       max_items: static bound on `items` over the devices.
       pooling: static bound on any item's length.
-      wrecv: f32[G, wcap] the ids' weights (`bag_send`'s `wsend`), or None.
+      wrecv: f32[G, cap] the ids' weights (`bag_send`'s `wsend`), or None.
 
     Returns:
       the ids; with `wrecv`, (ids, weights f32[G, max_items, pooling], 0
@@ -156,15 +156,17 @@ def bag_ids_at_owner(recv: jax.Array, items: jax.Array, max_items: int, pooling:
     p = jnp.arange(pooling, dtype=jnp.int32)
     idx = starts[..., None] + p  # [G, max_items, P]
     cap = recv.shape[1]
-    got = jnp.take_along_axis(recv, jnp.minimum(idx, cap - 1).reshape(recv.shape[0], -1), axis=1)
-    got = got.reshape(idx.shape)
+    at = jnp.minimum(idx, cap - 1).reshape(recv.shape[0], -1)
     ok = (p < lens[..., None]) & (idx < cap)
-    ids = jnp.where(ok, got, -1)
     if wrecv is None:
-        return ids
-    widx = jnp.clip(idx - items, 0, wrecv.shape[1] - 1).reshape(recv.shape[0], -1)
-    w = jnp.take_along_axis(wrecv, widx, axis=1).reshape(idx.shape)
-    return ids, jnp.where(ok & (idx - items < wrecv.shape[1]), w, 0.0)
+        got = jnp.take_along_axis(recv, at, axis=1).reshape(idx.shape)
+        return jnp.where(ok, got, -1)
+    # ids and weights side by side: one gather of pairs
+    both = jnp.stack([recv, lax.bitcast_convert_type(wrecv, jnp.int32)], axis=-1)  # [G, cap, 2]
+    got = jnp.take_along_axis(both, at[..., None], axis=1).reshape(idx.shape + (2,))
+    ids = jnp.where(ok, got[..., 0], -1)
+    w = jnp.where(ok, lax.bitcast_convert_type(got[..., 1], jnp.float32), 0.0)
+    return ids, w
 
 
 def row_send(rows: jax.Array, piece: jax.Array, stride: jax.Array, devices: jax.Array,

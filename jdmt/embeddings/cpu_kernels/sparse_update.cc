@@ -735,15 +735,15 @@ inline int64_t BagOf(int64_t v, const Visit& t) {
 // each later row times its weight added (multiply, then add: no fused
 // multiply-add, as XLA's `pool_rows` with weights).
 template <typename W>
-inline void FirstRowW(float* o, const W* row, float w, int64_t D) {
+inline void FirstRowW(float* __restrict o, const W* __restrict row, float w, int64_t D) {
   for (int64_t d = 0; d < D; ++d) o[d] = Widen(row[d]) * w;
 }
 template <typename W>
-inline void AddRowW(float* o, const W* row, float w, int64_t D) {
+inline void AddRowW(float* __restrict o, const W* __restrict row, float w, int64_t D) {
   for (int64_t d = 0; d < D; ++d) o[d] += Widen(row[d]) * w;
 }
 
-template <typename W>
+template <typename W, bool kWeighted>
 void PoolBags(const W* table, const int32_t* ids, const float* wts, float* out, int64_t R,
               int64_t D, int64_t P, int64_t b0, int64_t b1, Visit v) {
 
@@ -762,16 +762,16 @@ void PoolBags(const W* table, const int32_t* ids, const float* wts, float* out, 
     }
     const int64_t n = BagOf(b, v);
     const int32_t* bag = ids + n * P;
-    const float* bw = wts == nullptr ? nullptr : wts + n * P;
     float* o = out + n * D;
     bool first = true;
     for (int64_t p = 0; p < P; ++p) {
       const int32_t r = bag[p];
       if (r < 0 || r >= R) continue;
       const W* row = table + static_cast<int64_t>(r) * D;
-      if (bw != nullptr) {
-        if (first) FirstRowW(o, row, bw[p], D);
-        else AddRowW(o, row, bw[p], D);
+      if constexpr (kWeighted) {
+        const float w = wts[n * P + p];
+        if (first) FirstRowW(o, row, w, D);
+        else AddRowW(o, row, w, D);
       } else if (first) {
         FirstRow(o, row, D);
       } else {
@@ -806,7 +806,10 @@ void Pool(const W* t, const int32_t* i, const float* w, float* o, int64_t R, int
           int64_t P, int64_t threads, Visit v) {
   // at least ~16k ids per thread: below that a thread costs more than it saves
   const int64_t n = std::max<int64_t>(1, std::min<int64_t>(threads, B * P / 16384));
-  SplitRange(B, n, [=](int64_t b0, int64_t b1) { PoolBags<W>(t, i, w, o, R, D, P, b0, b1, v); });
+  if (w == nullptr)
+    SplitRange(B, n, [=](int64_t b0, int64_t b1) { PoolBags<W, false>(t, i, w, o, R, D, P, b0, b1, v); });
+  else
+    SplitRange(B, n, [=](int64_t b0, int64_t b1) { PoolBags<W, true>(t, i, w, o, R, D, P, b0, b1, v); });
 }
 
 ffi::Error PooledLookup(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids, const float* w,
