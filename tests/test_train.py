@@ -167,6 +167,13 @@ def test_weighted_features_train_alike_under_every_sharding_and_towers(mesh24):
     for t, s in runs.items():
         np.testing.assert_allclose(s["train_loss"], ref["train_loss"], rtol=2e-5, err_msg=t)
     assert runs["towers"]["train_loss"] == ref["train_loss"]  # SPTT preserves the model bit for bit
+    # a flat model's embeddings for the learned partitioner are looked up with the weights too
+    from jdmt.train import Trainer
+    from jdmt.train.interactions import pooled_embeddings
+
+    trainer = Trainer(tiny_config(features=fs), mesh24)
+    emb = pooled_embeddings(trainer, trainer.init_state(), num_batches=1)
+    assert emb.shape[1:] == (len(fs.sparse), 8) and np.isfinite(emb).all()
     linear = train_and_evaluate(tiny_config(features=fs, towers="auto", tower_module="linear", tower_dim=5,
                                 steps=20), mesh24)
     assert all(np.isfinite(linear["train_loss"])) and linear["train_loss"][-1] < linear["train_loss"][0]

@@ -92,7 +92,7 @@ def _eval_inputs(trainer, state, num_batches: int | None, max_examples: int | No
     for i in range(n_batches):
         hb = trainer._host_eval_batch(i)
         b = trainer.device_batch(hb)
-        embs = forward(state.tables, b.ids, b.lengths)[0]
+        embs = forward(state.tables, b.ids, b.lengths, b.weights)[0]
         pooled_names = embs.pooled_names
         pooled = host_numpy(embs.pooled)
         out["pooled"].append(pooled.reshape(pooled.shape[0], len(pooled_names), -1))
