@@ -444,7 +444,9 @@ class HostPath:
 
         # ---- A: requests over `host`: [bags | their weights | host rows of each width] ----------------
         sends, sizes, parts = [], [], []
-        weighted = self.weighted and wcanon is not None
+        weighted = self.weighted
+        if weighted and wcanon is None:
+            raise ValueError("the host path carries weighted bags: it needs the batch's weights (wcanon)")
         if self.bag_set:
             header = (self.bag_count * b).astype(np.int32)
             hmax = int(header.max())
