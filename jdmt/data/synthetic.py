@@ -516,6 +516,9 @@ class SyntheticData:
             ]
         ).astype(np.float32)  # [F, B, k]
         sums = sums + 0.5 * lengths_t.astype(np.float32)[..., None]
+        if fs.weighted_idx and weights_t is None:
+            raise ValueError(f"features {[fs.sparse[t].name for t in fs.weighted_idx]} are weighted: "
+                             "the teacher needs the batch's weights")
         for t in fs.weighted_idx:
             f = fs.sparse[t]
             c = codes[fs.columns(f.name)].astype(np.float32) + 0.5  # [P, B, k] (padding: weight 0)
