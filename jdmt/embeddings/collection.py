@@ -37,7 +37,8 @@ from jdmt import precision
 from jdmt.data.specs import Combiner, FeatureSet
 from jdmt.embeddings import optimizers, routing
 from jdmt.embeddings.exchange import MODES, broadcast
-from jdmt.embeddings.flat import Caps, Stats, WidthRoute, _read_token, owner_rows, piece_weights, pool_received
+from jdmt.embeddings.flat import (Caps, Stats, WidthRoute, _read_token, owner_rows, piece_weights, pool_received,
+                                 position_grads)
 from jdmt.embeddings.host_replicated import LocalRows, replica_sum
 from jdmt.embeddings.hosted import HostCaps, HostPath
 from jdmt.embeddings.layout import Layout, Memory, storage_name
@@ -646,17 +647,16 @@ class ShardedEmbeddings:
         caps = self.caps(b)
         mode = self.exchange_mode
         impl = self.impl
-        sample_weights = weights  # (`weights` in the body are the tables')
-        self._check_weights(sample_weights, ids)
+        self._check_weights(weights, ids)
 
-        def body(weights, ids, lengths, sample_weights):
+        def body(store, ids, lengths, weights):
             canon, bad = self._canonical(ids, lengths)
-            wc = self._weights(sample_weights, canon)
+            wc = self._weights(weights, canon)
             outs, st = {}, []
             stacked = {}  # piece -> (its route's bag block f32[K, B, D], k)
             ctx = {"flat": {}}
             for w, route in self.routes.items():
-                bag, rows, c, s = route.forward(weights[storage_name(w)], canon, caps["flat"][w], mode, impl, wc)
+                bag, rows, c, s = route.forward(store[storage_name(w)], canon, caps["flat"][w], mode, impl, wc)
                 ctx["flat"][w] = {**c, "read": c["read"][None]}
                 st.append(s)
                 for k, i in enumerate(route.bag_pieces):
@@ -666,21 +666,21 @@ class ShardedEmbeddings:
                     outs[i] = rows[k]
             ctx["hop"] = {}
             for w, route in self.hops.items():
-                rows, c, s = route.forward(weights[storage_name(w)], canon, caps["hop"][w], mode, impl, wc)
+                rows, c, s = route.forward(store[storage_name(w)], canon, caps["hop"][w], mode, impl, wc)
                 ctx["hop"][w] = {**c, "read": c["read"][None]}
                 st.append(s)
                 for k, i in enumerate(route.pieces):
                     outs[i] = rows[k]
             ctx["hr"] = {}
             for w, route in self.hr_routes.items():
-                res, c, s = route.forward(weights[storage_name(w, "host")], canon, caps["hr"][w], mode, impl, wc)
+                res, c, s = route.forward(store[storage_name(w, "host")], canon, caps["hr"][w], mode, impl, wc)
                 ctx["hr"][w] = {**c, "read": c["read"][None]}
                 st.append(s)
                 for k, i in enumerate(route.pieces):
                     outs[i] = res[k]
             entry = None
             if self.host is not None:
-                tables = {w: weights[storage_name(w)] for w in self.host.widths}
+                tables = {w: store[storage_name(w)] for w in self.host.widths}
                 o, c, s = self.host.forward(tables, canon, caps["host"], mode, impl, wc)
                 ctx["host"] = c
                 st.append(s)
@@ -690,7 +690,7 @@ class ShardedEmbeddings:
                     for f, i in self.host.piece.items():
                         outs[i] = o[f]
             for w, pieces in self._dp.items():
-                table = weights[storage_name(w, True)]
+                table = store[storage_name(w, True)]
                 at = routing.take_columns(canon, self._dp_cols[w])
                 wts = piece_weights(wc, self._dp_cols[w], self._dp_pos[w], self._dp_weighted[w])
                 for k, i in enumerate(pieces):
@@ -710,9 +710,9 @@ class ShardedEmbeddings:
         pooled_spec = P(DEVICES) if (self.pooled_idx or self.towers) else None
         seq_specs = {} if self.towers else {ufeats[i].name: P(DEVICES) for i in self.user_seq_idx}
         pooled, seqs, ctx, stats = self._shard_map(
-            body, (self._weight_specs(), P(DEVICES), P(DEVICES), None if sample_weights is None else P(DEVICES)),
+            body, (self._weight_specs(), P(DEVICES), P(DEVICES), None if weights is None else P(DEVICES)),
             (pooled_spec, seq_specs, P(DEVICES), P()),
-        )({k: v.weights for k, v in state.items()}, ids, lengths, sample_weights)
+        )({k: v.weights for k, v in state.items()}, ids, lengths, weights)
         if self.towers:
             return pooled, ctx, stats
         embs = Embeddings(pooled, seqs, tuple(ufeats[i].name for i in self.user_pooled_idx),
@@ -841,12 +841,11 @@ class ShardedEmbeddings:
 
         self._check_weights(weights, ids)
 
-        def body(state, ctx, g_pooled, g_seqs, ids, lengths, sample_weights, lr, skip, seed):
+        def body(state, ctx, g_pooled, g_seqs, ids, lengths, weights, lr, skip, seed):
             streams: dict[str, list] = {}
             st = []
-            wc = None
-            if sample_weights is not None:
-                wc = self._weights(sample_weights, self._canonical(ids, lengths)[0])
+            canon = self._canonical(ids, lengths)[0] if (weights is not None or self._dp) else None
+            wc = self._weights(weights, canon)
             if not self.towers:
                 g_pooled, g_seqs = self.tier_fold.unfold(g_pooled, g_seqs, lengths)
                 gp, g_scaled = self._piece_grads(g_pooled, g_seqs, self.tier_fold.lengths(lengths))
@@ -895,7 +894,6 @@ class ShardedEmbeddings:
                 chunked = chunked + o
             for w, pieces in self._dp.items():
                 name = storage_name(w, True)
-                canon, _ = self._canonical(ids, lengths)
                 at = routing.take_columns(canon, self._dp_cols[w])
                 wts = piece_weights(wc, self._dp_cols[w], self._dp_pos[w], self._dp_weighted[w])
                 rows, gpos = [], []
@@ -903,12 +901,8 @@ class ShardedEmbeddings:
                     base = self.layout.pieces[i].offsets[0]
                     r = at[:, self._dp_pos[w][k]]
                     rows.append(jnp.where(r >= 0, r + base, -1))
-                    g = gp[i]
-                    if k in wts:
-                        g = g[:, None, :] * wts[k][:, :, None]
-                    elif feats[self.layout.pieces[i].feature].pooled:
-                        g = jnp.broadcast_to(g[:, None, :], r.shape + (w,))
-                    gpos.append(g)
+                    pooled = feats[self.layout.pieces[i].feature].pooled
+                    gpos.append(position_grads(gp[i], r.shape[1], wts.get(k)) if pooled else gp[i])
                 rows = jnp.concatenate(rows, axis=1).reshape(-1)
                 gpos = jnp.concatenate(gpos, axis=1).reshape(-1, w)
                 table = state[name].weights

@@ -42,7 +42,7 @@ from jdmt.pallas_kernels.pooled_lookup import pooled_gather
 from jdmt.pallas_kernels.sequence_lookup import sequence_gather
 
 __all__ = ["AXIS", "FLAT_TYPES", "Caps", "Stats", "WidthRoute", "owner_pool", "owner_rows", "peer_of",
-           "piece_weights", "pool_received", "take_rows", "unique_row_grads"]
+           "piece_weights", "pool_received", "position_grads", "take_rows", "unique_row_grads"]
 
 AXIS = (LOCAL, HOST)
 FLAT_TYPES = (ShardingType.TABLE_WISE, ShardingType.COLUMN_WISE, ShardingType.ROW_WISE)
@@ -326,7 +326,7 @@ class WidthRoute:
                 sends.append(send), sizes.append(bsz), parts.append(cap)
                 if wsend is not None:  # the weights: a part of their own (as bits), laid out as the ids
                     stats.payload(jnp.minimum(bsz, cap) - jnp.asarray(header), 4, self.peer_host, my_host, me)
-                    sends.append(lax.bitcast_convert_type(wsend, jnp.int32)), sizes.append(bsz)
+                    sends.append(wsend), sizes.append(bsz)
                     parts.append(cap)
         row_part, row_off = len(parts), sum(parts)  # the rows' part of the blocks
         if self.row_pieces:
@@ -349,13 +349,10 @@ class WidthRoute:
         outs, back_sizes, back_recv = [], [], []
         k = 0
         if self.bag_pieces:
-            bw = wb
             if alone:
-                ids = local_ids
-            elif wb is None:
-                ids = routing.bag_ids_at_owner(recv[:, : parts[0]], items, imax, self.bag_pool)
+                ids, bw = local_ids, wb
             else:
-                wrecv = lax.bitcast_convert_type(recv[:, parts[0] : parts[0] + parts[1]], jnp.float32)
+                wrecv = None if wb is None else recv[:, parts[0] : parts[0] + parts[1]]
                 ids, bw = routing.bag_ids_at_owner(recv[:, : parts[0]], items, imax, self.bag_pool, wrecv)
             if samples:
                 from jdmt.embeddings import cpu_kernels
@@ -497,6 +494,15 @@ class WidthRoute:
         return rows, jnp.concatenate(srcs), got.reshape(-1, self.width), scale, stats
 
 
+def position_grads(g, n: int, weights=None):
+    """f32[..., n, D]: the gradient of each of a bag's n positions from the
+    bag's f32[..., D]: the bag's own (a broadcast), or times each position's
+    weight where `weights` f32[..., n] are given (weighted bags)."""
+    if weights is None:
+        return jnp.broadcast_to(g[..., None, :], g.shape[:-1] + (n, g.shape[-1]))
+    return g[..., None, :] * weights[..., None]
+
+
 def piece_weights(wcanon, cols, pos, weighted) -> dict:
     """{piece k: f32[B, P] its ids' per-sample weights} for the weighted
     pieces of a route whose ids are the batch columns `cols` (`pos`: each
@@ -512,16 +518,9 @@ def unique_row_grads(inv, g_rows, pos, pooled, slots: int, width: int, weights=N
     {piece k: f32[B, D] pooled (every position of the bag gets it, times
     its weight where `weights` {piece k: f32[B, P]} has the piece) or
     f32[B, S, D]} and `pos` each piece's columns of `inv`."""
-    b = inv.shape[0]
     weights = weights or {}
-    parts = []
-    for k, p in enumerate(pos):
-        gk = g_rows[k]
-        if pooled[k] and k in weights:
-            gk = gk[:, None, :] * weights[k][:, :, None]
-        elif pooled[k]:
-            gk = jnp.broadcast_to(gk[:, None, :], (b, len(p), width))
-        parts.append(gk)
+    parts = [position_grads(g_rows[k], len(p), weights.get(k)) if pooled[k] else g_rows[k]
+             for k, p in enumerate(pos)]
     gpos = jnp.concatenate(parts, axis=1).reshape(-1, width)  # [B * M, D]
     at = jnp.where(inv >= 0, inv, slots).reshape(-1)
     return jnp.zeros((slots, width), gpos.dtype).at[at].add(gpos, mode="drop")

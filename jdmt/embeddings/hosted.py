@@ -43,7 +43,8 @@ from jax import lax
 
 from jdmt.embeddings import routing
 from jdmt.embeddings.exchange import exchange, overflow
-from jdmt.embeddings.flat import Stats, owner_pool, owner_rows, piece_weights, pool_received, take_rows
+from jdmt.embeddings.flat import (Stats, owner_pool, owner_rows, piece_weights, pool_received, position_grads,
+                                 take_rows)
 from jdmt.embeddings.layout import Layout
 from jdmt.embeddings.types import ShardingType
 from jdmt.mesh import HOST, LOCAL
@@ -128,10 +129,8 @@ class HostPath:
         self.slot_of = {f: (self.host_of[f], j) for hh, fs in enumerate(self.bags) for j, f in enumerate(fs)}
         # weighted bags: their weights travel with their ids, to the entry and on to
         # the owner (unweighted bags then carry weights of 1)
-        self.bag_weighted = np.zeros((h, self.jmax), bool)
-        for hh, fs in enumerate(self.bags):
-            for j, f in enumerate(fs):
-                self.bag_weighted[hh, j] = feats[f].weighted
+        self.bag_weighted = np.array([[j < len(fs) and feats[fs[j]].weighted for j in range(self.jmax)]
+                                      for fs in self.bags], bool).reshape(h, self.jmax)
         self.weighted = bool(self.bag_weighted.any())
 
         # ---- inside the host, per width ------------------------------------------------------
@@ -444,8 +443,7 @@ class HostPath:
 
         # ---- A: requests over `host`: [bags | their weights | host rows of each width] ----------------
         sends, sizes, parts = [], [], []
-        weighted = self.weighted
-        if weighted and wcanon is None:
+        if self.weighted and wcanon is None:
             raise ValueError("the host path carries weighted bags: it needs the batch's weights (wcanon)")
         if self.bag_set:
             header = (self.bag_count * b).astype(np.int32)
@@ -454,7 +452,7 @@ class HostPath:
             rows = rows.reshape(b, h, self.jmax, self.bag_pool)
             rows = jnp.transpose(rows, (1, 2, 0, 3)).reshape(-1, self.bag_pool)  # items (h, j, b)
             wts = None
-            if weighted:  # laid out as `rows`; 1 for unweighted bags
+            if self.weighted:  # laid out as `rows`; 1 for unweighted bags
                 wts = routing.take_columns(wcanon, self.bag_cols.reshape(h, -1))
                 wts = jnp.where(jnp.asarray(self.bag_weighted)[None, :, :, None],
                                 wts.reshape(b, h, self.jmax, self.bag_pool), 1.0)
@@ -472,9 +470,9 @@ class HostPath:
             stats.over(overflow(sz, cap))
             stats.payload(jnp.minimum(sz, cap), 4, self.peer_host_host, me_h, me_h)
             sends.append(send), sizes.append(sz), parts.append(cap)
-            if weighted:  # the weights, laid out as the ids (the header slots are not payload)
+            if self.weighted:  # the weights, laid out as the ids (the header slots are not payload)
                 stats.payload(jnp.minimum(sz, cap) - jnp.asarray(header), 4, self.peer_host_host, me_h, me_h)
-                sends.append(lax.bitcast_convert_type(wsend, jnp.int32)), sizes.append(sz)
+                sends.append(wsend), sizes.append(sz)
                 parts.append(cap)
         hrq = {}
         for w in hr_widths:
@@ -502,13 +500,11 @@ class HostPath:
         raw = raw_w = counts = None
         if self.bag_set:
             items = jnp.asarray(header)[me_h]
-            if weighted:
-                wrecv = lax.bitcast_convert_type(recv_a[:, starts_a[1] : starts_a[2]], jnp.float32)
-                raw, raw_w = routing.bag_ids_at_owner(recv_a[:, : starts_a[1]], items, hmax, self.bag_pool, wrecv)
-                raw_w = raw_w.reshape(h, self.jmax, b, self.bag_pool)
-            else:
-                raw = routing.bag_ids_at_owner(recv_a[:, : starts_a[1]], items, hmax, self.bag_pool)
+            wrecv = recv_a[:, starts_a[1] : starts_a[2]] if self.weighted else None
+            raw, raw_w = routing.bag_ids_at_owner(recv_a[:, : starts_a[1]], items, hmax, self.bag_pool, wrecv)
             raw = raw.reshape(h, self.jmax, b, self.bag_pool)  # [H(source), J, B, P] table rows
+            if raw_w is not None:
+                raw_w = raw_w.reshape(raw.shape)
             counts = jnp.sum(raw >= 0, axis=-1, dtype=jnp.int32).transpose(0, 2, 1)  # [H, B, J]
         for w in self.widths:
             if self.bag_set and any(self.local_bags[w]["tw"]):
@@ -527,7 +523,7 @@ class HostPath:
                 if self.weighted:  # the bags' weights: a slice of their own (`_kinds`), laid out as the ids
                     stats.payload(jnp.minimum(sz, cap) - pick(header_all), 4, local_peers, zero, me_l)
                     meta.append(("bagw", w, {}))
-                    sends.append(lax.bitcast_convert_type(wsend, jnp.int32)), sizes.append(sz)
+                    sends.append(wsend), sizes.append(sz)
                     parts.append(cap)
             if self.bag_set and any(self.local_row[w]["trw"]):
                 t_j, t_ok, t_off = (pick(x) for x in self._row_pieces(w))
@@ -592,14 +588,11 @@ class HostPath:
                 got = recv_b[:, starts_b[k] : starts_b[k + 1]]
                 if kind == "bags":
                     items = m["header"][me_l]
-                    bw = None
-                    if self.weighted:
-                        wrecv = lax.bitcast_convert_type(recv_b[:, starts_b[k + 1] : starts_b[k + 2]], jnp.float32)
-                        ids, bw = routing.bag_ids_at_owner(got, items, m["imax"], self.bag_pool, wrecv)
-                        m["w"] = bw
-                    else:
-                        ids = routing.bag_ids_at_owner(got, items, m["imax"], self.bag_pool)
+                    wrecv = recv_b[:, starts_b[k + 1] : starts_b[k + 2]] if self.weighted else None
+                    ids, bw = routing.bag_ids_at_owner(got, items, m["imax"], self.bag_pool, wrecv)
                     m["ids"] = ids
+                    if bw is not None:
+                        m["w"] = bw
                     outs.append(owner_pool(tables[w], ids, pick(self.local_bags[w]["maxlen"])[me_l], impl, bw))
                     osz.append(jnp.full((ln,), items, jnp.int32))
                     orecv.append(m["header"])
@@ -761,11 +754,8 @@ class HostPath:
                     hw = piece_weights(wcanon, hr["cols"], hr["pos"], hr["weighted"])
                     for kk, f in enumerate(hr["features"]):
                         gk = grads[f]
-                        if hr["pooled"][kk] and kk in hw:
-                            gk = gk[:, None, :] * hw[kk][:, :, None]
-                        elif hr["pooled"][kk]:
-                            gk = jnp.broadcast_to(gk[:, None, :], (b, len(hr["pos"][kk]), w))
-                        parts_.append(gk)
+                        parts_.append(position_grads(gk, len(hr["pos"][kk]), hw.get(kk)) if hr["pooled"][kk]
+                                      else gk)
                     gpos = jnp.concatenate(parts_, axis=1).reshape(-1, w)
                     cap_h = self.host_caps_of(w, ctx)
                     at = jnp.where(q["inv"] >= 0, q["inv"], h * cap_h).reshape(-1)
@@ -808,10 +798,7 @@ class HostPath:
                     t_j, _, _ = (pick(x) for x in self._row_pieces(w))
                     inv = m["inv"]  # [H, T, B, P]
                     g = jnp.swapaxes(eg[:, :, t_j], 1, 2)  # [H, T, B, D]
-                    if "wts" in m:  # bags pooled at the entry with their weights
-                        gpos = (g[:, :, :, None, :] * m["wts"][..., None]).reshape(-1, w)
-                    else:
-                        gpos = jnp.broadcast_to(g[:, :, :, None, :], inv.shape + (w,)).reshape(-1, w)
+                    gpos = position_grads(g, inv.shape[-1], m.get("wts")).reshape(-1, w)  # weighted: pooled here
                     cap = m["ids"].shape[1]
                     at = jnp.where(inv >= 0, inv, ln * cap).reshape(-1)
                     sends.append(jnp.zeros((ln * cap, w), jnp.float32).at[at].add(gpos, mode="drop")

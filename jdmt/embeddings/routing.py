@@ -110,10 +110,11 @@ def bag_send(rows: jax.Array, dst: jax.Array, rank: jax.Array, base: jax.Array,
       send: i32[G, cap] blocks `[lengths | ids (storage rows)]`, -1 after.
       sizes: i32[G] each block's length (header + ids), possibly > cap.
       lens: i32[n] ids per item.
-      wsend: f32[G, cap] the ids' weights, each at its id's place in `send`
-        (0 in the header and after); or None. Laid out as the ids, so that
-        the owner takes both in one gather (`bag_ids_at_owner`); the header
-        slots are wire bytes, not payload.
+      wsend: i32[G, cap] the bits of the ids' f32 weights, each at its id's
+        place in `send` (0 in the header and after), ready to travel beside
+        the ids; or None. Laid out as the ids, so that the owner takes both
+        in one gather (`bag_ids_at_owner`); the header slots are wire bytes,
+        not payload.
     """
     g = header.shape[0]
     ok = rows >= 0
@@ -130,12 +131,13 @@ def bag_send(rows: jax.Array, dst: jax.Array, rank: jax.Array, base: jax.Array,
     sizes = header + jax.ops.segment_sum(lens, dst, num_segments=g)
     wsend = None
     if weights is not None:
-        wsend = jnp.zeros((g, cap), jnp.float32).at[to, pos].set(weights, mode="drop")
+        wsend = jnp.zeros((g, cap), jnp.int32).at[to, pos].set(
+            lax.bitcast_convert_type(weights.astype(jnp.float32), jnp.int32), mode="drop")
     return send, sizes.astype(jnp.int32), lens, wsend
 
 
 def bag_ids_at_owner(recv: jax.Array, items: jax.Array, max_items: int, pooling: int,
-                     wrecv: jax.Array | None = None):
+                     wrecv: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
     """The bags a peer sent, as i32[G, max_items, pooling] storage rows (-1: none).
 
     Args:
@@ -143,11 +145,12 @@ def bag_ids_at_owner(recv: jax.Array, items: jax.Array, max_items: int, pooling:
       items: i32[] this device's header length (items per peer).
       max_items: static bound on `items` over the devices.
       pooling: static bound on any item's length.
-      wrecv: f32[G, cap] the ids' weights (`bag_send`'s `wsend`), or None.
+      wrecv: i32[G, cap] the bits of the ids' weights (`bag_send`'s
+        `wsend`, received), or None.
 
     Returns:
-      the ids; with `wrecv`, (ids, weights f32[G, max_items, pooling], 0
-      where there is no id).
+      (ids, their weights f32[G, max_items, pooling], 0 where there is no
+      id; None without `wrecv`).
     """
     j = jnp.arange(max_items, dtype=jnp.int32)
     lens = jnp.where(j[None, :] < items, recv[:, :max_items], 0)
@@ -160,9 +163,9 @@ def bag_ids_at_owner(recv: jax.Array, items: jax.Array, max_items: int, pooling:
     ok = (p < lens[..., None]) & (idx < cap)
     if wrecv is None:
         got = jnp.take_along_axis(recv, at, axis=1).reshape(idx.shape)
-        return jnp.where(ok, got, -1)
+        return jnp.where(ok, got, -1), None
     # ids and weights side by side: one gather of pairs
-    both = jnp.stack([recv, lax.bitcast_convert_type(wrecv, jnp.int32)], axis=-1)  # [G, cap, 2]
+    both = jnp.stack([recv, wrecv], axis=-1)  # [G, cap, 2]
     got = jnp.take_along_axis(both, at[..., None], axis=1).reshape(idx.shape + (2,))
     ids = jnp.where(ok, got[..., 0], -1)
     w = jnp.where(ok, lax.bitcast_convert_type(got[..., 1], jnp.float32), 0.0)

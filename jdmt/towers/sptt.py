@@ -300,9 +300,8 @@ class SPTT:
 
     def forward(self, state, ids, lengths, weights=None):
         """`emb.forward`: the identity module's `Embeddings` at the requesters,
-        or a compressing module's inputs, the bags pooled at the entries.
-        (`weights`: None; weighted features take the flat path, and `emb`
-        refuses them.)"""
+        or a compressing module's inputs, the bags pooled at the entries
+        (`weights`: the batch's per-sample weights, for weighted features)."""
         return self.emb.forward(state, ids, lengths, weights)
 
     def update(self, state, ctx, grads, ids, lengths, weights=None, *, lr=None, skip=False, seed=None):
