@@ -111,7 +111,8 @@ def main(argv=None) -> int:
     p.add_argument("--tower-module", default="linear", choices=("identity", "linear", "dcn", "mlp"))
     p.add_argument("--tower-dim", type=int, default=32)
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run")
-    p.add_argument("--tuned-malloc", action="store_true")
+    p.add_argument("--malloc", default="auto", choices=("auto", "tuned", "glibc"),
+                   help="the processes' malloc settings (train_throughput.py --malloc)")
     p.add_argument("--local", type=int, default=4,
                    help="devices per process (train_throughput.py --local): 4, so that each "
                    "host has devices for the tower's intra-host exchange")
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
     # jdmt against itself: no peer run (train_throughput.py --peer '')
     common = ["--steps", str(args.steps), "--kernel", args.kernel, "--peer", "", "--local", str(args.local),
               *(["--quick"] if args.quick else []),
-              *(["--tuned-malloc"] if args.tuned_malloc else [])]
+              "--malloc", args.malloc]
     for link in filter(None, args.links.split(",")):
         res = compare([*common, "--link", link], args)
         if res is None:

@@ -9,7 +9,7 @@ tables of `--rows` x `--dim`, `--batch` bags per table of exactly
 `--pooling` ids, Zipf(`--alpha`) ids.
 
     python benchmarks/lookup.py                  # the defaults below
-    python benchmarks/lookup.py --tuned-malloc   # re-run under a tuned glibc malloc
+    python benchmarks/lookup.py --malloc=glibc   # under glibc's malloc defaults
     python benchmarks/lookup.py --kernel=pallas  # Pallas kernels vs XLA
     JDMT_PEER=DIR python benchmarks/lookup.py    # and FBGEMM / TorchRec beside it
 
@@ -33,19 +33,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 
 import peers
-
-TUNED_MALLOC = {
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_MAX_": "0",
-    "MALLOC_TRIM_THRESHOLD_": "100000000000",
-}
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -64,8 +56,9 @@ def parse_args(argv=None):
                    help="the pooled lookup and sparse update as XLA ops, as the C++ CPU "
                         "kernels (the default of a CPU run), or both (side by side, one "
                         "JSON object each)")
-    p.add_argument("--tuned-malloc", action="store_true",
-                   help="re-execute with MALLOC_ARENA_MAX=1 etc. (see docs/design.md)")
+    p.add_argument("--malloc", default="auto", choices=("auto", "tuned", "glibc"),
+                   help="malloc settings (jdmt/cpu_malloc.py): auto tunes glibc when the "
+                   "process drives one CPU device (--shardings '')")
     p.add_argument("--kernel", default="xla", choices=["auto", "pallas", "xla"],
                    help="xla: the XLA path (and the CPU update kernel); pallas: Pallas kernels "
                    "vs XLA (timed on GPU/TPU, checked interpreted on CPU); auto: pallas on "
@@ -102,7 +95,7 @@ def peak_gbps(device, override: float | None) -> float | None:
     return next((v for k, v in PEAK_GBPS.items() if kind.startswith(k)), None)
 
 
-def zipf_ids(rng, rows: int, alpha: float, shape) -> "np.ndarray":
+def zipf_ids(rng, rows: int, alpha: float, shape):
     """Truncated Zipf over [0, rows): rank k drawn with p ~ 1/(k+1)^alpha, then a
     fixed random permutation of the ranks (hot ids are not 0, 1, 2...)."""
     import numpy as np
@@ -260,6 +253,7 @@ def run(args) -> list[dict]:
     import jax
     import numpy as np
 
+    from jdmt import cpu_malloc
     from jdmt.embeddings import cpu_kernels
 
     peer, reason = peers.find(args.peer, args.peer_python)
@@ -332,7 +326,7 @@ def run(args) -> list[dict]:
             "fwd_bwd_update_ms": round(step_ms, 2),
             "lookups_per_sec": round(lookups / (step_ms / 1e3)),
             "fwd_lookups_per_sec": round(lookups / (fwd_ms / 1e3)),
-            "malloc_tuned": all(os.environ.get(k) == v for k, v in TUNED_MALLOC.items()),
+            "malloc": cpu_malloc.state(),
             "backend": jax.default_backend(),
         }
         if spec == "1x1":
@@ -358,13 +352,13 @@ def run(args) -> list[dict]:
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.tuned_malloc and not all(os.environ.get(k) == v for k, v in TUNED_MALLOC.items()):
-        env = dict(os.environ, **TUNED_MALLOC)
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    from jdmt import cpu_malloc
     from jdmt.mesh import emulate_cpu_devices, parse_mesh_spec
 
+    cpu_malloc.set_policy(args.malloc)
     hosts, local = parse_mesh_spec(args.mesh)
-    emulate_cpu_devices(hosts * local)
+    # the one-device run alone needs one device (and then malloc's `auto` tunes it)
+    emulate_cpu_devices(hosts * local if args.shardings.strip() else 1)
     import jax
 
     kernel = args.kernel

@@ -22,7 +22,7 @@ defaults (`dlrm_main.py`): bottom (dense arch) 512-256-64, top (over arch)
     python benchmarks/train_throughput.py                    # table_wise, 20 steps
     python benchmarks/train_throughput.py --local 4          # 2x4: four devices per process
     python benchmarks/train_throughput.py --sharding=row_wise
-    python benchmarks/train_throughput.py --tuned-malloc     # glibc malloc tuned (docs/design.md)
+    python benchmarks/train_throughput.py --malloc=glibc     # glibc's malloc defaults (docs/design.md)
     python benchmarks/train_throughput.py --quick            # tiny smoke run
     JDMT_PEER=DIR python benchmarks/train_throughput.py      # and TorchRec DMP beside it
     sudo python benchmarks/train_throughput.py --link=1000   # two namespaces, a 1 Gbit/s link
@@ -47,11 +47,6 @@ import time
 
 import peers
 
-TUNED_MALLOC = {
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_MAX_": "0",
-    "MALLOC_TRIM_THRESHOLD_": "100000000000",
-}
 PROCESSES = 2
 
 FULL = dict(tables=26, rows=100_000, dim=64, ids_per_bag=10, examples_per_host=4096,
@@ -86,8 +81,9 @@ def parse_args(argv=None):
                    help="the dense gradients' all-reduce (train.py --dense-allreduce)")
     p.add_argument("--memory-budget", type=float, default=1.25,
                    help="flexshard: per-device table memory, times row-wise's footprint")
-    p.add_argument("--tuned-malloc", action="store_true",
-                   help="run the processes with MALLOC_ARENA_MAX=1 etc. (see docs/design.md)")
+    p.add_argument("--malloc", default="auto", choices=("auto", "tuned", "glibc"),
+                   help="the processes' malloc settings (JDMT_MALLOC, jdmt/cpu_malloc.py): auto "
+                   "tunes glibc when a process drives one CPU device")
     p.add_argument("--towers", type=int, default=0,
                    help="Disaggregated Multi-Tower with this many towers (0: the flat path)")
     p.add_argument("--tower-module", default="linear",
@@ -384,8 +380,7 @@ def _launch(args, prefixes: list[list[str]], address: str) -> tuple[dict, float,
     or an exit status."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.setdefault("JAX_PLATFORMS", "cpu")
-    if args.tuned_malloc:
-        env.update(TUNED_MALLOC)
+    env["JDMT_MALLOC"] = args.malloc
     coordinator = f"{address}:{_free_port()}"
     with tempfile.TemporaryDirectory(prefix="jdmt-bench-") as tmp:
         result = os.path.join(tmp, "summary.json")
@@ -514,7 +509,7 @@ def report(args, runs: list, peer_runs: list[dict], peer: dict) -> dict:
         },
         "backend": s["backend"],
         "host_cpus": os.cpu_count(),
-        "malloc_tuned": bool(args.tuned_malloc),
+        "malloc": s.get("malloc"),
         # 1-minute load average before and after: other work on a shared machine slows the steps.
         "load_average_1m": runs[-1][2],
         "wall_s": round(sum(r[1] for r in runs), 1),

@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
+from jdmt import cpu_malloc
+
 HOST = "host"
 LOCAL = "local"
 AXES = (HOST, LOCAL)
@@ -81,6 +83,7 @@ def emulate_cpu_devices(count: int) -> bool:
     """
     count = int(count)
     if not _backends_initialized():
+        cpu_malloc.configure(count)
         jax.config.update("jax_num_cpu_devices", count)
         return True
     # Too late to set the count: fine if the backend already has enough

@@ -9,6 +9,7 @@ import pytest
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from jdmt import cpu_malloc
 from jdmt.comm import comm_report
 from jdmt.mesh import DEVICES, LOCAL, make_mesh
 from jdmt.train import train_and_evaluate
@@ -64,6 +65,8 @@ def test_training_matches_xla_all_reduce(mesh24, towers):
             for m in ("xla", "hierarchical")}
     x, h = runs["xla"], runs["hierarchical"]
     assert h["dense_allreduce"] == "hierarchical" and x["dense_allreduce"] == "xla"
+    # the summary and the start-up line say what malloc runs with (this process: 8 devices)
+    assert h["malloc"] == cpu_malloc.state() and f"malloc: {h['malloc']}" in h["path"]
     # the same sums in another order: float32 rounding apart
     np.testing.assert_allclose(h["train_loss"], x["train_loss"], rtol=2e-6)
     assert h["cross_host_bytes_per_step"] < x["cross_host_bytes_per_step"]

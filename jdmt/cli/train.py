@@ -19,6 +19,7 @@ import os
 import sys
 
 # Imports only: no JAX computation (and no backend) may start before prepare_devices.
+from jdmt import cpu_malloc
 from jdmt.embeddings import OptimizerKind, ShardingType
 from jdmt.mesh import MeshError, initialize_distributed, parse_mesh_spec, prepare_devices
 from jdmt.models import MODELS, SEQUENCE_POOLING
@@ -234,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the dense gradients are summed over the devices: hierarchical (a "
                    "reduce-scatter inside each host, an all-reduce of 1/L of them across hosts, an "
                    "all-gather inside the host) or xla (the one all-reduce over all devices jit inserts)")
+    p.add_argument("--malloc", type=_one_of("malloc", cpu_malloc.POLICIES), default=None,
+                   help="glibc malloc settings of this process (default: JDMT_MALLOC, else auto): "
+                   "auto uses one arena, no mmap and no trim when the process drives one CPU "
+                   "device (XLA's per-step temporaries then stay mapped), tuned always, glibc never")
     p.add_argument("--row-tiers", type=_one_of("row tiers", ("auto", "none")), default=d.row_tiers,
                    help="flexshard tables (--sharding=flexshard): hot rows on every device, warm rows "
                    "once per host, the rest row-wise; auto sizes the tiers from the first batches' "
@@ -433,6 +438,12 @@ def main(argv: list[str] | None = None) -> int:
                          args.process_id)
     # Before any JAX computation: on a CPU machine this creates the H*L devices
     # (or, with several processes, each process's L devices).
+    if args.malloc is not None:
+        cpu_malloc.set_policy(args.malloc)
+    try:
+        cpu_malloc.policy()
+    except ValueError as e:  # a bad JDMT_MALLOC
+        parser.error(str(e))
     try:
         if multi:
             _start_processes(parser, args)

@@ -34,7 +34,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jdmt import metrics, precision
+from jdmt import cpu_malloc, metrics, precision
 from jdmt.comm import comm_report_compiled
 from jdmt.data import (
     Batch,
@@ -252,8 +252,9 @@ class Trainer:
             tables += f", {len(weighted)} weighted features (per-sample weights)"
         isa = self._cpu_isa()
         kernels = self._kernel_name() + (f" ({isa} build)" if isa else "")
+        malloc = f", malloc: {cpu_malloc.state()}" if jax.default_backend() == "cpu" else ""
         return (f"mesh {self.hosts}x{self.local}, {cfg.model}, {path}, kernels {kernels}, "
-                f"tables {tables}, exchange {exchange}, dense all-reduce {cfg.dense_allreduce}{gp}")
+                f"tables {tables}, exchange {exchange}, dense all-reduce {cfg.dense_allreduce}{gp}{malloc}")
 
     def _cpu_isa(self) -> str | None:
         """'native' or 'portable': how the C++ CPU kernels were built (None: not used)."""
@@ -841,6 +842,7 @@ class Trainer:
             "path": self.path_line(),
             "row_tiers": None if self.tier_report is None else [r.to_json() for r in self.tier_report],
             "dense_allreduce": self.config.dense_allreduce,
+            "malloc": cpu_malloc.state() if jax.default_backend() == "cpu" else None,
             "embedding_dim": cfg.embedding_dim,
             "embedding_optimizer": cfg.embedding_optimizer,
             "embedding_lr": cfg.embedding_lr,
