@@ -724,9 +724,10 @@ class ShardedEmbeddings:
         applied) and sequences {name: f32[B, S, D]}.
 
         `stacked`: piece -> (block f32[K, B, D], k) where the piece's output
-        is row k of a block; a run of consecutive rows of one block goes in
-        as one transpose rather than K slices and a concatenation (which
-        XLA:CPU runs as K copies)."""
+        is row k of a block; consecutive pieces from one block go in as one
+        permuting transpose of their rows (a static take and a swap of the
+        first two axes, which XLA:CPU fuses into one pass) rather than K
+        slices and a concatenation (which XLA:CPU runs as K + 1 copies)."""
         feats = self.tables.sparse
         stacked = stacked or {}
         pooled = None
@@ -737,17 +738,19 @@ class ShardedEmbeddings:
 
             def flush():
                 if len(run) > 1:
-                    block, k0 = stacked[run[0]]
-                    part = block[k0 : k0 + len(run)]  # [n, B, D]
+                    block = stacked[run[0]][0]
+                    ks = np.array([stacked[j][1] for j in run])
+                    part = (block[ks[0] : ks[0] + len(ks)] if np.array_equal(ks, ks[0] + np.arange(len(ks)))
+                            else jnp.take(block, ks, axis=0))  # [n, B, D]
                     cols.append(jnp.swapaxes(part, 0, 1).reshape(part.shape[1], -1))
                 elif run:
                     cols.append(outs[run[0]])
                 run.clear()
 
-            for j in order:
+            for j in order:  # runs of pieces from one block, in any order within it
                 prev = stacked.get(run[-1]) if run else None
                 cur = stacked.get(j)
-                if not (prev and cur and cur[0] is prev[0] and cur[1] == prev[1] + 1):
+                if not (prev and cur and cur[0] is prev[0]):
                     flush()
                 run.append(j)
             flush()
@@ -763,19 +766,24 @@ class ShardedEmbeddings:
         return pooled, seqs
 
     def _bag_grads(self, pieces, width: int, gp, g_pooled):
-        """f32[K, B, D]: the gradients of a route's bag pieces, stacked. Pieces
-        that lie side by side in the pooled gradient (the usual case) are one
-        reshape and transpose of its columns rather than K slices (which
-        XLA:CPU copies one by one)."""
+        """f32[K, B, D]: the gradients of a route's bag pieces, stacked. When
+        the pieces' columns of the pooled gradient are whole width-wide
+        blocks (the usual case), the stack is one permuting transpose of
+        them (a swap of axes and a static take, one pass in XLA:CPU), not K
+        slices (which XLA:CPU copies one by one) and a stack."""
         if not pieces:
             return None
         cols = self._pooled_col
-        c0 = cols.get(pieces[0])
-        if (g_pooled is not None and c0 is not None
-                and all(cols.get(j) == c0 + k * width and self.layout.pieces[j].width == width
-                        for k, j in enumerate(pieces))):
-            block = g_pooled[:, c0 : c0 + len(pieces) * width]
-            return jnp.swapaxes(block.reshape(block.shape[0], len(pieces), width), 0, 1)
+        at = [cols.get(j) for j in pieces]
+        if (g_pooled is not None and all(c is not None and c % width == 0 for c in at)
+                and g_pooled.shape[1] % width == 0
+                and all(self.layout.pieces[j].width == width for j in pieces)):
+            ks = np.array(at) // width
+            if np.array_equal(ks, ks[0] + np.arange(len(ks))):  # side by side: a slice
+                block = g_pooled[:, at[0] : at[0] + len(pieces) * width]
+                return jnp.swapaxes(block.reshape(block.shape[0], len(pieces), width), 0, 1)
+            g3 = jnp.swapaxes(g_pooled.reshape(g_pooled.shape[0], -1, width), 0, 1)  # [F, B, D]
+            return jnp.take(g3, ks, axis=0)
         return jnp.stack([gp[i] for i in pieces])
 
     def _piece_grads(self, g_pooled, g_seqs, lengths) -> tuple[dict[int, jax.Array], jax.Array | None]:

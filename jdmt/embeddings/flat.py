@@ -317,9 +317,17 @@ class WidthRoute:
                 stats.need(f"w{self.width}/bag_ids", jnp.sum(rows >= 0, dtype=jnp.int32))
             else:
                 cap = imax + caps.bag_ids
-                send, bsz, _, wsend = routing.bag_send(
-                    rows, jnp.asarray(self.bag_dst[kk]), jnp.asarray(rank), jnp.asarray(self.bag_base[kk]),
-                    jnp.asarray(header), cap, wb)
+                if impl.cpu_threads and not impl.pallas:  # in C++, from canon in one pass
+                    from jdmt.embeddings import cpu_kernels
+
+                    send, bsz, wsend = cpu_kernels.bag_pack(
+                        canon, self.bag_cols, self.bag_dst, self.bag_kd, self.bag_base, header, cap,
+                        wcanon=None if wb is None else wcanon, weighted=self.bag_weighted,
+                        threads=impl.cpu_threads)
+                else:
+                    send, bsz, _, wsend = routing.bag_send(
+                        rows, jnp.asarray(self.bag_dst[kk]), jnp.asarray(rank), jnp.asarray(self.bag_base[kk]),
+                        jnp.asarray(header), cap, wb)
                 stats.need(f"w{self.width}/bag_ids", jnp.max(bsz) - imax)
                 stats.over(overflow(bsz, cap))
                 stats.payload(jnp.minimum(bsz, cap), 4, self.peer_host, my_host, me)
@@ -379,8 +387,11 @@ class WidthRoute:
         if alone:
             back = jnp.concatenate(outs, axis=1)
         else:
+            # fill=None: the bags are read up to each peer's count and the rows at
+            # `inv` (valid positions only), never past what was sent: no masking pass
             back, _ = exchange(jnp.concatenate(outs, axis=1), jnp.stack(back_sizes, axis=1), AXIS,
-                               parts=back_parts, recv_sizes=jnp.stack(back_recv, axis=1), mode=mode)
+                               parts=back_parts, recv_sizes=jnp.stack(back_recv, axis=1), mode=mode,
+                               fill=None)
             for bs in back_sizes:
                 stats.payload(bs, 4 * self.width, self.peer_host, my_host, me)
         if self.bag_pieces:
@@ -389,8 +400,9 @@ class WidthRoute:
                 bag_out = jnp.swapaxes(outs[0][0].reshape(b, nk, self.width), 0, 1)
             elif in_order:
                 bag_out = back[0, :i_all].reshape(nk, b, self.width)
-            else:
-                bag_out = back[self.bag_dst[kk], rank].reshape(nk, b, self.width)
+            else:  # pieces are sorted by peer: peer g's first count[g] * B rows, in order
+                bag_out = jnp.concatenate([back[g_, : c * b] for g_, c in enumerate(self.bag_count) if c],
+                                          axis=0).reshape(nk, b, self.width)
         if self.row_pieces:
             rows_back = back[:, back_parts[0] if k else 0 :].reshape(-1, self.width)
             inv = ctx["row_inv"]
@@ -464,8 +476,10 @@ class WidthRoute:
         if g == 1:  # the exchange with oneself is the identity
             got = jnp.concatenate(sends, axis=1)
         else:
+            # fill=None: the update reads a received gradient only through an id
+            # that came with it (ids past what was sent are -1)
             got, _ = exchange(jnp.concatenate(sends, axis=1), jnp.stack(sizes, axis=1), AXIS, parts=block,
-                              recv_sizes=jnp.stack(recv_sizes, axis=1), mode=mode)
+                              recv_sizes=jnp.stack(recv_sizes, axis=1), mode=mode, fill=None)
             for sz in sizes:
                 stats.payload(sz, 4 * self.width, self.peer_host, my_host, me)
         # gradient row of received slot (peer s, position j of its block): s * total + j
