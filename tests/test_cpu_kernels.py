@@ -548,8 +548,45 @@ def test_the_embeddings_run_the_pooled_lookup_kernel(mesh24):
         fwd = jax.jit(lambda s, i, n, e=emb: e.forward(s, i, n)[0].pooled)
         text = fwd.lower(emb.init(seed=0), ids, lengths).as_text()
         assert ("jdmt_pooled_lookup" in text) == ck
+        assert ("jdmt_bag_pack" in text) == ck  # the bags packed for their owners in C++
         outs[ck] = np.asarray(fwd(emb.init(seed=0), ids, lengths))
     np.testing.assert_array_equal(outs[True], outs[False])
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("room", [10_000, 30], ids=["fits", "overflows"])
+def test_bag_pack_is_routing_bag_send(weighted, room):
+    """`cpu_kernels.bag_pack` from the batch's table rows gives `routing.bag_send`'s
+    blocks, sizes and weight bits (ids past the capacity dropped, sizes beyond it)."""
+    from jdmt.embeddings import routing
+
+    rng = np.random.default_rng(0)
+    b, c, g = 37, 20, 3
+    canon = rng.integers(-1, 50, (b, c)).astype(np.int32)
+    canon[:, -1] = -1  # the batch's all -1 column, where a missing position points
+    wcanon = (rng.random((b, c)) * (canon >= 0)).astype(np.float32)
+    cols = rng.integers(-1, c - 1, (5, 4))
+    dst, kd = np.array([0, 0, 1, 2, 2]), np.array([0, 1, 0, 0, 1])
+    base, which = np.array([0, 50, 0, 0, 50]), np.array([1, 0, 1, 1, 0], bool)
+    header = np.bincount(dst, minlength=g) * b
+    cap = int(header.max()) + room
+    send, sizes, wsend = jax.jit(lambda x, w: cpu_kernels.bag_pack(
+        x, cols, dst, kd, base, header, cap, wcanon=w if weighted else None, weighted=which, threads=2))(
+        canon, wcanon)
+    kk = np.repeat(np.arange(5), b)
+    rank = kd[kk] * b + np.tile(np.arange(b), 5)
+    at = np.where(cols[kk] >= 0, cols[kk], c - 1)
+    rows = canon[np.tile(np.arange(b), 5)[:, None], at]
+    w = np.where(which[kk][:, None], wcanon[np.tile(np.arange(b), 5)[:, None], at], 1.0).astype(np.float32)
+    ref = routing.bag_send(jnp.asarray(rows), jnp.asarray(dst[kk]), jnp.asarray(rank),
+                           jnp.asarray(base[kk]), jnp.asarray(header), cap, jnp.asarray(w) if weighted else None)
+    np.testing.assert_array_equal(send, ref[0])
+    np.testing.assert_array_equal(sizes, ref[1])
+    assert (np.asarray(sizes) > cap).any() == (room == 30)
+    if weighted:
+        np.testing.assert_array_equal(wsend, ref[3])
+    else:
+        assert wsend is None
 
 
 def _interaction_ref(t):

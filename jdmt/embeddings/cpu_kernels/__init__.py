@@ -1,5 +1,6 @@
 """C++ XLA FFI kernels for CPU: the fused sparse optimizer step, in place,
-the pooled lookup, and the DLRM dot interaction (forward and backward).
+the pooled lookup, the packing of bags for their owners, and the DLRM dot
+interaction (forward and backward).
 
 `sparse_update` does what `optimizers.sparse_step` does for one device's
 storage buffer (sort the ids by row, sum each row's gradients in ascending
@@ -39,7 +40,9 @@ _TARGET_POOL = "jdmt_pooled_lookup"
 _TARGET_POOL_W = "jdmt_weighted_pooled_lookup"
 _TARGET_DOT = "jdmt_dot_interaction"
 _TARGET_DOT_GRAD = "jdmt_dot_interaction_grad"
-_ABI = 9
+_TARGET_PACK = "jdmt_bag_pack"
+_TARGET_PACK_W = "jdmt_weighted_bag_pack"
+_ABI = 10
 _KIND = {
     OptimizerKind.ROWWISE_ADAGRAD: 0,
     OptimizerKind.ADAGRAD: 1,
@@ -77,6 +80,9 @@ def _load() -> None:
                                     platform="cpu")
         jax.ffi.register_ffi_target(_TARGET_DOT, jax.ffi.pycapsule(lib.JdmtDotInteraction), platform="cpu")
         jax.ffi.register_ffi_target(_TARGET_DOT_GRAD, jax.ffi.pycapsule(lib.JdmtDotInteractionGrad),
+                                    platform="cpu")
+        jax.ffi.register_ffi_target(_TARGET_PACK, jax.ffi.pycapsule(lib.JdmtBagPack), platform="cpu")
+        jax.ffi.register_ffi_target(_TARGET_PACK_W, jax.ffi.pycapsule(lib.JdmtWeightedBagPack),
                                     platform="cpu")
     except Exception as e:  # noqa: BLE001
         _state.update(ok=False, reason=f"loading {path} failed: {e!r}")
@@ -269,6 +275,43 @@ def pooled_lookup(table: jax.Array, ids: jax.Array, *, threads: int = 1, visit: 
         (out,) = jax.ffi.ffi_call(_TARGET_POOL_W, out_t)(table, flat, jnp.asarray(weights, jnp.float32)
                                                          .reshape(-1, p), **attrs)
     return out.reshape(*lead, table.shape[1])
+
+
+def bag_pack(canon: jax.Array, cols: np.ndarray, dst: np.ndarray, kd: np.ndarray, base: np.ndarray,
+             header: np.ndarray, cap: int, *, wcanon: jax.Array | None = None,
+             weighted: np.ndarray | None = None, threads: int = 1):
+    """The bags of a batch packed for their owners, as `routing.bag_send`
+    packs them, from the batch's table rows in one pass (CPU).
+
+    Args:
+      canon: i32[B, C] the batch's table rows (-1: no id).
+      cols: [K, P] (static) canon's column of each piece's positions (-1: none).
+      dst, kd, base: [K] (static) each piece's peer, its place among that
+        peer's pieces, and its storage offset there; item (k, b) is header
+        slot kd[k] * B + b of peer dst[k].
+      header: [G] (static) items each peer gets.
+      cap: a block's capacity (header plus ids).
+      wcanon: f32[B, C] the ids' weights, and weighted: bool[K] (static)
+        which pieces send theirs (the others' ids get weight 1); or None.
+
+    Returns:
+      (send i32[G, cap], sizes i32[G] header + ids, possibly > cap,
+       wsend i32[G, cap] the weights' bits at their ids' slots, or None).
+    """
+    if not _ensure():
+        raise RuntimeError(f"jdmt CPU kernels unavailable: {_state.get('reason')}")
+    g = len(header)
+    consts = [jnp.asarray(np.asarray(x, np.int32)) for x in (cols, dst, kd, base, header)]
+    outs = [jax.ShapeDtypeStruct((g, cap), jnp.int32), jax.ShapeDtypeStruct((g,), jnp.int32)]
+    attrs = dict(threads=np.int64(max(1, int(threads))))
+    canon = jnp.asarray(canon, jnp.int32)
+    if wcanon is None:
+        send, sizes = jax.ffi.ffi_call(_TARGET_PACK, outs)(canon, *consts, **attrs)
+        return send, sizes, None
+    w = jnp.asarray(np.asarray(weighted, np.uint8))
+    send, sizes, wsend = jax.ffi.ffi_call(_TARGET_PACK_W, outs + outs[:1])(
+        canon, jnp.asarray(wcanon, jnp.float32), *consts[:5], w, **attrs)
+    return send, sizes, wsend
 
 
 def _interaction_input(t: jax.Array) -> jax.Array:

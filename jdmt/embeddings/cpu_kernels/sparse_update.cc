@@ -861,46 +861,224 @@ ffi::Error WeightedPooledLookupImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> 
   return PooledLookup(table, ids, weights.typed_data(), out, threads, visit);
 }
 
+// ---- Bags packed for their owners ---------------------------------------------
+//
+// What `jdmt.embeddings.routing.bag_send` computes, straight from the batch's
+// table rows (`canon` i32[B, C], -1: no id) in one pass, without the column
+// gather, transpose, cumulative sums and scatters of the XLA form. Item (k, b)
+// is piece k of sample b; its ids are canon[b, cols[k, p]] for the positions p
+// with cols[k, p] >= 0 and a row >= 0, in position order. Peer g's block is
+// `[header | ids]`: header slot kd[k] * B + b holds item (k, b)'s id count,
+// then the ids (each + base[k], the piece's storage offset) of g's items in
+// (k, b) order from slot header[g]; -1 after. Ids past `cap` are dropped
+// (sizes[g] = header[g] + g's ids, possibly > cap: the caller reports
+// overflow). With weights (wcanon f32[B, C] and weighted[k]), wsend holds each
+// id's weight bits at the id's slot (1.0 for the pieces not weighted), 0 in
+// the header and after.
+
+struct PackArgs {
+  const int32_t* canon;
+  const float* wcanon;  // or nullptr
+  const int32_t* cols;
+  const int32_t* dst;
+  const int32_t* kd;
+  const int32_t* base;
+  const uint8_t* weighted;  // or nullptr
+  int64_t B, C, K, P, cap;
+};
+
+inline int32_t BagLen(const PackArgs& a, int64_t k, const int32_t* row) {
+  int32_t n = 0;
+  const int32_t* c = a.cols + k * a.P;
+  for (int64_t p = 0; p < a.P; ++p) n += (c[p] >= 0 && row[c[p]] >= 0);
+  return n;
+}
+
+void PackIds(const PackArgs& a, const int64_t* off, int32_t* send, int32_t* wsend, int64_t b0,
+             int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const int32_t* row = a.canon + b * a.C;
+    const float* wrow = a.wcanon ? a.wcanon + b * a.C : nullptr;
+    for (int64_t k = 0; k < a.K; ++k) {
+      int64_t pos = off[k * a.B + b];
+      int32_t* out = send + a.dst[k] * a.cap;
+      int32_t* wout = wsend ? wsend + a.dst[k] * a.cap : nullptr;
+      const bool weighted = wout && a.weighted[k];
+      const int32_t* c = a.cols + k * a.P;
+      for (int64_t p = 0; p < a.P && pos < a.cap; ++p) {
+        if (c[p] < 0) continue;
+        const int32_t v = row[c[p]];
+        if (v < 0) continue;
+        out[pos] = v + a.base[k];
+        if (wout) {
+          const float w = weighted ? wrow[c[p]] : 1.0f;
+          std::memcpy(wout + pos, &w, sizeof(float));
+        }
+        ++pos;
+      }
+    }
+  }
+}
+
+ffi::Error BagPack(ffi::Buffer<ffi::S32> canon, const float* wcanon, ffi::Buffer<ffi::S32> cols,
+                   ffi::Buffer<ffi::S32> dst, ffi::Buffer<ffi::S32> kd, ffi::Buffer<ffi::S32> base,
+                   ffi::Buffer<ffi::S32> header, const uint8_t* weighted,
+                   ffi::Result<ffi::Buffer<ffi::S32>> send, ffi::Result<ffi::Buffer<ffi::S32>> sizes,
+                   int32_t* wsend, int64_t threads) {
+  auto cd = canon.dimensions(), kc = cols.dimensions(), sd = send->dimensions();
+  if (cd.size() != 2) return ffi::Error::InvalidArgument("canon must be i32[B, C], got " + Dims(cd));
+  if (kc.size() != 2) return ffi::Error::InvalidArgument("cols must be i32[K, P], got " + Dims(kc));
+  const int64_t B = cd[0], C = cd[1], K = kc[0], P = kc[1];
+  const int64_t G = header.dimensions()[0];
+  if (sd.size() != 2 || sd[0] != G) return ffi::Error::InvalidArgument("send must be i32[G, cap], got " + Dims(sd));
+  if (dst.element_count() != K || kd.element_count() != K || base.element_count() != K)
+    return ffi::Error::InvalidArgument("dst, kd and base must have one entry per piece (" +
+                                       std::to_string(K) + ")");
+  const int64_t cap = sd[1];
+  PackArgs a{canon.typed_data(), wcanon, cols.typed_data(), dst.typed_data(), kd.typed_data(),
+             base.typed_data(), weighted, B, C, K, P, cap};
+  const int32_t* hd = header.typed_data();
+  for (int64_t k = 0; k < K; ++k) {
+    if (a.dst[k] < 0 || a.dst[k] >= G) return ffi::Error::InvalidArgument("dst out of range");
+    if ((int64_t{a.kd[k]} + 1) * B > hd[a.dst[k]] || hd[a.dst[k]] > cap)
+      return ffi::Error::InvalidArgument("a piece's header slots do not fit its peer's header");
+    for (int64_t p = 0; p < P; ++p)
+      if (a.cols[k * P + p] >= C) return ffi::Error::InvalidArgument("cols out of range");
+  }
+  int32_t* s = send->typed_data();
+  std::fill(s, s + G * cap, -1);
+  if (wsend) std::fill(wsend, wsend + G * cap, 0);
+  // the ids' counts, written into the headers; then each item's first slot
+  std::vector<int64_t> off(static_cast<size_t>(K * B));
+  for (int64_t b = 0; b < B; ++b) {
+    const int32_t* row = a.canon + b * C;
+    for (int64_t k = 0; k < K; ++k) {
+      const int32_t n = BagLen(a, k, row);
+      off[k * B + b] = n;
+      s[a.dst[k] * cap + a.kd[k] * B + b] = n;
+    }
+  }
+  std::vector<int64_t> run(hd, hd + G);
+  for (int64_t k = 0; k < K; ++k) {
+    int64_t r = run[a.dst[k]];
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t n = off[k * B + b];
+      off[k * B + b] = r;
+      r += n;
+    }
+    run[a.dst[k]] = r;
+  }
+  int32_t* sz = sizes->typed_data();
+  for (int64_t g = 0; g < G; ++g) sz[g] = static_cast<int32_t>(run[g]);
+  // at least ~64k ids per thread
+  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(threads, B * K * P / 65536));
+  const int64_t* o = off.data();
+  SplitRange(B, n, [=](int64_t b0, int64_t b1) { PackIds(a, o, s, wsend, b0, b1); });
+  return ffi::Error::Success();
+}
+
+ffi::Error BagPackImpl(ffi::Buffer<ffi::S32> canon, ffi::Buffer<ffi::S32> cols, ffi::Buffer<ffi::S32> dst,
+                       ffi::Buffer<ffi::S32> kd, ffi::Buffer<ffi::S32> base, ffi::Buffer<ffi::S32> header,
+                       ffi::Result<ffi::Buffer<ffi::S32>> send, ffi::Result<ffi::Buffer<ffi::S32>> sizes,
+                       int64_t threads) {
+  return BagPack(canon, nullptr, cols, dst, kd, base, header, nullptr, send, sizes, nullptr, threads);
+}
+
+// The same with the ids' weights: wcanon f32[B, C] and weighted u8[K] (1: the
+// piece's weights travel; 0: its ids get weight 1).
+ffi::Error WeightedBagPackImpl(ffi::Buffer<ffi::S32> canon, ffi::Buffer<ffi::F32> wcanon,
+                               ffi::Buffer<ffi::S32> cols, ffi::Buffer<ffi::S32> dst,
+                               ffi::Buffer<ffi::S32> kd, ffi::Buffer<ffi::S32> base,
+                               ffi::Buffer<ffi::S32> header, ffi::Buffer<ffi::U8> weighted,
+                               ffi::Result<ffi::Buffer<ffi::S32>> send,
+                               ffi::Result<ffi::Buffer<ffi::S32>> sizes,
+                               ffi::Result<ffi::Buffer<ffi::S32>> wsend, int64_t threads) {
+  auto cd = canon.dimensions(), wd = wcanon.dimensions();
+  if (wd.size() != 2 || wd[0] != cd[0] || wd[1] != cd[1])
+    return ffi::Error::InvalidArgument("wcanon must have canon's shape " + Dims(cd) + ", got " + Dims(wd));
+  if (weighted.element_count() != cols.dimensions()[0])
+    return ffi::Error::InvalidArgument("weighted must have one entry per piece");
+  if (wsend->dimensions().size() != 2 || wsend->element_count() != send->element_count())
+    return ffi::Error::InvalidArgument("wsend must have send's shape");
+  return BagPack(canon, wcanon.typed_data(), cols, dst, kd, base, header, weighted.typed_data(), send,
+                 sizes, wsend->typed_data(), threads);
+}
+
 // ---- DLRM dot interaction ---------------------------------------------------
 //
 // Forward: t f32[B, N, D] -> z f32[B, N(N-1)/2], z[b, p(i, j)] = <t_bi, t_bj>
 // for i < j in row-major order (`jdmt.models.dlrm.dot_interaction`). Each
-// sum runs over d in ascending order (one rounding per product and per add:
-// -ffp-contract=off), vectorised across j: rows of t are multiplied into the
-// transposed t of the sample, so no horizontal sums are needed.
-// Backward: g f32[B, P] -> dt f32[B, N, D], dt_bi = sum_{j != i} g[b, p(min,
-// max)] t_bj, summed over j in ascending order, vectorised across d.
-// Samples are independent, so threads split them without changing a bit.
+// sum runs over d in ascending order, vectorised across j: rows of t are
+// multiplied into the transposed t of the sample, so no horizontal sums are
+// needed. Backward: g f32[B, P] -> dt f32[B, N, D], dt_bi = sum_{j != i}
+// g[b, p(min, max)] t_bj, summed over j in ascending order, vectorised across
+// d. Samples are independent, so threads split them without changing a bit.
+//
+// Both run with floating-point contraction on (a multiply and an add become
+// one FMA where the ISA has it; the rest of the library keeps
+// -ffp-contract=off): the interaction is compared with XLA to f32 rounding,
+// never bit for bit, and FMA doubles the arithmetic rate.
+#if defined(__clang__)
+#define JDMT_FP_CONTRACT _Pragma("clang fp contract(fast)")
+#else
+#define JDMT_FP_CONTRACT
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=fast")
+#endif
+
+// Register tiles: kRows rows of t against kCols floats (whole vectors) of the
+// other operand, every loop of a fixed length so the accumulators stay in
+// registers (32 vector registers with AVX-512, 16 otherwise).
+#if defined(__AVX512F__)
+constexpr int64_t kTileRows = 6, kTileCols = 32;
+#else
+constexpr int64_t kTileRows = 4, kTileCols = 16;
+#endif
+
+// acc[r][0:W] = sum_d a[r][d * sa] * v[d * sv + 0:W], d ascending; W a multiple
+// of the lanes (the caller pads), sa / sv the strides of d.
+template <int64_t W>
+inline void TileDot(const float* const* a, int64_t sa, const float* v, int64_t sv, int64_t D,
+                    float (&acc)[kTileRows][kTileCols]) {
+  JDMT_FP_CONTRACT
+  float c[kTileRows][W];
+  for (int64_t r = 0; r < kTileRows; ++r)
+    for (int64_t k = 0; k < W; ++k) c[r][k] = 0.0f;
+  for (int64_t d = 0; d < D; ++d) {
+    const float* x = v + d * sv;
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      const float s = a[r][d * sa];
+      for (int64_t k = 0; k < W; ++k) c[r][k] += s * x[k];
+    }
+  }
+  for (int64_t r = 0; r < kTileRows; ++r)
+    for (int64_t k = 0; k < W; ++k) acc[r][k] = c[r][k];
+}
 
 void InteractFwd(const float* t, float* z, int64_t N, int64_t D, int64_t b0, int64_t b1) {
-  // The sample's t transposed to [D, Np] (Np: N rounded up to 16 lanes, zero
-  // padded); rows i in blocks of 4 against 16-lane chunks of columns j, so
-  // each loaded chunk serves 4 rows and every loop has a fixed length (a
-  // remainder loop of up to 15 scalar steps per row made it 2.1x slower).
-  constexpr int64_t kRows = 4, kLanes = 16;
-  const int64_t P = N * (N - 1) / 2, Np = (N + kLanes - 1) / kLanes * kLanes;
+  // The sample's t transposed to [D, Np] (Np: N rounded up to the tile's
+  // columns, zero padded); row blocks of t against column tiles of the
+  // transpose, only those that reach the strict upper triangle.
+  constexpr int64_t kHalf = kTileCols / 2;
+  const int64_t P = N * (N - 1) / 2, Np = (N + kTileCols - 1) / kTileCols * kTileCols;
   std::vector<float> tt(static_cast<size_t>(D * Np), 0.0f), full(static_cast<size_t>(N * Np));
+  float acc[kTileRows][kTileCols];
   for (int64_t b = b0; b < b1; ++b) {
     const float* tb = t + b * N * D;
     for (int64_t i = 0; i < N; ++i)
       for (int64_t d = 0; d < D; ++d) tt[d * Np + i] = tb[i * D + d];
-    for (int64_t i0 = 0; i0 + 1 < N; i0 += kRows) {
-      const int64_t rows = std::min<int64_t>(kRows, N - i0);
-      const float* ti[kRows];  // rows past N repeat the last one (their sums are dropped)
-      for (int64_t r = 0; r < kRows; ++r) ti[r] = tb + std::min<int64_t>(i0 + r, N - 1) * D;
-      for (int64_t c = (i0 + 1) / kLanes * kLanes; c < Np; c += kLanes) {
-        float acc[kRows][kLanes];
-        for (int64_t r = 0; r < kRows; ++r)
-          for (int64_t k = 0; k < kLanes; ++k) acc[r][k] = ti[r][0] * tt[c + k];
-        for (int64_t d = 1; d < D; ++d) {
-          const float* v = tt.data() + d * Np + c;
-          for (int64_t r = 0; r < kRows; ++r) {
-            const float x = ti[r][d];
-            for (int64_t k = 0; k < kLanes; ++k) acc[r][k] += x * v[k];
-          }
-        }
+    for (int64_t i0 = 0; i0 + 1 < N; i0 += kTileRows) {
+      const int64_t rows = std::min<int64_t>(kTileRows, N - i0);
+      const float* ti[kTileRows];  // rows past N repeat the last one (their sums are dropped)
+      for (int64_t r = 0; r < kTileRows; ++r) ti[r] = tb + std::min<int64_t>(i0 + r, N - 1) * D;
+      int64_t c = (i0 + 1) / kHalf * kHalf;
+      while (c < Np) {
+        const int64_t w = (c % kTileCols == 0) ? kTileCols : kHalf;  // a half tile up to the next whole one
+        if (w == kTileCols) TileDot<kTileCols>(ti, 1, tt.data() + c, Np, D, acc);
+        else TileDot<kHalf>(ti, 1, tt.data() + c, Np, D, acc);
         for (int64_t r = 0; r < rows; ++r)
-          std::memcpy(full.data() + (i0 + r) * Np + c, acc[r], sizeof(float) * kLanes);
+          std::memcpy(full.data() + (i0 + r) * Np + c, acc[r], sizeof(float) * w);
+        c += w;
       }
     }
     float* o = z + b * P;
@@ -913,8 +1091,12 @@ void InteractFwd(const float* t, float* z, int64_t N, int64_t D, int64_t b0, int
 
 void InteractBwd(const float* t, const float* g, float* dt, int64_t N, int64_t D, int64_t b0,
                  int64_t b1) {
-  const int64_t P = N * (N - 1) / 2;
-  std::vector<float> G(static_cast<size_t>(N * N));
+  // dt = G t per sample (G the symmetric N x N matrix of g, zero diagonal):
+  // row blocks of G against column tiles of t (D padded to whole tiles).
+  const int64_t P = N * (N - 1) / 2, Dp = (D + kTileCols - 1) / kTileCols * kTileCols;
+  const int64_t Nr = (N + kTileRows - 1) / kTileRows * kTileRows;
+  std::vector<float> G(static_cast<size_t>(Nr * N), 0.0f), tp(static_cast<size_t>(N * Dp), 0.0f);
+  float acc[kTileRows][kTileCols];
   for (int64_t b = b0; b < b1; ++b) {
     const float* gb = g + b * P;
     int64_t p = 0;
@@ -923,24 +1105,28 @@ void InteractBwd(const float* t, const float* g, float* dt, int64_t N, int64_t D
       for (int64_t j = i + 1; j < N; ++j, ++p) G[i * N + j] = G[j * N + i] = gb[p];
     }
     const float* tb = t + b * N * D;
-    for (int64_t i = 0; i < N; ++i) {
-      float* o = dt + (b * N + i) * D;
-      bool first = true;
-      for (int64_t j = 0; j < N; ++j) {
-        if (j == i) continue;
-        const float c = G[i * N + j];
-        const float* r = tb + j * D;
-        if (first) {
-          for (int64_t d = 0; d < D; ++d) o[d] = c * r[d];
-          first = false;
-        } else {
-          for (int64_t d = 0; d < D; ++d) o[d] += c * r[d];
-        }
+    const float* src = tb;
+    if (Dp != D) {  // rows padded to whole tiles
+      for (int64_t j = 0; j < N; ++j) std::memcpy(tp.data() + j * Dp, tb + j * D, sizeof(float) * D);
+      src = tp.data();
+    }
+    for (int64_t i0 = 0; i0 < N; i0 += kTileRows) {
+      const int64_t rows = std::min<int64_t>(kTileRows, N - i0);
+      const float* gi[kTileRows];  // rows past N are G's zero padding
+      for (int64_t r = 0; r < kTileRows; ++r) gi[r] = G.data() + (i0 + r) * N;
+      for (int64_t c = 0; c < D; c += kTileCols) {
+        TileDot<kTileCols>(gi, 1, src + c, Dp, N, acc);
+        const int64_t w = std::min<int64_t>(kTileCols, D - c);
+        for (int64_t r = 0; r < rows; ++r)
+          std::memcpy(dt + (b * N + i0 + r) * D + c, acc[r], sizeof(float) * w);
       }
-      if (first) std::memset(o, 0, sizeof(float) * D);
     }
   }
 }
+
+#if !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 template <typename F>
 void SplitSamples(int64_t B, int64_t work_per_sample, int64_t threads, F f) {
@@ -997,6 +1183,8 @@ extern "C" JDMT_EXPORT XLA_FFI_Error* JdmtPooledLookup(XLA_FFI_CallFrame* call_f
 extern "C" JDMT_EXPORT XLA_FFI_Error* JdmtWeightedPooledLookup(XLA_FFI_CallFrame* call_frame);
 extern "C" JDMT_EXPORT XLA_FFI_Error* JdmtDotInteraction(XLA_FFI_CallFrame* call_frame);
 extern "C" JDMT_EXPORT XLA_FFI_Error* JdmtDotInteractionGrad(XLA_FFI_CallFrame* call_frame);
+extern "C" JDMT_EXPORT XLA_FFI_Error* JdmtBagPack(XLA_FFI_CallFrame* call_frame);
+extern "C" JDMT_EXPORT XLA_FFI_Error* JdmtWeightedBagPack(XLA_FFI_CallFrame* call_frame);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JdmtSparseUpdate, UpdateImpl,
                               ffi::Ffi::Bind()
@@ -1057,5 +1245,32 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JdmtDotInteractionGrad, InteractionGradImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dt [B, N, D]
                                   .Attr<int64_t>("threads"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdmtBagPack, BagPackImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // canon [B, C]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // cols [K, P]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // dst [K]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kd [K]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // base [K]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // header [G]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // send [G, cap]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // sizes [G]
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JdmtWeightedBagPack, WeightedBagPackImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // canon [B, C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // wcanon [B, C]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // cols [K, P]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // dst [K]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kd [K]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // base [K]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // header [G]
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // weighted [K]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // send [G, cap]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // sizes [G]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // wsend [G, cap]
+                                  .Attr<int64_t>("threads"));
+
 // Lets the loader check the library matches the Python side.
-extern "C" JDMT_EXPORT int jdmt_cpu_kernels_abi_version() { return 9; }
+extern "C" JDMT_EXPORT int jdmt_cpu_kernels_abi_version() { return 10; }
