@@ -765,12 +765,14 @@ class ShardedEmbeddings:
             seqs[feats[i].name] = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
         return pooled, seqs
 
-    def _bag_grads(self, pieces, width: int, gp, g_pooled):
+    def _bag_grads(self, pieces, width: int, gp, g_pooled, groups=None):
         """f32[K, B, D]: the gradients of a route's bag pieces, stacked. When
         the pieces' columns of the pooled gradient are whole width-wide
         blocks (the usual case), the stack is one permuting transpose of
         them (a swap of axes and a static take, one pass in XLA:CPU), not K
-        slices (which XLA:CPU copies one by one) and a stack."""
+        slices (which XLA:CPU copies one by one) and a stack; with `groups`
+        (pieces per peer, `WidthRoute.bag_groups`) one such pass per peer,
+        concatenated, so that each peer's block is an array of its own."""
         if not pieces:
             return None
         cols = self._pooled_col
@@ -783,7 +785,10 @@ class ShardedEmbeddings:
                 block = g_pooled[:, at[0] : at[0] + len(pieces) * width]
                 return jnp.swapaxes(block.reshape(block.shape[0], len(pieces), width), 0, 1)
             g3 = jnp.swapaxes(g_pooled.reshape(g_pooled.shape[0], -1, width), 0, 1)  # [F, B, D]
-            return jnp.take(g3, ks, axis=0)
+            if groups is None:
+                return jnp.take(g3, ks, axis=0)
+            cut = np.cumsum(groups)[:-1]
+            return jnp.concatenate([jnp.take(g3, part, axis=0) for part in np.split(ks, cut) if len(part)])
         return jnp.stack([gp[i] for i in pieces])
 
     def _piece_grads(self, g_pooled, g_seqs, lengths) -> tuple[dict[int, jax.Array], jax.Array | None]:
@@ -859,7 +864,7 @@ class ShardedEmbeddings:
                 gp, g_scaled = self._piece_grads(g_pooled, g_seqs, self.tier_fold.lengths(lengths))
             for w, route in self.routes.items():
                 c = {**ctx["flat"][w], "read": ctx["flat"][w]["read"][0]}
-                g_bag = self._bag_grads(route.bag_pieces, route.width, gp, g_scaled)
+                g_bag = self._bag_grads(route.bag_pieces, route.width, gp, g_scaled, route.bag_groups(self.impl))
                 g_rows = {k: gp[i] for k, i in enumerate(route.row_pieces)}
                 rows, src, g, scale, s = route.backward(c, g_bag, g_rows, caps["flat"][w], mode, self.impl, wc)
                 st.append(s)

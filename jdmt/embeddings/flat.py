@@ -109,6 +109,9 @@ def owner_rows(table, ids, impl: Impl):
     return take_rows(table, ids, impl)
 
 
+SPLIT_PEERS = 16  # `WidthRoute.split_blocks` up to this many peers (bounds the program's size)
+
+
 class WidthRoute:
     """The flat path's static routing of the pieces of one width.
 
@@ -189,6 +192,19 @@ class WidthRoute:
         self.row_piece_of_col = np.array(piece_of_col, np.int32)
         self.row_pooled = [feats[p.feature].pooled for _, p in rows]
         self.row_weighted = [feats[p.feature].weighted for _, p in rows]
+
+    def split_blocks(self, impl: Impl) -> bool:
+        """Whether the bags' blocks are produced peer by peer (the C++ path
+        on CPU, up to `SPLIT_PEERS` peers): the padded exchange splits its
+        operand into the peers' blocks, and XLA:CPU copies each block out
+        of one buffer, but cancels the split against a stack of separate
+        arrays, so each lookup (and each gradient block, `bag_groups`)
+        writes straight into what travels."""
+        return bool(impl.cpu_threads) and not impl.pallas and 1 < self.peers <= SPLIT_PEERS
+
+    def bag_groups(self, impl: Impl) -> np.ndarray | None:
+        """The bag pieces per peer (in piece order) when `split_blocks`, else None."""
+        return self.bag_count if self.split_blocks(impl) else None
 
     # ---- sizes ---------------------------------------------------------------------------
 
@@ -357,6 +373,7 @@ class WidthRoute:
         outs, back_sizes, back_recv = [], [], []
         k = 0
         if self.bag_pieces:
+            per_peer = self.split_blocks(impl) and not alone
             if alone:
                 ids, bw = local_ids, wb
             else:
@@ -368,6 +385,9 @@ class WidthRoute:
                 outs.append(cpu_kernels.pooled_lookup(table, ids[0], threads=impl.cpu_threads,
                                                       visit=len(self.bag_pieces),
                                                       weights=None if bw is None else bw[0])[None])
+            elif per_peer:  # one lookup per peer's block, stacked (`split_blocks`)
+                outs.append(jnp.stack([owner_pool(table, ids[s_], None, impl, None if bw is None else bw[s_])
+                                       for s_ in range(g)]))
             else:
                 outs.append(owner_pool(table, ids, jnp.asarray(self.bag_maxlen)[me], impl, bw))  # [G, I, D]
             back_sizes.append(jnp.full((g,), items, jnp.int32))
