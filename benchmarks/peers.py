@@ -43,26 +43,37 @@ def add_arguments(parser) -> None:
                         "builds under ${TMPDIR:-/tmp}/jdmt-peer)")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Peer:
     python: str
     scripts: str
+    retries: int = 0  # runs that died and were run again (`run`)
 
-    def run(self, script: str, argv: list[str], timeout: float) -> str:
-        """The script's stdout; raises RuntimeError with its stderr's tail on failure."""
+    def run(self, script: str, argv: list[str], timeout: float, attempts: int = 2) -> str:
+        """The script's stdout; raises RuntimeError with its stderr's tail on failure.
+
+        A run that dies is tried again, up to `attempts` runs in all (TorchRec's
+        gloo processes now and then abort at random: "terminate called without
+        an active exception", SIGABRT in one rank); each retry is said on
+        stderr and counted in `self.retries`."""
         cmd = [self.python, os.path.join(self.scripts, script), *argv]
         env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
-        with tempfile.TemporaryFile("w+") as err:
-            try:
-                out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
-                                     timeout=timeout)
-            except subprocess.TimeoutExpired:
-                raise RuntimeError(f"{script} did not finish within {timeout:.0f} s") from None
-            if out.returncode:
+        for attempt in range(attempts):
+            with tempfile.TemporaryFile("w+") as err:
+                try:
+                    out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
+                                         timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    raise RuntimeError(f"{script} did not finish within {timeout:.0f} s") from None
+                if not out.returncode:
+                    return out.stdout
                 err.seek(0)
                 tail = err.read()[-2000:]
-                raise RuntimeError(f"{script} exited with status {out.returncode}: {tail}")
-        return out.stdout
+            if attempt + 1 < attempts:
+                self.retries += 1
+                print(f"# peer {script} exited with status {out.returncode}; running it again",
+                      file=sys.stderr, flush=True)
+        raise RuntimeError(f"{script} exited with status {out.returncode}: {tail}")
 
 
 def find(scripts: str | None, python: str | None) -> tuple[Peer | None, str]:
@@ -82,7 +93,7 @@ def find(scripts: str | None, python: str | None) -> tuple[Peer | None, str]:
 def describe(peer: Peer | None, reason: str) -> dict:
     if peer is None:
         return {"available": False, "reason": reason}
-    return {"available": True, "python": peer.python, "scripts": peer.scripts}
+    return {"available": True, "python": peer.python, "scripts": peer.scripts, "retries": peer.retries}
 
 
 def warn_missing(reason: str, scripts: str | None = None) -> None:

@@ -103,6 +103,11 @@ def parse_args(argv=None):
                    help="devices per process (on CPU: emulated devices; the mesh is 2xLOCAL). "
                    "1 (default) is the fastest on CPU: 478 ms/step against 582 ms with 4 on a "
                    "2-core host (2026-12-07), where emulated devices share the process's cores")
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                   help="give each process its own share of this machine's cores (process i: "
+                   "cores [i*C, (i+1)*C), C = cores // 2), as two hosts would have, and as "
+                   "TorchRec's ranks get cores // 2 threads each; --no-pin lets both processes "
+                   "run on every core")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800,
                    help="seconds to wait for the two processes")
@@ -191,7 +196,16 @@ class FixedBags:
         return self._eval
 
 
+def process_cores(i: int) -> list[int] | None:
+    """The cores process i of PROCESSES runs on with `--pin` (None: too few cores)."""
+    have = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    per = len(have) // PROCESSES
+    return have[i * per : (i + 1) * per] if per else None
+
+
 def child(args) -> int:
+    if args.pin and process_cores(args.process_id):  # before the backend sizes its thread pools
+        os.sched_setaffinity(0, process_cores(args.process_id))
     from jdmt.mesh import initialize_distributed
 
     initialize_distributed(args.child, PROCESSES, args.process_id, local_devices=args.local)
@@ -391,7 +405,7 @@ def _launch(args, prefixes: list[list[str]], address: str) -> tuple[dict, float,
                "--kernel", args.kernel, "--local", str(args.local), "--shape", args.shape,
                "--row-dedup", args.row_dedup, "--memory-budget", str(args.memory_budget),
                "--dense-allreduce", args.dense_allreduce,
-               *(["--profile"] if args.profile else []),
+               *(["--profile"] if args.profile else []), *([] if args.pin else ["--no-pin"]),
                *(["--quick"] if args.quick else [])]
         load_before = os.getloadavg()[0]
         t0 = time.perf_counter()
@@ -509,6 +523,7 @@ def report(args, runs: list, peer_runs: list[dict], peer: dict) -> dict:
         },
         "backend": s["backend"],
         "host_cpus": os.cpu_count(),
+        "cores_per_process": len(process_cores(0) or []) if args.pin else None,  # None: unpinned
         "malloc": s.get("malloc"),
         # 1-minute load average before and after: other work on a shared machine slows the steps.
         "load_average_1m": runs[-1][2],
