@@ -259,7 +259,7 @@ def step_profile(trainer, trace_dir: str) -> dict:
     """The profiled steps' time split (this process): device-op time per
     category in ms per step, summed over the process's devices (devices run
     concurrently, so the sum can exceed the step's wall time), and the
-    step's median wall time. Categories: the C++ lookup and update kernels,
+    step's median wall time. Categories: the C++ lookup, update and bag packing kernels,
     collectives (the exchanges and gradient all-reduces), dense matmuls
     (XLA:CPU's dot thunks and YNNPACK fusions), and every other XLA op.
     A collective's time includes waiting for the other devices and process."""
@@ -302,6 +302,8 @@ def step_profile(trainer, trace_dir: str) -> dict:
             cat = "embedding_update_cpp"
         elif "dot_interaction" in target:
             cat = "dense_interaction_cpp"
+        elif "bag_pack" in target:
+            cat = "embedding_pack_cpp"
         elif op.startswith(_COLLECTIVES):
             cat = "collectives"
         elif op.startswith(_DENSE):
