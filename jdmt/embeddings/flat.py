@@ -336,9 +336,12 @@ class WidthRoute:
                 if impl.cpu_threads and not impl.pallas:  # in C++, from canon in one pass
                     from jdmt.embeddings import cpu_kernels
 
+                    # canon without its all -1 last column (a bag's missing positions
+                    # are -1 in bag_cols): XLA drops the column's concatenation, so the
+                    # kernel reads the canonical rows as they were computed, not a copy
                     send, bsz, wsend = cpu_kernels.bag_pack(
-                        canon, self.bag_cols, self.bag_dst, self.bag_kd, self.bag_base, header, cap,
-                        wcanon=None if wb is None else wcanon, weighted=self.bag_weighted,
+                        canon[:, :-1], self.bag_cols, self.bag_dst, self.bag_kd, self.bag_base, header, cap,
+                        wcanon=None if wb is None else wcanon[:, :-1], weighted=self.bag_weighted,
                         threads=impl.cpu_threads)
                 else:
                     send, bsz, _, wsend = routing.bag_send(
