@@ -73,3 +73,22 @@ def test_runs_a_peer_script_and_reports_its_failure(tmp_path):
                         iters=3, variants=("TBE fwd+bwd+Adam",))
     with pytest.raises(RuntimeError, match="status 3: boom"):
         peer.run("dmp_dlrm.py", [], timeout=60)
+
+
+def test_a_peer_run_that_dies_once_is_run_again(tmp_path):
+    """TorchRec's gloo ranks now and then abort at random: one retry, counted."""
+    mark = tmp_path / "ran"
+    (tmp_path / "flaky.py").write_text(textwrap.dedent(f"""\
+        import os, sys
+        if not os.path.exists({str(mark)!r}):
+            open({str(mark)!r}, "w").close()
+            sys.exit(134)
+        print("ok")
+        """))
+    peer, _ = peers.find(str(tmp_path), sys.executable)
+    assert peer.run("flaky.py", [], timeout=60).strip() == "ok"
+    assert peer.retries == 1 and peers.describe(peer, "")["retries"] == 1
+    (tmp_path / "dead.py").write_text("import sys; sys.exit(134)")
+    with pytest.raises(RuntimeError, match="status 134"):
+        peer.run("dead.py", [], timeout=60)
+    assert peer.retries == 2
