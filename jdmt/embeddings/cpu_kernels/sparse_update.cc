@@ -743,12 +743,16 @@ inline void AddRowW(float* __restrict o, const W* __restrict row, float w, int64
   for (int64_t d = 0; d < D; ++d) o[d] += Widen(row[d]) * w;
 }
 
-template <typename W, bool kWeighted>
+// kD > 0: D is kD, known when compiled: the bag's sum stays in registers
+// (a local array of kD floats) and is written once (the same additions in the
+// same order as summing into `out`: the same bits).
+template <typename W, bool kWeighted, int64_t kD = 0>
 void PoolBags(const W* table, const int32_t* ids, const float* wts, float* out, int64_t R,
-              int64_t D, int64_t P, int64_t b0, int64_t b1, Visit v) {
-
+              int64_t Dr, int64_t P, int64_t b0, int64_t b1, Visit v) {
+  const int64_t D = kD ? kD : Dr;
   constexpr int64_t kStep = 64 / sizeof(W);  // elements per cache line
   constexpr int64_t kAhead = 2;  // bags prefetched ahead
+  float local[kD ? kD : 1];
   for (int64_t b = b0; b < b1; ++b) {
     if (b + kAhead < b1) {
       const int32_t* nx = ids + BagOf(b + kAhead, v) * P;
@@ -762,7 +766,7 @@ void PoolBags(const W* table, const int32_t* ids, const float* wts, float* out, 
     }
     const int64_t n = BagOf(b, v);
     const int32_t* bag = ids + n * P;
-    float* o = out + n * D;
+    float* o = kD ? local : out + n * D;
     bool first = true;
     for (int64_t p = 0; p < P; ++p) {
       const int32_t r = bag[p];
@@ -779,7 +783,21 @@ void PoolBags(const W* table, const int32_t* ids, const float* wts, float* out, 
       }
       first = false;
     }
-    if (first) std::memset(o, 0, sizeof(float) * D);
+    if (first) std::memset(out + n * D, 0, sizeof(float) * D);
+    else if (kD) std::memcpy(out + n * D, local, sizeof(float) * D);
+  }
+}
+
+// PoolBags for D known when compiled where it is one of the usual widths.
+template <typename W, bool kWeighted>
+void PoolBagsAnyD(const W* t, const int32_t* i, const float* w, float* o, int64_t R, int64_t D,
+                  int64_t P, int64_t b0, int64_t b1, Visit v) {
+  switch (D) {
+    case 16: return PoolBags<W, kWeighted, 16>(t, i, w, o, R, D, P, b0, b1, v);
+    case 32: return PoolBags<W, kWeighted, 32>(t, i, w, o, R, D, P, b0, b1, v);
+    case 64: return PoolBags<W, kWeighted, 64>(t, i, w, o, R, D, P, b0, b1, v);
+    case 128: return PoolBags<W, kWeighted, 128>(t, i, w, o, R, D, P, b0, b1, v);
+    default: return PoolBags<W, kWeighted>(t, i, w, o, R, D, P, b0, b1, v);
   }
 }
 
@@ -807,9 +825,9 @@ void Pool(const W* t, const int32_t* i, const float* w, float* o, int64_t R, int
   // at least ~16k ids per thread: below that a thread costs more than it saves
   const int64_t n = std::max<int64_t>(1, std::min<int64_t>(threads, B * P / 16384));
   if (w == nullptr)
-    SplitRange(B, n, [=](int64_t b0, int64_t b1) { PoolBags<W, false>(t, i, w, o, R, D, P, b0, b1, v); });
+    SplitRange(B, n, [=](int64_t b0, int64_t b1) { PoolBagsAnyD<W, false>(t, i, w, o, R, D, P, b0, b1, v); });
   else
-    SplitRange(B, n, [=](int64_t b0, int64_t b1) { PoolBags<W, true>(t, i, w, o, R, D, P, b0, b1, v); });
+    SplitRange(B, n, [=](int64_t b0, int64_t b1) { PoolBagsAnyD<W, true>(t, i, w, o, R, D, P, b0, b1, v); });
 }
 
 ffi::Error PooledLookup(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids, const float* w,
