@@ -40,6 +40,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -259,7 +260,9 @@ def step_profile(trainer, trace_dir: str) -> dict:
     """The profiled steps' time split (this process): device-op time per
     category in ms per step, summed over the process's devices (devices run
     concurrently, so the sum can exceed the step's wall time), and the
-    step's median wall time. Categories: the C++ lookup, update and bag packing kernels,
+    step's median wall time; and the time in a step when no device op of
+    the process runs (`outside_device_ops_ms_per_step`: the host's dispatch
+    and input transfers, and gaps). Categories: the C++ lookup, update and bag packing kernels,
     collectives (the exchanges and gradient all-reduces), dense matmuls
     (XLA:CPU's dot thunks and YNNPACK fusions), and every other XLA op.
     A collective's time includes waiting for the other devices and process."""
@@ -314,8 +317,22 @@ def step_profile(trainer, trace_dir: str) -> dict:
         cats[cat] = cats.get(cat, 0.0) + e["dur"] / 1e3
     steps = max(1, len(whole))
     total = sum(cats.values())
+    # The rest of a step: from one whole step's first op to the next one's, the
+    # time no device op of this process runs (the host's dispatch and input,
+    # and any gap between steps).
+    spans = {}
+    for e in ops:
+        if e["args"].get("run_id") in whole:
+            spans.setdefault(e["args"]["run_id"], []).append((e["ts"], e["ts"] + e["dur"]))
+    starts = sorted(min(a for a, _ in iv) for iv in spans.values())
+    periods = [b - a for a, b in zip(starts, starts[1:])]
+    outside = None
+    if periods:
+        busy = statistics.median(_union(iv) for iv in spans.values())
+        outside = round(max(0.0, statistics.median(periods) - busy) / 1e3, 1)
     return {
         "profiled_steps": steps,
+        "outside_device_ops_ms_per_step": outside,
         "device_op_ms_per_step": {k: round(v / steps, 1) for k, v in sorted(cats.items())},
         "device_op_share": {k: round(v / total, 3) for k, v in sorted(cats.items())} if total else {},
         "devices_in_process": len(jax.local_devices()),
@@ -323,6 +340,17 @@ def step_profile(trainer, trace_dir: str) -> dict:
         "top_other_xla_ops_ms": {k: round(v / steps, 1) for k, v in
                                  sorted(other.items(), key=lambda kv: -kv[1])[:12]},
     }
+
+
+def _union(intervals) -> float:
+    """The length of the union of (start, end) intervals."""
+    total, end = 0.0, None
+    for a, b in sorted(intervals):
+        if end is None or a > end:
+            total, end = total + (b - a), b
+        elif b > end:
+            total, end = total + (b - end), b
+    return total
 
 
 # ---------------------------------------------------------------------------- launcher
