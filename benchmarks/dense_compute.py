@@ -35,27 +35,15 @@ import statistics
 
 import peers
 from lookup import median_ms
+from peer_dense import add_shape_arguments, widths
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--dense", type=int, default=13)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--features", type=int, default=26)
-    p.add_argument("--bottom", default="512,256")
-    p.add_argument("--top", default="512,512,256")
-    p.add_argument("--iters", type=int, default=10, help="timed iterations per measurement")
+    add_shape_arguments(p)
     p.add_argument("--rounds", type=int, default=3, help="rounds of jdmt then the peer")
     peers.add_arguments(p)
     return p.parse_args(argv)
-
-
-def widths(args) -> tuple[list[int], list[int]]:
-    n = args.features + 1
-    bottom = [args.dense, *map(int, args.bottom.split(",")), args.dim]
-    top = [args.dim + n * (n - 1) // 2, *map(int, args.top.split(",")), 1]
-    return bottom, top
 
 
 def matmul_flops(args) -> float:

@@ -13,15 +13,29 @@ import statistics
 import time
 
 
-def main():
-    p = argparse.ArgumentParser()
+def add_shape_arguments(p) -> None:
+    """The dense model's shape flags (`dense_compute.py` passes them on)."""
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--dense", type=int, default=13)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--features", type=int, default=26)
     p.add_argument("--bottom", default="512,256")
     p.add_argument("--top", default="512,512,256")
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--iters", type=int, default=10, help="timed iterations per measurement")
+
+
+def widths(a) -> tuple[list[int], list[int]]:
+    """The bottom and top MLPs' layer widths, inputs first: the top MLP takes
+    the bottom output and the interaction's (F + 1)F / 2 products."""
+    n = a.features + 1
+    bottom = [a.dense, *map(int, a.bottom.split(",")), a.dim]
+    top = [a.dim + n * (n - 1) // 2, *map(int, a.top.split(",")), 1]
+    return bottom, top
+
+
+def main():
+    p = argparse.ArgumentParser()
+    add_shape_arguments(p)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     import torch
@@ -29,9 +43,8 @@ def main():
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
     b, d, f = a.batch, a.dim, a.features
-    bottom = [a.dense, *map(int, a.bottom.split(",")), d]
+    bottom, top = widths(a)
     n = f + 1
-    top = [d + n * (n - 1) // 2, *map(int, a.top.split(",")), 1]
 
     def mlp(widths):
         layers = []

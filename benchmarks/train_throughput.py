@@ -205,8 +205,9 @@ def process_cores(i: int) -> list[int] | None:
 
 
 def child(args) -> int:
-    if args.pin and process_cores(args.process_id):  # before the backend sizes its thread pools
-        os.sched_setaffinity(0, process_cores(args.process_id))
+    cores = process_cores(args.process_id) if args.pin else None
+    if cores:  # before the backend sizes its thread pools
+        os.sched_setaffinity(0, cores)
     from jdmt.mesh import initialize_distributed
 
     initialize_distributed(args.child, PROCESSES, args.process_id, local_devices=args.local)

@@ -200,7 +200,7 @@ class WidthRoute:
         of one buffer, but cancels the split against a stack of separate
         arrays, so each lookup (and each gradient block, `bag_groups`)
         writes straight into what travels."""
-        return bool(impl.cpu_threads) and not impl.pallas and 1 < self.peers <= SPLIT_PEERS
+        return impl.cpu and 1 < self.peers <= SPLIT_PEERS
 
     def bag_groups(self, impl: Impl) -> np.ndarray | None:
         """The bag pieces per peer (in piece order) when `split_blocks`, else None."""
@@ -314,7 +314,7 @@ class WidthRoute:
             # One device with the C++ lookup: the bags stay in the samples' order
             # (b, k) and the kernel visits them table by table; no transpose of the
             # ids, of the pooled embeddings, or of their gradients
-            samples = in_order and bool(impl.cpu_threads) and not impl.pallas
+            samples = in_order and impl.cpu
             if samples:  # storage rows, [1, B * K, P] in (b, k) order
                 base = jnp.asarray(self.bag_base)[None, :, None]
                 local_ids = jnp.where(rows >= 0, rows + base, -1).reshape(1, -1, self.bag_pool)
@@ -333,7 +333,7 @@ class WidthRoute:
                 stats.need(f"w{self.width}/bag_ids", jnp.sum(rows >= 0, dtype=jnp.int32))
             else:
                 cap = imax + caps.bag_ids
-                if impl.cpu_threads and not impl.pallas:  # in C++, from canon in one pass
+                if impl.cpu:  # in C++, from canon in one pass
                     from jdmt.embeddings import cpu_kernels
 
                     # canon without its all -1 last column (a bag's missing positions
@@ -376,7 +376,6 @@ class WidthRoute:
         outs, back_sizes, back_recv = [], [], []
         k = 0
         if self.bag_pieces:
-            per_peer = self.split_blocks(impl) and not alone
             if alone:
                 ids, bw = local_ids, wb
             else:
@@ -388,8 +387,8 @@ class WidthRoute:
                 outs.append(cpu_kernels.pooled_lookup(table, ids[0], threads=impl.cpu_threads,
                                                       visit=len(self.bag_pieces),
                                                       weights=None if bw is None else bw[0])[None])
-            elif per_peer:  # one lookup per peer's block, stacked (`split_blocks`)
-                outs.append(jnp.stack([owner_pool(table, ids[s_], None, impl, None if bw is None else bw[s_])
+            elif self.split_blocks(impl):  # one lookup per peer's block, stacked
+                outs.append(jnp.stack([pool_received(table, ids[s_], impl, None if bw is None else bw[s_])
                                        for s_ in range(g)]))
             else:
                 outs.append(owner_pool(table, ids, jnp.asarray(self.bag_maxlen)[me], impl, bw))  # [G, I, D]
@@ -510,7 +509,7 @@ class WidthRoute:
         if self.bag_pieces:
             imax = block[0]
             item = (np.arange(g)[:, None, None] * total + np.arange(imax)[None, :, None]).astype(np.int32)
-            if sample_order and impl.cpu_threads and not impl.pallas:  # ids in (b, k) order
+            if sample_order and impl.cpu:  # ids in (b, k) order
                 item = np.arange(imax, dtype=np.int32)[None, :, None]
             elif sample_order:  # item k * B + j's gradient is row j * K + k
                 j = np.arange(imax)

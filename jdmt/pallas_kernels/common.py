@@ -57,6 +57,11 @@ class Impl:
     def pallas(self) -> bool:
         return self.kernel == Kernel.PALLAS.value
 
+    @property
+    def cpu(self) -> bool:
+        """Whether the C++ CPU kernels run (the XLA path with `cpu_threads`)."""
+        return bool(self.cpu_threads) and not self.pallas
+
 
 XLA = Impl()
 
