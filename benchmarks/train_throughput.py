@@ -253,7 +253,9 @@ def child(args) -> int:
 
 
 # Device-op categories of the profile, by HLO op name (C++ kernels by their target).
-_COLLECTIVES = ("all-to-all", "all-reduce", "all-gather", "reduce-scatter", "collective-permute")
+# (XLA:CPU names some by their JAX primitive: psum.N, all_gather.N, ...)
+_COLLECTIVES = ("all-to-all", "all-reduce", "all-gather", "reduce-scatter", "collective-permute",
+                "all_to_all", "psum", "all_gather", "reduce_scatter", "ppermute")
 _DENSE = ("ynn_fusion", "dot", "convolution", "onednn")
 
 

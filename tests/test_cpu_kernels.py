@@ -591,6 +591,44 @@ def test_bag_pack_is_routing_bag_send(weighted, room):
         assert wsend is None
 
 
+@pytest.mark.parametrize("room", [10_000, 9], ids=["fits", "overflows"])
+@pytest.mark.parametrize("wide", [False, True], ids=["int32_keys", "wide_keys"])
+def test_row_send_is_routing_row_send(room, wide):
+    """`cpu_kernels.row_send` and `send_keys` give the XLA functions' blocks,
+    sizes, inverse and unique count bit for bit: duplicates, ids of no row
+    (-1), rows of several pieces and row shards, rows past the capacity
+    (dropped, sizes beyond it, inverse -1), and keys past int32 (the XLA
+    function's pair sort)."""
+    from jdmt.embeddings import routing
+    from jdmt.pallas_kernels.common import Impl
+
+    rng = np.random.default_rng(1)
+    n, k, g = 3000, 3, 4
+    rpp = (1 << 30) if wide else 500  # peers * rows_per_peer past int32 with wide
+    rows = rng.integers(-1, 400, n).astype(np.int32)
+    piece = rng.integers(0, k, n).astype(np.int32)
+    stride = np.array([1, 2, 4], np.int32)
+    devices = np.array([[3, 0, 0, 0], [0, 2, 0, 0], [0, 1, 2, 3]], np.int32)
+    offsets = np.array([[0, 0, 0, 0], [200, 300, 0, 0], [10, 20, 30, 40]], np.int32)
+    cap = 60 + room
+    args = [jnp.asarray(x) for x in (rows, piece, stride, devices, offsets)]
+    cpp = jax.jit(lambda *a: routing.row_send(*a, rpp, g, cap, impl=Impl(cpu_threads=1)))(*args)
+    ref = jax.jit(lambda *a: routing.row_send(*a, rpp, g, cap))(*args)
+    for got, want in zip(cpp, ref):
+        np.testing.assert_array_equal(got, want)
+    assert (np.asarray(ref[1]) > cap).any() == (room == 9)
+    ok = rows >= 0
+    sh = rows[ok] % stride[piece[ok]]
+    keys = devices[piece[ok], sh].astype(np.int64) * rpp + offsets[piece[ok], sh] + rows[ok] // stride[piece[ok]]
+    assert int(ref[3]) == len(np.unique(keys))
+    if not wide:  # the same keys sent as they are
+        key = jnp.asarray(np.where(rows >= 0, rng.integers(0, g * rpp, n), -1).astype(np.int32))
+        got = jax.jit(lambda x: routing.send_keys(x, rpp, g, cap, impl=Impl(cpu_threads=1)))(key)
+        want = jax.jit(lambda x: routing.send_keys(x, rpp, g, cap))(key)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+
+
 def _interaction_ref(t):
     """float64 reference of the strict-upper-triangle dot products and of the
     gradient of sum(z * g)."""

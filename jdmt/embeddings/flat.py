@@ -361,7 +361,7 @@ class WidthRoute:
             piece = jnp.asarray(np.tile(self.row_piece_of_col, b))
             send, rsz_sent, inv, unique = routing.row_send(
                 rows, piece, jnp.asarray(self.row_stride), jnp.asarray(self.row_devices),
-                jnp.asarray(self.row_offsets), max(1, self.rows_per_device), g, caps.rows)
+                jnp.asarray(self.row_offsets), max(1, self.rows_per_device), g, caps.rows, impl)
             stats.need(f"w{self.width}/rows", jnp.max(rsz_sent))
             stats.over(overflow(rsz_sent, caps.rows))
             stats.payload(jnp.minimum(rsz_sent, caps.rows), 4, self.peer_host, my_host, me)

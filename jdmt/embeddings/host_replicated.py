@@ -98,7 +98,7 @@ class LocalRows:
         piece = jnp.asarray(np.tile(self.piece_of_col, b))
         send, sizes, inv, unique = routing.row_send(
             rows, piece, jnp.asarray(self.stride), jnp.asarray(self.devices), jnp.asarray(self.offsets),
-            max(1, self.rows_per_device), g, cap)
+            max(1, self.rows_per_device), g, cap, impl)
         stats.need(f"hr{self.width}/rows", jnp.max(sizes))
         stats.over(overflow(sizes, cap))
         stats.dedup(jnp.sum(rows >= 0, dtype=jnp.int32), unique)

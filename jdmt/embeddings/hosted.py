@@ -482,7 +482,7 @@ class HostPath:
             piece = jnp.asarray(np.tile(hr["piece_of_col"], b))
             send, sz, inv, unique = routing.row_send(
                 rows, piece, jnp.asarray(hr["stride"]), jnp.asarray(hr["dev"]), jnp.asarray(hr["key"]),
-                ln * c, h, caps.host_rows[w])
+                ln * c, h, caps.host_rows[w], impl)
             stats.need(f"host/host_rows_{w}", jnp.max(sz))
             stats.over(overflow(sz, caps.host_rows[w]))
             stats.payload(jnp.minimum(sz, caps.host_rows[w]), 4, self.peer_host_host, me_h, me_h)
@@ -533,7 +533,7 @@ class HostPath:
                 devs = jnp.broadcast_to(jnp.arange(ln, dtype=jnp.int32)[None, :], (tmax, ln))
                 send, sz, inv, unique = routing.row_send(
                     rows.reshape(-1), piece.reshape(-1), jnp.full((tmax,), ln, jnp.int32), devs, t_off,
-                    max(1, self.rows_per_device.get(w, 1)), ln, caps.local_rows[w])
+                    max(1, self.rows_per_device.get(w, 1)), ln, caps.local_rows[w], impl)
                 stats.need(f"host/local_rows_{w}", jnp.max(sz))
                 stats.over(overflow(sz, caps.local_rows[w]))
                 stats.payload(jnp.minimum(sz, caps.local_rows[w]), 4, local_peers, zero, me_l)

@@ -173,7 +173,7 @@ def bag_ids_at_owner(recv: jax.Array, items: jax.Array, max_items: int, pooling:
 
 
 def row_send(rows: jax.Array, piece: jax.Array, stride: jax.Array, devices: jax.Array,
-             offsets: jax.Array, rows_per_peer: int, peers: int, cap: int):
+             offsets: jax.Array, rows_per_peer: int, peers: int, cap: int, impl=None):
     """De-duplicate row requests per owner and pack them.
 
     Args:
@@ -183,6 +183,9 @@ def row_send(rows: jax.Array, piece: jax.Array, stride: jax.Array, devices: jax.
         is in shard r % stride at local row offset + r // stride).
       rows_per_peer: storage rows per device (bounds a local row).
       peers: G; cap: a block's capacity.
+      impl: the kernels that run (`pallas_kernels.common.Impl`): where the
+        C++ CPU kernels do (`impl.cpu`), `cpu_kernels.row_send` computes the
+        same outputs in one pass (no XLA sort and binary search).
 
     Returns:
       send: i32[G, cap] unique storage rows asked of each peer (ascending),
@@ -196,6 +199,10 @@ def row_send(rows: jax.Array, piece: jax.Array, stride: jax.Array, devices: jax.
     several times more) and each id finds its key among the unique ones by
     binary search.
     """
+    if impl is not None and impl.cpu:
+        from jdmt.embeddings import cpu_kernels
+
+        return cpu_kernels.row_send(rows, piece, stride, devices, offsets, rows_per_peer, peers, cap)
     ok = rows >= 0
     r = jnp.maximum(rows, 0)
     k = stride[piece]
@@ -207,9 +214,14 @@ def row_send(rows: jax.Array, piece: jax.Array, stride: jax.Array, devices: jax.
     return send_keys(jnp.where(ok, dst * rows_per_peer + local, -1), rows_per_peer, peers, cap)
 
 
-def send_keys(key: jax.Array, rows_per_peer: int, peers: int, cap: int):
+def send_keys(key: jax.Array, rows_per_peer: int, peers: int, cap: int, impl=None):
     """`row_send` of ready keys: i32[n] `peer * rows_per_peer + local row`
-    (-1: none), `peers * rows_per_peer` within int32. Same returns."""
+    (-1: none), `peers * rows_per_peer` within int32. Same returns (and
+    `impl` as there)."""
+    if impl is not None and impl.cpu:
+        from jdmt.embeddings import cpu_kernels
+
+        return cpu_kernels.send_keys(key, rows_per_peer, peers, cap)
     n = key.shape[0]
     ok = key >= 0
     key = jnp.where(ok, key, _BIG)

@@ -177,7 +177,7 @@ class TwoHopRows:
         # hop 1: to the device of this host with the owner's local rank
         send1, sz1, inv1, unique1 = routing.row_send(
             rows, piece, jnp.asarray(self.stride), jnp.asarray(self.rank), jnp.asarray(self.offsets),
-            h * r, ln, caps.local)
+            h * r, ln, caps.local, impl)
         stats.need(f"w{w}/rows_local", jnp.max(sz1))
         stats.over(overflow(sz1, caps.local))
         sz1 = jnp.minimum(sz1, caps.local)
@@ -185,7 +185,7 @@ class TwoHopRows:
         stats.dedup(jnp.sum(rows >= 0, dtype=jnp.int32), unique1)
         recv1, rsz1 = exchange(send1, sz1, (LOCAL,), mode=mode, fill=-1)
         # hop 2: this host's requests, unique per (owner host, row), to the owners
-        send2, sz2, inv2, unique2 = routing.send_keys(recv1.reshape(-1), r, h, caps.host)
+        send2, sz2, inv2, unique2 = routing.send_keys(recv1.reshape(-1), r, h, caps.host, impl)
         stats.need(f"w{w}/rows_host", jnp.max(sz2))
         stats.over(overflow(sz2, caps.host))
         sz2 = jnp.minimum(sz2, caps.host)

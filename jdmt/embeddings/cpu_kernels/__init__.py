@@ -1,5 +1,6 @@
 """C++ XLA FFI kernels for CPU: the fused sparse optimizer step, in place,
-the pooled lookup, the packing of bags for their owners, and the DLRM dot
+the pooled lookup, the packing of bags for their owners, the de-duplicated
+row requests per owner (`row_send`, `send_keys`), and the DLRM dot
 interaction (forward and backward).
 
 `sparse_update` does what `optimizers.sparse_step` does for one device's
@@ -42,7 +43,9 @@ _TARGET_DOT = "jdmt_dot_interaction"
 _TARGET_DOT_GRAD = "jdmt_dot_interaction_grad"
 _TARGET_PACK = "jdmt_bag_pack"
 _TARGET_PACK_W = "jdmt_weighted_bag_pack"
-_ABI = 10
+_TARGET_KEYS = "jdmt_send_keys"
+_TARGET_ROWS = "jdmt_row_send"
+_ABI = 11
 _KIND = {
     OptimizerKind.ROWWISE_ADAGRAD: 0,
     OptimizerKind.ADAGRAD: 1,
@@ -84,6 +87,8 @@ def _load() -> None:
         jax.ffi.register_ffi_target(_TARGET_PACK, jax.ffi.pycapsule(lib.JdmtBagPack), platform="cpu")
         jax.ffi.register_ffi_target(_TARGET_PACK_W, jax.ffi.pycapsule(lib.JdmtWeightedBagPack),
                                     platform="cpu")
+        jax.ffi.register_ffi_target(_TARGET_KEYS, jax.ffi.pycapsule(lib.JdmtSendKeys), platform="cpu")
+        jax.ffi.register_ffi_target(_TARGET_ROWS, jax.ffi.pycapsule(lib.JdmtRowSend), platform="cpu")
     except Exception as e:  # noqa: BLE001
         _state.update(ok=False, reason=f"loading {path} failed: {e!r}")
         return
@@ -314,6 +319,34 @@ def bag_pack(canon: jax.Array, cols: np.ndarray, dst: np.ndarray, kd: np.ndarray
     return send, sizes, wsend
 
 
+def _row_send_outs(n: int, peers: int, cap: int):
+    if not _ensure():
+        raise RuntimeError(f"jdmt CPU kernels unavailable: {_state.get('reason')}")
+    i32 = jnp.int32
+    return (jax.ShapeDtypeStruct((peers, cap), i32), jax.ShapeDtypeStruct((peers,), i32),
+            jax.ShapeDtypeStruct((n,), i32), jax.ShapeDtypeStruct((), i32))
+
+
+def send_keys(key: jax.Array, rows_per_peer: int, peers: int, cap: int):
+    """`routing.send_keys` in C++ (CPU): the same four outputs, bit for bit,
+    from one radix sort of the keys with their positions and one walk."""
+    key = jnp.asarray(key, jnp.int32).reshape(-1)
+    return tuple(jax.ffi.ffi_call(_TARGET_KEYS, _row_send_outs(key.shape[0], peers, cap))(
+        key, rows_per_peer=np.int64(rows_per_peer)))
+
+
+def row_send(rows: jax.Array, piece: jax.Array, stride: jax.Array, devices: jax.Array,
+             offsets: jax.Array, rows_per_peer: int, peers: int, cap: int):
+    """`routing.row_send` in C++ (CPU): the keys (owner, storage row) are
+    computed, de-duplicated and packed in one kernel; the same outputs, bit
+    for bit, with keys of any width (no int32 limit on peers x rows)."""
+    i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
+    rows, piece = i32(rows).reshape(-1), i32(piece).reshape(-1)
+    return tuple(jax.ffi.ffi_call(_TARGET_ROWS, _row_send_outs(rows.shape[0], peers, cap))(
+        rows, piece, i32(stride).reshape(-1), i32(devices), i32(offsets),
+        rows_per_peer=np.int64(rows_per_peer)))
+
+
 def _interaction_input(t: jax.Array) -> jax.Array:
     if not _ensure():
         raise RuntimeError(f"jdmt CPU kernels unavailable: {_state.get('reason')}")
@@ -352,4 +385,4 @@ def dot_interaction_grad(t: jax.Array, g: jax.Array, *, threads: int = 1) -> jax
 
 
 __all__ = ["available", "dot_interaction", "dot_interaction_grad", "host_cores", "isa", "unavailable_reason", "library_path", "pooled_lookup",
-           "sparse_update"]
+           "row_send", "send_keys", "sparse_update"]
