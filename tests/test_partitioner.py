@@ -13,6 +13,7 @@ from jdmt.towers.partition import (
     PartitionError,
     TowerPartition,
     adjusted_rand_index,
+    balanced_partition,
     feature_costs,
     labels_of,
     pair_recall,
@@ -173,6 +174,34 @@ def test_round_robin_and_random():
     for make in (round_robin_partition, random_partition):
         with pytest.raises(PartitionError, match="11 towers for 10 features"):
             make(fs, 11, 2)
+
+
+def test_balanced_partition_evens_the_hosts_bytes():
+    """`balanced` (train.py's default) gives each host as even a share of the
+    table bytes as the tables allow: on MLPerf's tables (rows capped at 100k)
+    over 8 hosts the heaviest host holds one 100k-row table and the 39k-row
+    one, the least any placement can (8 tables of 100k rows: a host holding
+    the 39k table holds one of them too, or another host holds two);
+    round-robin's heaviest host holds far more. No tower is empty when
+    towers outnumber hosts, and the result is deterministic."""
+    from jdmt.data import mlperf_dcnv2_features
+
+    fs = mlperf_dcnv2_features(max_rows=100_000)
+    rows = np.array([f.rows for f in fs.sparse], np.float64)
+    bal = balanced_partition(fs, 8, 8)
+    bal.validate(fs, 8)
+    assert bal.method == "balanced" and bal == balanced_partition(fs, 8, 8)
+    loads = bal.host_loads(fs.names, rows, 8)
+    assert loads.max() == 100_000 + 39_060
+    assert bal.report["host_cost_max_over_mean"] == pytest.approx(loads.max() / loads.mean(), rel=1e-3)
+    rr = round_robin_partition(fs, 8, 8).host_loads(fs.names, rows, 8)
+    assert rr.max() > 1.4 * loads.max()
+    two = balanced_partition(fs, 16, 8)  # two towers per host
+    two.validate(fs, 8)
+    assert min(len(t) for t in two.towers) >= 1 and two.num_towers == 16
+    assert two.host_loads(fs.names, rows, 8).max() == 100_000 + 39_060
+    with pytest.raises(PartitionError, match="27 towers for 26 features"):
+        balanced_partition(fs, 27, 8)
 
 
 # ------------------------------------------------------------------------------ learned

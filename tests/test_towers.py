@@ -334,7 +334,8 @@ def _train(mesh, **kw):
 
 def test_identity_towers_with_sequence_features_give_the_flat_loss_history(mesh24):
     # attention pooling: the model queries each sequence with the bottom MLP's output
-    cfg = dict(sequence_features=2, sequence_len=6, sequence_pooling="attention", steps=3)
+    cfg = dict(sequence_features=2, sequence_len=6, sequence_pooling="attention", steps=3,
+               sharding="table_wise")
     flat = _train(mesh24, towers=0, **cfg)
     dmt = _train(mesh24, towers=2, tower_module="identity", **cfg)
     assert dmt["towers"] and {"seq_0", "seq_1"} <= {n for t in dmt["towers"] for n in t}
@@ -357,16 +358,30 @@ def test_compressing_towers_with_sequence_features_train(mesh24):
 
 
 def test_row_wise_towers_train_like_flat(mesh24):
+    """Inside their hosts, tower tables sit as `sharding` says: row_wise (the
+    default) spreads every table over its host's devices, table_wise puts
+    each on one device, with `tower_row_wise` as exceptions. Every layout
+    trains as the flat model does, with the same cross-host payload."""
     base = dict(features=sptt_equality.FEATURES, embedding_dim=8, steps=4, global_batch=64,
                 eval_batches=1, bottom_mlp=(16,), top_mlp=(16,), lr=0.01, progress=False)
     flat = train_and_evaluate(TrainConfig(**base, towers=0), mesh24)
-    towers = train_and_evaluate(TrainConfig(**base, towers=2), mesh24)
-    trainer = Trainer(TrainConfig(**base, towers=2, tower_row_wise="auto"), mesh24)
+    towers = train_and_evaluate(TrainConfig(**base, towers=2, sharding="table_wise"), mesh24)
+    trainer = Trainer(TrainConfig(**base, towers=2, sharding="table_wise", tower_row_wise="auto"), mesh24)
     assert trainer.sptt.row_wise and all(
         trainer.emb.plan[n].type is ShardingType.TABLE_ROW_WISE for n in trainer.sptt.row_wise)
+    assert len(trainer.sptt.row_wise) < len(sptt_equality.FEATURES.sparse)
     rw = trainer.run()
-    np.testing.assert_allclose(rw["train_loss"], flat["train_loss"], rtol=1e-5)
-    assert rw["cross_host_payload_bytes_per_step"] == towers["cross_host_payload_bytes_per_step"]
+    default = Trainer(TrainConfig(**base, towers=2), mesh24)  # sharding row_wise: every table spread
+    assert default.sptt.row_wise == sptt_equality.FEATURES.names
+    assert "tables row_wise in their host" in default.path_line()
+    spread = default.run()
+    for s in (rw, spread):
+        np.testing.assert_allclose(s["train_loss"], flat["train_loss"], rtol=1e-5)
+        assert s["cross_host_payload_bytes_per_step"] == towers["cross_host_payload_bytes_per_step"]
+    assert spread["table_bytes_allocated"] <= rw["table_bytes_allocated"]
     with pytest.raises(ValueError, match="tower_row_wise shards tower tables"):
         TrainConfig(towers=0, tower_row_wise="auto")
-    assert TrainConfig(towers=2, tower_row_wise="cat_0, cat_1").tower_row_wise == ("cat_0", "cat_1")
+    with pytest.raises(ValueError, match="every tower table is spread over its host's devices already"):
+        TrainConfig(towers=2, tower_row_wise="auto")
+    assert TrainConfig(towers=2, sharding="table_wise",
+                       tower_row_wise="cat_0, cat_1").tower_row_wise == ("cat_0", "cat_1")

@@ -498,9 +498,12 @@ def test_train_py_rejects_a_malformed_criteo_file(tmp_path):
 
 
 def test_identity_towers_give_the_flat_loss_history(mesh24):
-    flat = train_and_evaluate(tiny_config(steps=5), mesh24)  # towers only when asked
-    dmt = train_and_evaluate(tiny_config(steps=5, towers="auto"), mesh24)  # one per host
+    # table-wise, on the flat path and inside the towers' hosts: the same
+    # model, bit for bit (row_wise, the default: test_towers.py, to rounding)
+    flat = train_and_evaluate(tiny_config(steps=5, sharding="table_wise"), mesh24)  # towers only when asked
+    dmt = train_and_evaluate(tiny_config(steps=5, sharding="table_wise", towers="auto"), mesh24)  # one per host
     assert flat["towers"] is None and flat["sharding"] == "table_wise"
+    assert TrainConfig().sharding == "row_wise" and TrainConfig().tower_partitioner == "balanced"
     assert len(dmt["towers"]) == 2 and sorted(n for t in dmt["towers"] for n in t) == sorted(TINY.names)
     assert dmt["train_loss"] == flat["train_loss"]  # bit for bit: SPTT preserves the model
     assert dmt["eval_auc"] == flat["eval_auc"]
@@ -522,8 +525,8 @@ def test_compressing_towers_train_and_resume(mesh24, tmp_path, module):
 def test_tower_config_errors():
     with pytest.raises(ValueError, match="needs a tower_dim"):
         tiny_config(towers=2, tower_module="mlp")
-    with pytest.raises(ValueError, match="--sharding=row_wise applies to the flat path"):
-        tiny_config(towers=2, sharding="row_wise")
+    with pytest.raises(ValueError, match="--sharding=column_wise applies to the flat path"):
+        tiny_config(towers=2, sharding="column_wise")
     with pytest.raises(ValueError, match="integer >= 0 or 'auto'"):
         tiny_config(towers="many")
     with pytest.raises(ValueError, match="need towers, but this run is flat"):

@@ -25,6 +25,7 @@ from jdmt.mesh import MeshError, initialize_distributed, parse_mesh_spec, prepar
 from jdmt.models import MODELS, SEQUENCE_POOLING
 from jdmt.pallas_kernels import Kernel
 from jdmt.towers.modules import TOWER_MODULES
+from jdmt.towers.partition import METHODS
 from jdmt.train.allreduce import DENSE_ALLREDUCE
 from jdmt.train.supervisor import become_worker, is_worker, supervise
 from jdmt.train import DENSE_OPTIMIZERS, TrainConfig
@@ -99,10 +100,10 @@ def _plan(text: str) -> str:
 
 
 def _partitioner(text: str) -> str:
-    if text in ("round_robin", "random", "learned") or text.endswith(".json"):
+    if text in METHODS or text.endswith(".json"):
         return text
     raise argparse.ArgumentTypeError(
-        f"unknown tower partitioner {text!r}; available: round_robin, random, learned, PATH.json"
+        f"unknown tower partitioner {text!r}; available: {', '.join(METHODS)}, PATH.json"
     )
 
 
@@ -177,8 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-dim", type=_positive_int, default=d.embedding_dim,
                    help="width of every embedding table (and of the bottom MLP's output)")
     p.add_argument("--sharding", type=_one_of("sharding", SHARDINGS), default=d.sharding,
-                   help=f"how the tables are sharded; one of: {', '.join(SHARDINGS)} (auto: the "
-                   "planner picks a type and devices per table from its cost model)")
+                   help=f"how the tables are sharded; one of: {', '.join(SHARDINGS)} (default "
+                   "%(default)s: row r of every table on device r mod N, so each device holds 1/N "
+                   "of every table; auto: the planner picks a type and devices per table from its "
+                   "cost model). With --towers: row_wise spreads each tower table over its host's "
+                   "devices, table_wise puts it whole on one of them")
     p.add_argument("--plan", type=_plan, metavar="PATH", default=None,
                    help="a plan file (JSON): if PATH exists, shard the tables as it says "
                    "(checked against the model, the mesh and the memory budget it was planned "
@@ -206,15 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "sample's device a per-tower projection maps it to ceil(C / embedding dim) "
                    "vectors that the model interacts like features")
     p.add_argument("--tower-partitioner", type=_partitioner, default=d.tower_partitioner,
-                   help="how features are grouped into towers: round_robin, random, learned "
+                   help="how features are grouped into towers: balanced (default: tables by "
+                   "decreasing bytes, each to the least loaded host), round_robin, random, learned "
                    "(from the flat model in --partition-checkpoint: strongly interacting "
                    "features share a tower, hosts balanced) or PATH.json (a partition written "
                    "by jdmt-partition)")
     p.add_argument("--partition-checkpoint", metavar="DIR", default=None,
                    help="a flat run's --checkpoint-dir, for --tower-partitioner=learned")
     p.add_argument("--tower-row-wise", metavar="auto|NAMES", default="",
-                   help="tower tables sharded row-wise over their host's devices (the others "
-                   "sit table-wise on one device): 'auto' (tables bigger than an even share "
+                   help="with --sharding=table_wise and towers: tables sharded row-wise over their "
+                   "host's devices anyway (the others sit table-wise on one device): 'auto' (tables bigger than an even share "
                    "of their host's tables) or comma-separated feature names; the cross-host "
                    "traffic is the same")
     p.add_argument("--kernel", type=_one_of("kernel", KERNELS), default=d.kernel,

@@ -48,6 +48,7 @@ __all__ = [
     "PartitionError",
     "TowerPartition",
     "adjusted_rand_index",
+    "balanced_partition",
     "feature_costs",
     "labels_of",
     "pair_recall",
@@ -58,7 +59,7 @@ __all__ = [
 
 FORMAT = "jdmt-tower-partition"
 VERSION = 1
-METHODS = ("learned", "random", "round_robin")
+METHODS = ("balanced", "learned", "random", "round_robin")
 COSTS = ("work", "bytes", "mixed")
 _F32 = 4
 
@@ -516,6 +517,48 @@ def _cost_vector(
     if np.any(~np.isfinite(c)) or np.any(c < 0):
         raise PartitionError("feature costs must be finite and >= 0")
     return c
+
+
+# ---------------------------------------------------------------------------------- partitioners
+
+
+def balanced_partition(
+    features: FeatureSet,
+    num_towers: int | None = None,
+    num_hosts: int = 1,
+    *,
+    cost: str | Mapping[str, float] | Sequence[float] = "bytes",
+    mean_lengths: Mapping[str, float] | None = None,
+    optimizer: str | OptimizerKind | SparseOptimizer = OptimizerKind.ROWWISE_ADAGRAD,
+) -> TowerPartition:
+    """Hosts balanced by cost, largest first (the default of `train.py --towers`).
+
+    Features in decreasing cost (ties: feature order), each to the tower
+    whose host has the least cost so far (ties: the tower with the fewest
+    features, then the lowest index); while some tower is empty, only the
+    empty towers are candidates, so none stays empty. With `cost='bytes'`
+    (tables plus optimizer state) a host's table memory is as even as the
+    tables allow: every device allocates its host's share in SPMD, so the
+    heaviest host sets the memory of all of them.
+    """
+    names = _names(features)
+    t = num_hosts if num_towers is None else num_towers
+    _check_counts(len(names), t, num_hosts)
+    c = _cost_vector(features, cost, mean_lengths, optimizer)
+    hosts = tower_hosts(t, num_hosts)
+    order = sorted(range(len(names)), key=lambda i: (-c[i], i))
+    assign = np.full(len(names), -1)
+    host_load = np.zeros(num_hosts)
+    size = np.zeros(t, np.int64)
+    for i in order:
+        empty = [j for j in range(t) if size[j] == 0]
+        tower = min(empty or range(t), key=lambda j: (host_load[hosts[j]], size[j], j))
+        assign[i] = tower
+        size[tower] += 1
+        host_load[hosts[tower]] += c[i]
+    report = {"num_hosts": num_hosts, "cost": cost if isinstance(cost, str) else "given",
+              "host_cost_max_over_mean": round(float(host_load.max() / max(host_load.mean(), 1e-300)), 4)}
+    return _normalized(names, assign, hosts, "balanced", report)
 
 
 # ---------------------------------------------------------------------------------- ablations

@@ -69,6 +69,7 @@ from jdmt.towers.partition import (
     _normalized,
     _optimizer_kind,
     _table_bytes,
+    balanced_partition,
     random_partition,
     round_robin_partition,
     tower_hosts,
@@ -490,12 +491,14 @@ def make_partition(
     seed: int = 0,
     **kwargs,
 ) -> TowerPartition:
-    """Dispatch to `learned_partition` (needs `interaction`), `random_partition`
-    or `round_robin_partition`; `kwargs` go to `learned_partition`."""
+    """Dispatch to `learned_partition` (needs `interaction`), `balanced_partition`,
+    `random_partition` or `round_robin_partition`; `kwargs` go to `learned_partition`."""
     if method == "learned":
         if interaction is None:
             raise PartitionError("the learned partitioner needs an interaction matrix")
         return learned_partition(features, interaction, num_towers, num_hosts, **kwargs)
+    if method == "balanced":
+        return balanced_partition(features, num_towers, num_hosts)
     if method == "random":
         return random_partition(features, num_towers, num_hosts, seed)
     if method == "round_robin":

@@ -31,7 +31,7 @@ from jdmt.models import (
 __all__ = ["DATA_SOURCES", "DENSE_OPTIMIZERS", "TOWER_SHARDINGS", "TrainConfig"]
 
 DATA_SOURCES = ("synthetic", "mlperf", "criteo:PATH")
-TOWER_SHARDINGS = ("table_wise",)
+TOWER_SHARDINGS = ("row_wise", "table_wise")
 """Shardings of a tower's tables inside its host (the others are flat-path only)."""
 
 
@@ -55,6 +55,13 @@ class TrainConfig:
       embedding_dim: D of every table (and the bottom MLP's output).
       sharding: one sharding type for every table, or `'auto'`: a placement
         per table from `jdmt.planner.auto_plan` (cost model plus search).
+        The default, `'row_wise'`, puts row r of every table on device
+        r mod N: each device allocates 1/N of every table (what it owns,
+        for any mix of table sizes) and ids go to their row's owner. On the
+        tower path it says how a tower's tables sit inside its host
+        (`TOWER_SHARDINGS`): `'row_wise'`, every table's rows spread over
+        the host's devices; `'table_wise'`, each table whole on one of them
+        (`tower_row_wise` names exceptions).
       plan: a plan file (`jdmt.planner.PlanFile`, JSON). If it exists, the
         tables are sharded as it says, as it is (`sharding` and the tier
         sizing are not used), after checking that it places exactly the
@@ -122,7 +129,7 @@ class TrainConfig:
         default): the flat path, sharded as `sharding` says. 'auto': one
         tower per host (at most one per feature), or the number of towers in
         a partition file given as `tower_partitioner`. Towers shard their
-        tables inside their host (`TOWER_SHARDINGS`).
+        tables inside their host as `sharding` says (`TOWER_SHARDINGS`).
       tower_module: the Tower Module of every tower (`TOWER_MODULES`):
         identity keeps the flat model exactly; the others compress a tower's
         embeddings to `tower_dim` values before they cross hosts.
@@ -130,14 +137,17 @@ class TrainConfig:
         device a per-tower projection (data parallel) maps a tower's C values
         to ceil(C / D) D-vectors, which the model interacts like features;
         DLRM's top MLP also reads the T * C values directly.
-      tower_partitioner: how features are grouped: 'round_robin', 'random',
-        'learned' (from the flat model in `partition_checkpoint`: features
+      tower_partitioner: how features are grouped: 'balanced' (the default:
+        features by decreasing table bytes, each to the tower whose host
+        holds the fewest so far; `jdmt.towers.partition.balanced_partition`),
+        'round_robin', 'random', 'learned' (from the flat model in `partition_checkpoint`: features
         that interact strongly share a tower, hosts balanced), or the path of
         a partition JSON (`jdmt-partition`, `python -m jdmt.cli.partition`).
       partition_checkpoint: a flat run's checkpoint directory, for 'learned'.
-      tower_row_wise: tables sharded table-row-wise over their tower's host
-        (rows spread over its L devices; the others are table-wise on one of
-        them): feature names (a tuple, or one comma-separated string), or
+      tower_row_wise: with `sharding='table_wise'` on the tower path, tables
+        sharded table-row-wise over their tower's host anyway (rows spread
+        over its L devices; the others are table-wise on one of them):
+        feature names (a tuple, or one comma-separated string), or
         'auto': tables bigger than an even share of their host's tables
         (`jdmt.towers.sptt.auto_row_wise`). Cross-host traffic is the same.
       checkpoint_dir: write orbax checkpoints (asynchronously) here: every
@@ -196,7 +206,7 @@ class TrainConfig:
     steps: int = 1500
     global_batch: int = 4096
     embedding_dim: int = 16
-    sharding: str = "table_wise"
+    sharding: str = "row_wise"
     plan: str | None = None
     cost_model: str | None = None
     embedding_optimizer: str = "rowwise_adagrad"
@@ -230,7 +240,7 @@ class TrainConfig:
     towers: int | str = 0
     tower_module: str = "identity"
     tower_dim: int | None = None
-    tower_partitioner: str = "round_robin"
+    tower_partitioner: str = "balanced"
     partition_checkpoint: str | None = None
     tower_row_wise: str | tuple[str, ...] = ()
     checkpoint_dir: str | None = None
@@ -360,7 +370,7 @@ class TrainConfig:
             has_seq = self.sequence_features > 0 or (
                 self.features is not None and any(not f.pooled for f in self.features.sparse))
             _check_tower_sequences(self.tower_module, self.sequence_pooling, has_seq)
-        elif self.tower_module != "identity" or self.tower_partitioner != "round_robin":
+        elif self.tower_module != "identity" or self.tower_partitioner != "balanced":
             raise ValueError(
                 "tower_module / tower_partitioner need towers, but this run is flat (towers=0); "
                 "give towers >= 1 or 'auto'"
@@ -375,6 +385,10 @@ class TrainConfig:
         if self.tower_row_wise and not self.uses_towers:
             raise ValueError("tower_row_wise shards tower tables inside their host; this run is "
                              "flat (give towers >= 1 or 'auto')")
+        if self.tower_row_wise and self.sharding != "table_wise":
+            raise ValueError(f"tower_row_wise names the exceptions to sharding='table_wise' inside "
+                             f"the towers' hosts; with sharding={self.sharding!r} every tower table "
+                             "is spread over its host's devices already")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.resume and self.checkpoint_dir is None:

@@ -58,7 +58,7 @@ from jdmt.models import (
     init_dlrm,
     stack_sequences,
 )
-from jdmt.towers.partition import TowerPartition, random_partition, round_robin_partition
+from jdmt.towers.partition import TowerPartition, balanced_partition, random_partition, round_robin_partition
 from jdmt.towers.sptt import SPTT
 from jdmt.train.allreduce import hierarchical_psum
 from jdmt.train.batches import DataSource, checked_batch
@@ -203,6 +203,8 @@ class Trainer:
         if self._partition is not None:
             part = self._partition
             part.validate(self.features, self.hosts)
+        elif cfg.tower_partitioner == "balanced":
+            part = balanced_partition(self.features, n, self.hosts, optimizer=optimizer)
         elif cfg.tower_partitioner == "round_robin":
             part = round_robin_partition(self.features, n, self.hosts)
         elif cfg.tower_partitioner == "random":
@@ -223,16 +225,24 @@ class Trainer:
             )
         self.num_towers = part.num_towers
         _check_tower_sequences(cfg.tower_module, cfg.sequence_pooling, len(self.seq_index) > 0)
+        # sharding row_wise: every tower table spread over its host's devices
+        # (with one device per host that is the table-wise placement)
+        row_wise = (self.features.names if cfg.sharding == "row_wise" and self.local > 1
+                    else cfg.tower_row_wise)
         return SPTT(self.features, self.mesh, part.towers, part.hosts, optimizer,
-                    module=cfg.tower_module, tower_dim=cfg.tower_dim, row_wise=cfg.tower_row_wise,
+                    module=cfg.tower_module, tower_dim=cfg.tower_dim, row_wise=row_wise,
                     kernel=cfg.kernel, table_dtype=cfg.table_dtype)
 
     def path_line(self) -> str:
         """What runs, in one line: the embedding path, the kernels and the exchange."""
         cfg = self.config
         if self.sptt is not None:
+            spread = len(self.sptt.row_wise)
+            inside = ("row_wise" if spread == len(self.features.sparse) else
+                      f"table_wise, {spread} row_wise" if spread else "table_wise")
             path = (f"DMT: {len(self.sptt.towers)} towers ({cfg.tower_partitioner}, "
-                    f"{self.sptt.module_kind} Tower Module) on {self.hosts} hosts")
+                    f"{self.sptt.module_kind} Tower Module, tables {inside} in their host) "
+                    f"on {self.hosts} hosts")
         else:
             path = f"flat {cfg.sharding}"
             if self.plan_loaded:
@@ -778,11 +788,18 @@ class Trainer:
             line += f", of which {replicas / 2**20:,.1f} MiB are replicas (data-parallel, flexshard tiers)"
         if m.per_device_allocated <= 1.1 * m.per_device_owned.mean():
             return line
-        big = sorted(((f.rows * f.dim, f.name) for f in self.features.sparse), reverse=True)
-        even = m.owned / self.emb.num_devices
-        over = [n for b_, n in big if 4.0 * b_ > 1.1 * even][:5]
-        hint = (f"; tables bigger than an even share of a device ({', '.join(over)}) cannot be "
-                "balanced table-wise: row_wise or table_row_wise spreads them" if over else "")
+        if self.sptt is not None:  # a tower's tables stay on its host
+            per_host = m.per_device_owned.reshape(self.hosts, self.local).sum(axis=1)
+            hint = (f"; the towers' heaviest host owns {per_host.max() / 2**20:,.1f} MiB against a mean "
+                    f"of {per_host.mean() / 2**20:,.1f} MiB (a tower's tables stay on its host: "
+                    "--tower-partitioner=balanced evens the hosts as far as the tables allow, "
+                    "--sharding=row_wise spreads a host's tables over its devices)")
+        else:
+            big = sorted(((f.rows * f.dim, f.name) for f in self.features.sparse), reverse=True)
+            even = m.owned / self.emb.num_devices
+            over = [n for b_, n in big if 4.0 * b_ > 1.1 * even][:5]
+            hint = (f"; tables bigger than an even share of a device ({', '.join(over)}) cannot be "
+                    "balanced table-wise: row_wise or table_row_wise spreads them" if over else "")
         over_pct = 100 * (m.per_device_allocated / m.per_device_owned.mean() - 1)
         return (line + f"\njdmt: warning: allocated exceeds owned by {over_pct:.0f}%: every "
                 f"device holds the largest device's share ({m.per_device_owned.max() / 2**20:,.1f} MiB; "
