@@ -12,7 +12,7 @@ import pytest
 
 from jdmt.data import BadBatchError, FeatureSet, SparseFeature, SyntheticData, make_features
 from jdmt.models import DCN, DLRM, dot_interaction, init_dcn, init_dlrm
-from jdmt.train import TrainConfig, checked_batch, train_and_evaluate
+from jdmt.train import TrainConfig, Trainer, checked_batch, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -507,6 +507,28 @@ def test_identity_towers_give_the_flat_loss_history(mesh24):
     assert len(dmt["towers"]) == 2 and sorted(n for t in dmt["towers"] for n in t) == sorted(TINY.names)
     assert dmt["train_loss"] == flat["train_loss"]  # bit for bit: SPTT preserves the model
     assert dmt["eval_auc"] == flat["eval_auc"]
+
+
+def test_default_shardings_allocate_what_they_own(mesh24):
+    """One 100k-row table beside seven 1k-row ones (2x4): table-wise gives
+    every device the big table's share (SPMD: one buffer shape), the default
+    row-wise allocates what the devices own. On the tower path the default
+    balanced partition and row-wise spread inside each host do the same when
+    the tables can be balanced over the hosts (two big tables, two hosts)."""
+    small = [SparseFeature(f"s{i}", 1_000, 8, 2) for i in range(6)]
+    mixed = FeatureSet((SparseFeature("big", 100_000, 8, 2), *small, SparseFeature("s6", 1_000, 8, 2)), num_dense=3)
+    ratio = lambda **kw: Trainer(tiny_config(features=mixed, **kw), mesh24).emb.memory().ratio  # noqa: E731
+    assert ratio(sharding="table_wise") > 5
+    assert ratio() <= 1.01
+    two = FeatureSet((SparseFeature("big0", 100_000, 8, 2), small[0], SparseFeature("big1", 100_000, 8, 2),
+                      *small[1:]), num_dense=3)
+    t = Trainer(tiny_config(features=two, towers="auto"), mesh24)
+    assert t.sptt.row_wise == two.names and t.emb.memory().ratio <= 1.05
+    # round-robin puts both big tables on one host; table-wise in the host puts each on one device
+    assert Trainer(tiny_config(features=two, towers="auto", tower_partitioner="round_robin"),
+                   mesh24).emb.memory().ratio > 1.5
+    assert Trainer(tiny_config(features=two, towers="auto", sharding="table_wise"),
+                   mesh24).emb.memory().ratio > 3
 
 
 @pytest.mark.parametrize("module", ["linear"])  # dcn's gradients and step: test_towers.py
