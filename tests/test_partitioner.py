@@ -419,6 +419,9 @@ def test_cli_writes_a_partition_train_py_can_load(trained, tmp_path, capsys):
     assert "learned partition: 4 towers on 2 hosts" in capsys.readouterr().out
     assert main(args[:-8] + ["--method", "round_robin"] + args[-8:]) == 0
     assert TowerPartition.load(out, fs, 2) == round_robin_partition(fs, 4, 2)
+    assert main(args[:-8] + ["--method", "balanced", "--cost", "bytes"] + args[-8:]) == 0
+    bal = TowerPartition.load(out, fs, 2)
+    assert bal == balanced_partition(fs, 4, 2) and bal.report["cost"] == "bytes"
     assert main([*args[:5], "13", *args[6:]]) == 1
     assert "13 towers for 12 features" in capsys.readouterr().err
     assert main(["--checkpoint-dir", str(tmp_path / "nothing"), "--mesh", "2x4",

@@ -38,8 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--measure", choices=MEASURES, default="hessian",
                    help="interaction measure of the learned partitioner")
     p.add_argument("--cost", choices=COSTS, default="mixed",
-                   help="what the hosts balance: work (lookups x dim), bytes (tables and "
-                   "optimizer state) or mixed (a feature's share of both)")
+                   help="what the hosts balance (learned and balanced): work (lookups x dim), "
+                   "bytes (tables and optimizer state) or mixed (a feature's share of both)")
     p.add_argument("--balance-tolerance", type=float, default=0.1,
                    help="a host's cost may exceed the mean by this fraction")
     p.add_argument("--host-memory-gib", type=float, default=None,

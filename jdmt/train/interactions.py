@@ -53,7 +53,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from jdmt.mesh import host_numpy, make_mesh
-from jdmt.towers.partition import PartitionError, TowerPartition
+from jdmt.towers.partition import PartitionError, TowerPartition, balanced_partition
 from jdmt.train.checkpoint import CheckpointError, Checkpointer, features_from_json
 from jdmt.train.config import TrainConfig
 from jdmt.train.trainer import Trainer
@@ -304,8 +304,12 @@ def partition_from_trainer(
     h = trainer.hosts if num_hosts is None else int(num_hosts)
     fs = trainer.features
     opt = trainer.emb.optimizer
-    if method != "learned":
+    if method == "balanced":  # the hosts balanced by `cost`, largest feature first
+        part = balanced_partition(fs, num_towers, h, cost=cost,
+                                  mean_lengths=mean_lengths_from_trainer(trainer), optimizer=opt)
+    elif method != "learned":
         part = make_partition(method, fs, num_towers, h, seed=seed)
+    if method != "learned":
         if memory_budget is not None:
             part.validate(fs, h, memory_budget=memory_budget, optimizer=opt)
         return part
