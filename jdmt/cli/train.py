@@ -219,9 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a flat run's --checkpoint-dir, for --tower-partitioner=learned")
     p.add_argument("--tower-row-wise", metavar="auto|NAMES", default="",
                    help="with --sharding=table_wise and towers: tables sharded row-wise over their "
-                   "host's devices anyway (the others sit table-wise on one device): 'auto' (tables bigger than an even share "
-                   "of their host's tables) or comma-separated feature names; the cross-host "
-                   "traffic is the same")
+                   "host's devices anyway (the others sit table-wise on one device): 'auto' "
+                   "(tables bigger than an even share of their host's tables) or comma-separated "
+                   "feature names; the cross-host traffic is the same")
     p.add_argument("--kernel", type=_one_of("kernel", KERNELS), default=d.kernel,
                    help="embedding lookups and sparse updates: auto (XLA, with the C++ update "
                    "on CPU; the Pallas kernels are chosen only by name until they have been "

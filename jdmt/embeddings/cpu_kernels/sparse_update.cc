@@ -1061,12 +1061,14 @@ ffi::Error RowSendCore(int64_t n, KeyOf key_of, int64_t rpp, ffi::Result<ffi::Bu
   }
   const int pbits = BitsFor(static_cast<uint64_t>(std::max<int64_t>(n - 1, 0)));
   const int kbits = BitsFor(static_cast<uint64_t>(kmax));
+  // packed: an item is (key << pbits) | position; else just the position
+  const bool packed = kbits + pbits <= 64;
   std::vector<uint64_t> a(static_cast<size_t>(m)), b(static_cast<size_t>(m));
   for (int64_t i = 0, j = 0; i < n; ++i)
-    if (key[i] >= 0) a[j++] = kbits + pbits <= 64 ? (static_cast<uint64_t>(key[i]) << pbits) | uint64_t(i) : uint64_t(i);
+    if (key[i] >= 0) a[j++] = packed ? (static_cast<uint64_t>(key[i]) << pbits) | uint64_t(i) : uint64_t(i);
   const uint64_t* srt = a.data();
   std::vector<uint32_t> hist;
-  if (kbits + pbits <= 64) {
+  if (packed) {
     srt = RadixSort<uint64_t>(a.data(), b.data(), m, pbits, kbits, hist);
   } else {  // keys too wide to pack with positions: sort positions by key (stable)
     std::stable_sort(a.begin(), a.end(), [&](uint64_t x, uint64_t y) { return key[x] < key[y]; });
@@ -1076,8 +1078,8 @@ ffi::Error RowSendCore(int64_t n, KeyOf key_of, int64_t rpp, ffi::Result<ffi::Bu
   int64_t prev = -1, back = -1, uniq = 0;
   for (int64_t j = 0; j < m; ++j) {
     const uint64_t it = srt[j];
-    const int64_t pos = kbits + pbits <= 64 ? static_cast<int64_t>(it & pmask) : static_cast<int64_t>(it);
-    const int64_t k = key[pos];
+    const int64_t pos = packed ? static_cast<int64_t>(it & pmask) : static_cast<int64_t>(it);
+    const int64_t k = packed ? static_cast<int64_t>(it >> pbits) : key[pos];  // no random read when packed
     if (k != prev) {
       const int64_t g = k / rpp, r = count[g]++;
       back = r < cap ? g * cap + r : -1;
